@@ -112,14 +112,14 @@ class KVCache:
 @dataclass
 class LayerWeights:
     attn_norm: np.ndarray
-    attn_q: Tensor
-    attn_k: Tensor
-    attn_v: Tensor
-    attn_output: Tensor
+    attn_q: kernels.Weight
+    attn_k: kernels.Weight
+    attn_v: kernels.Weight
+    attn_output: kernels.Weight
     ffn_norm: np.ndarray
-    ffn_gate: Tensor
-    ffn_up: Tensor
-    ffn_down: Tensor
+    ffn_gate: kernels.Weight
+    ffn_up: kernels.Weight
+    ffn_down: kernels.Weight
 
 
 LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
@@ -167,12 +167,12 @@ class LlamaModel:
         self.tensors = tensors
         self.token_embd = tensors["token_embd.weight"]
         # Tied embeddings: a model without output.weight projects with token_embd.
-        self.output = tensors.get("output.weight", self.token_embd)
+        self.output = kernels.prepare(tensors.get("output.weight", self.token_embd))
         self.output_norm = as_f32_vector(tensors["output_norm.weight"])
         self.layers = [
             LayerWeights(
                 **{
-                    part: (as_f32_vector(t) if part.endswith("norm") else t)
+                    part: (as_f32_vector(t) if part.endswith("norm") else kernels.prepare(t))
                     for part in LAYER_TENSORS
                     for t in [tensors[f"blk.{i}.{part}.weight"]]
                 }
@@ -219,14 +219,14 @@ class LlamaModel:
             x = x[-1:]
         return self.linear(self.output, rms_norm(x, self.output_norm, c.rms_eps))
 
-    def linear(self, weight: Tensor, x: np.ndarray) -> np.ndarray:
+    def linear(self, weight: kernels.Weight, x: np.ndarray) -> np.ndarray:
         """y = x @ W.T for x float32[b, in]; W stays in its file type."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        out = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
+        out = np.empty((x.shape[0], weight.n_rows), dtype=np.float32)
         if x.shape[0] == 1:
-            kernels.matvec(weight.type, weight.data, x[0], out[0])
+            kernels.matvec(weight, x[0], out[0])
         else:
-            kernels.matmul(weight.type, weight.data, x, out)
+            kernels.matmul(weight, x, out)
         return out
 
 

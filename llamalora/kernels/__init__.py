@@ -1,0 +1,105 @@
+"""Tensor types and the kernels that compute with them: the only package that knows block layouts.
+
+One module per ggml type (f32, f16, q4_0, q4_1, q8_0) holds its block layout, an exact dequantizer and
+quantizer (byte for byte those of ggml's reference code, as the `gguf` package implements them) and,
+for types a model computes with, `prepare` (raw rows → what its kernels read) and `matvec` / `matmul`.
+Everything else goes through the functions below, by type.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType as GGMLType
+
+from ..errors import ModelFileError
+from . import dense, f16, f32, q4_0, q4_1, q8_0
+
+TYPES = {
+    GGMLType.F32: f32,
+    GGMLType.F16: f16,
+    GGMLType.Q4_0: q4_0,
+    GGMLType.Q4_1: q4_1,
+    GGMLType.Q8_0: q8_0,
+}
+
+
+def supported_types() -> list[GGMLType]:
+    return list(TYPES)
+
+
+def type_module(ggml_type):
+    try:
+        return TYPES[GGMLType(ggml_type)]
+    except (KeyError, ValueError):
+        name = getattr(ggml_type, "name", str(ggml_type))
+        raise ModelFileError(f"tensor type {name} is not supported (supported: {type_names()})") from None
+
+
+def type_names() -> str:
+    return ", ".join(t.name for t in TYPES)
+
+
+def block_size(ggml_type) -> int:
+    return type_module(ggml_type).BLOCK_SIZE
+
+
+def row_nbytes(ggml_type, n_cols: int) -> int:
+    """Bytes of one row of n_cols values; n_cols must be a whole number of blocks."""
+    module = type_module(ggml_type)
+    if n_cols % module.BLOCK_SIZE:
+        raise ModelFileError(f"a row of {n_cols} values is not a whole number of {GGMLType(ggml_type).name} "
+                             f"blocks of {module.BLOCK_SIZE}")
+    return n_cols // module.BLOCK_SIZE * module.TYPE_SIZE
+
+
+def dequantize(ggml_type, data: np.ndarray, n_cols: int) -> np.ndarray:
+    """float32[n_rows, n_cols] of raw rows uint8[n_rows, row_nbytes]."""
+    return type_module(ggml_type).dequantize(data, n_cols)
+
+
+def dequantize_rows(ggml_type, data: np.ndarray, n_cols: int, rows: np.ndarray) -> np.ndarray:
+    """float32[len(rows), n_cols]: only the chosen rows are read (an embedding lookup)."""
+    return type_module(ggml_type).dequantize(np.ascontiguousarray(data[rows]), n_cols)
+
+
+def quantize(ggml_type, x: np.ndarray) -> np.ndarray:
+    """uint8[n_rows, row_nbytes] of x float32[n_rows, n_cols]."""
+    x = np.asarray(x, dtype=np.float32)
+    row_nbytes(ggml_type, x.shape[-1])
+    return type_module(ggml_type).quantize(x.reshape(-1, x.shape[-1]))
+
+
+@dataclass
+class Weight:
+    """A linear layer's weight ready for the kernels: its type, shape and the type's prepared arrays."""
+
+    type: GGMLType
+    n_rows: int
+    n_cols: int
+    prepared: tuple
+
+
+def prepare(tensor) -> Weight:
+    """Weight of a Tensor. Quantized rows stay views on the file; only block scales are widened."""
+    module = type_module(tensor.type)
+    if module in (f32, f16):
+        prepared = (np.ascontiguousarray(module.dequantize(tensor.data, tensor.n_cols)),)
+    else:
+        prepared = module.prepare(tensor.data, tensor.n_cols)
+    return Weight(GGMLType(tensor.type), tensor.n_rows, tensor.n_cols, prepared)
+
+
+def matvec(weight: Weight, x: np.ndarray, out: np.ndarray) -> None:
+    """out float32[n_rows] = W · x for x float32[n_cols] (decode: one token)."""
+    if weight.type in (GGMLType.F32, GGMLType.F16):
+        dense.matvec(weight.prepared[0], x, out)
+    else:
+        TYPES[weight.type].matvec(weight.prepared, x, out)
+
+
+def matmul(weight: Weight, x: np.ndarray, out: np.ndarray) -> None:
+    """out float32[b, n_rows] = x @ W.T for x float32[b, n_cols] (a prompt batch)."""
+    if weight.type in (GGMLType.F32, GGMLType.F16):
+        dense.matmul(weight.prepared[0], x, out)
+    else:
+        TYPES[weight.type].matmul(weight.prepared, x, out)

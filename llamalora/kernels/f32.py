@@ -1,0 +1,15 @@
+"""F32 tensors: the bytes are the values."""
+
+import numpy as np
+
+BLOCK_SIZE = 1
+TYPE_SIZE = 4
+
+
+def dequantize(data: np.ndarray, n_cols: int) -> np.ndarray:
+    return np.ascontiguousarray(data).view(np.float32).reshape(data.shape[0], n_cols)
+
+
+def quantize(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return x.view(np.uint8).reshape(x.shape[0], -1)

@@ -1,0 +1,107 @@
+"""Block types: our (de)quantizers equal the gguf package's reference ones byte for byte; kernels agree with them."""
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from gguf import quants
+
+from llamalora import kernels
+from llamalora.errors import ModelFileError
+from llamalora.tensor import Tensor
+
+QUANTIZED = [T.Q4_0, T.Q4_1, T.Q8_0]
+ALL = [T.F32, T.F16] + QUANTIZED
+
+
+def adversarial_rows(rng) -> np.ndarray:
+    """Rows of 64 values (two blocks) that stress the quantizers' edge cases."""
+    rows = [
+        np.zeros(64),                                   # all zero: scale 0, inverse scale 0
+        np.full(64, 3.25),                              # constant: max == min
+        np.full(64, -1e-30),                            # tiny (subnormal scale in f16)
+        np.full(64, 6.0e4),                             # near the f16 maximum
+        np.concatenate([np.full(32, 1e4), -np.full(32, 1e-4)]),
+        np.linspace(-1, 1, 64),                         # exact halves hit the rounding rules
+        np.arange(64) - 31.5,
+        np.where(np.arange(64) % 2 == 0, 8.0, -8.0),    # max == -min: the q4_0 sign choice
+        rng.standard_normal(64) * 1e-3,
+        rng.standard_normal(64) * 1e3,
+    ]
+    return np.array(rows, dtype=np.float32)
+
+
+def random_rows(rng, n_rows=37, n_cols=256) -> np.ndarray:
+    x = rng.standard_normal((n_rows, n_cols)).astype(np.float32)
+    x[::5] *= 100
+    x[1::7] = np.round(x[1::7] * 4) / 4  # exact quarter values
+    return x
+
+
+@pytest.mark.parametrize("qtype", ALL)
+def test_quantize_equals_reference(qtype):
+    rng = np.random.default_rng(int(qtype))
+    for x in (random_rows(rng), adversarial_rows(rng)):
+        ours = kernels.quantize(qtype, x)
+        ref = quants.quantize(x, qtype)
+        assert ours.tobytes() == np.ascontiguousarray(ref).tobytes()
+        assert ours.shape == (x.shape[0], kernels.row_nbytes(qtype, x.shape[1]))
+
+
+@pytest.mark.parametrize("qtype", ALL)
+def test_dequantize_equals_reference(qtype):
+    rng = np.random.default_rng(100 + int(qtype))
+    for x in (random_rows(rng), adversarial_rows(rng)):
+        data = kernels.quantize(qtype, x)
+        ours = kernels.dequantize(qtype, data, x.shape[1])
+        ref = quants.dequantize(data, qtype)
+        assert ours.dtype == np.float32
+        np.testing.assert_array_equal(ours, ref.reshape(ours.shape))
+
+
+@pytest.mark.parametrize("qtype", ALL)
+def test_dequantize_random_bytes(qtype):
+    """Arbitrary bit patterns (not just our quantizer's output) decode as the reference decodes them."""
+    rng = np.random.default_rng(7)
+    n_cols = 128
+    data = rng.integers(0, 256, (9, kernels.row_nbytes(qtype, n_cols)), dtype=np.uint8)
+    if qtype in (T.F32, T.F16):  # keep the floats finite so that equality is meaningful
+        data = kernels.quantize(qtype, rng.standard_normal((9, n_cols)).astype(np.float32))
+    else:  # finite half-float scales: clear the top exponent bit of each scale's high byte
+        size = kernels.type_module(qtype).TYPE_SIZE
+        blocks = data.reshape(-1, size)
+        blocks[:, 1] &= 0x3F
+        if qtype == T.Q4_1:
+            blocks[:, 3] &= 0x3F
+    np.testing.assert_array_equal(kernels.dequantize(qtype, data, n_cols), quants.dequantize(data, qtype).reshape(9, n_cols))
+
+
+@pytest.mark.parametrize("qtype", ALL)
+@pytest.mark.parametrize("batch", [1, 3, 40])
+def test_matvec_and_matmul_match_dequantized_product(qtype, batch):
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((300, 192)).astype(np.float32)
+    data = kernels.quantize(qtype, w)
+    weight = kernels.prepare(Tensor("w", qtype, (300, 192), data))
+    x = rng.standard_normal((batch, 192)).astype(np.float32)
+    want = x.astype(np.float64) @ quants.dequantize(data, qtype).reshape(300, 192).astype(np.float64).T
+    out = np.empty((batch, 300), dtype=np.float32)
+    if batch == 1:
+        kernels.matvec(weight, x[0], out[0])
+    else:
+        kernels.matmul(weight, x, out)
+    np.testing.assert_allclose(out, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+def test_dequantize_rows_reads_only_chosen_rows():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((50, 64)).astype(np.float32)
+    data = kernels.quantize(T.Q8_0, w)
+    rows = np.array([4, 0, 49, 4])
+    np.testing.assert_array_equal(kernels.dequantize_rows(T.Q8_0, data, 64, rows), kernels.dequantize(T.Q8_0, data, 64)[rows])
+
+
+def test_unsupported_type_and_partial_block_are_errors():
+    with pytest.raises(ModelFileError, match="Q6_K is not supported"):
+        kernels.row_nbytes(T.Q6_K, 256)
+    with pytest.raises(ModelFileError, match="not a whole number of Q4_0 blocks"):
+        kernels.row_nbytes(T.Q4_0, 48)
