@@ -36,6 +36,8 @@ class ModelFile:
     version: int
     metadata: dict = field(default_factory=dict)
     tensors: dict[str, Tensor] = field(default_factory=dict)
+    # GGUF value type of each metadata key (and of its elements, for arrays), so a writer can keep them.
+    metadata_types: dict[str, tuple] = field(default_factory=dict)
 
     @property
     def architecture(self) -> str | None:
@@ -128,10 +130,14 @@ def read_gguf(path: str, buf: np.ndarray) -> ModelFile:
         raise ModelFileError(f"{path}: GGUF version {version} is not supported (2 and 3 are){hint}")
     n_tensors = cur.scalar("<Q", "the tensor count")
     n_kv = cur.scalar("<Q", "the metadata count")
-    metadata = {}
+    metadata, metadata_types = {}, {}
     for i in range(n_kv):
         key = cur.string(f"metadata key {i}")
-        metadata[key] = cur.value(cur.scalar("<I", f"the type of {key}"), f"metadata {key}")
+        vtype = cur.scalar("<I", f"the type of {key}")
+        at = cur.offset
+        metadata[key] = cur.value(vtype, f"metadata {key}")
+        etype = struct.unpack_from("<I", cur.view, at)[0] if vtype == GGUFValueType.ARRAY else None
+        metadata_types[key] = (GGUFValueType(vtype), None if etype is None else GGUFValueType(etype))
     infos = []
     for i in range(n_tensors):
         name = cur.string(f"tensor name {i}")
@@ -151,7 +157,7 @@ def read_gguf(path: str, buf: np.ndarray) -> ModelFile:
         if name in tensors:
             raise ModelFileError(f"{path}: tensor {name} appears twice")
         tensors[name] = tensor_view(path, buf, name, list(reversed(dims)), raw_type, data_start + offset)
-    return ModelFile(path, "gguf", version, metadata, tensors)
+    return ModelFile(path, "gguf", version, metadata, tensors, metadata_types)
 
 
 def tensor_view(path: str, buf: np.ndarray, name: str, shape: list[int], raw_type: int, start: int) -> Tensor:
