@@ -227,7 +227,24 @@ class LlamaModel:
             kernels.matvec(weight, x[0], out[0])
         else:
             kernels.matmul(weight, x, out)
+        if weight.lora is not None:
+            a, b = weight.lora
+            out += (x @ a.T) @ b.T
         return out
+
+    def set_lora(self, adapters) -> None:
+        """Apply adapters unmerged (y = W·x + Σ s·B·(A·x)); an empty list removes them. Weights stay as loaded."""
+        weights = {f"blk.{i}.{part}.weight": getattr(layer, part)
+                   for i, layer in enumerate(self.layers) for part in LAYER_TENSORS if not part.endswith("norm")}
+        weights["output.weight"] = self.output
+        for weight in weights.values():
+            weight.lora = None
+        for name, weight in weights.items():
+            pairs = [(t.a, np.float32(t.scale) * t.b) for ad in adapters for t in [ad.tensors.get(name)]
+                     if t is not None and t.scale != 0]
+            if pairs:
+                weight.lora = (np.ascontiguousarray(np.concatenate([a for a, _ in pairs]), dtype=np.float32),
+                               np.ascontiguousarray(np.concatenate([b for _, b in pairs], axis=1), dtype=np.float32))
 
 
 def as_f32_vector(t: Tensor) -> np.ndarray:

@@ -8,7 +8,9 @@ import importlib.util
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from gguf import GGMLQuantizationType as GGMLType
 
 from .errors import InputError
 from .llama import LlamaConfig, LlamaModel
@@ -37,6 +39,7 @@ class LoadedModel:
     vocab: Vocab
     model: LlamaModel
     load_ms: float
+    adapters: list = field(default_factory=list)
 
 
 def load_model(path: str | None, use_mmap: bool = True, adapters=(), lora_base: str | None = None,
@@ -55,23 +58,47 @@ def load_model(path: str | None, use_mmap: bool = True, adapters=(), lora_base: 
     tensors = dict(model_file.tensors)
     if lora_base and not adapters:
         raise InputError("--lora-base needs at least one --lora or --lora-scaled adapter")
-    if adapters:
-        tensors.update(merged_tensors(model_file, list(adapters), lora_base, progress))
+    if lora_base and lora_mode == "runtime":
+        raise InputError("--lora-base merges adapters into the weights; it cannot be used with --lora-mode runtime")
+    loaded = load_adapters(model_file, list(adapters))
+    mode = choose_lora_mode(lora_mode, loaded, tensors, lora_base)
+    if mode == "merge":
+        tensors.update(merged_tensors(model_file, loaded, lora_base, progress))
     model = LlamaModel(config, tensors, path=path)
+    if mode == "runtime":
+        model.set_lora(loaded)
     load_ms = 1000.0 * (time.perf_counter() - start)
-    return LoadedModel(model_file, vocab, model, load_ms)
+    return LoadedModel(model_file, vocab, model, load_ms, loaded)
 
 
-def merged_tensors(model_file: ModelFile, adapters: list, lora_base: str | None, progress: bool) -> dict:
-    """The patched weights W + sum s·B·A, each in the model's own type; every check runs before any change."""
+def load_adapters(model_file: ModelFile, adapters: list) -> list:
+    """Every adapter read and checked against the model before anything is changed."""
     from .lora.adapter import check_adapter, load_adapter
-    from .lora.merge import merge_adapters
 
     loaded = [load_adapter(path, model_file.metadata, user_scale=scale) for path, scale in adapters]
     for adapter in loaded:
         check_adapter(adapter, model_file.tensors)
+    return loaded
+
+
+def choose_lora_mode(lora_mode: str, adapters: list, tensors: dict, lora_base: str | None) -> str | None:
+    """'merge' or 'runtime' ('auto': merge into float weights or through --lora-base, else keep W quantized)."""
+    if not adapters:
+        return None
+    if lora_mode != "auto":
+        return lora_mode
+    targets = {name for adapter in adapters for name in adapter.tensors}
+    float_types = (GGMLType.F32, GGMLType.F16)
+    return "merge" if lora_base or all(tensors[n].type in float_types for n in targets) else "runtime"
+
+
+def merged_tensors(model_file: ModelFile, adapters: list, lora_base: str | None, progress: bool) -> dict:
+    """The patched weights W + Σ s·B·A, each in the model's own type."""
+    from .lora.merge import merge_adapters
+
     base_tensors = load_model_file(lora_base).tensors if lora_base else None
-    return merge_adapters(model_file.tensors, loaded, base_tensors=base_tensors)
+    return merge_adapters(model_file.tensors, adapters, base_tensors=base_tensors, base_path=lora_base or "",
+                          progress=progress)
 
 
 def set_threads(n_threads: int | None) -> int:

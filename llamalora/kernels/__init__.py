@@ -84,6 +84,9 @@ class Weight:
     n_rows: int
     n_cols: int
     prepared: tuple
+    # A run-time LoRA delta (A float32[r, n_cols], B float32[n_rows, r] with the scale folded in): the
+    # model adds B·(A·x) to W·x, so a quantized W keeps all of the adapter. None when there is none.
+    lora: tuple | None = None
 
 
 def prepare(tensor) -> Weight:

@@ -1,0 +1,78 @@
+"""Merging adapters into weights: W' = W + Σ s·(B·A), computed in float32, written back in W's own type.
+
+With a lora-base model the patched tensors are read from it (typically f16, so the sum is formed on
+weights that were never quantized) and quantized once, to the type of the model being run.
+Untouched tensors stay views on the mapped file.
+"""
+
+import sys
+import time
+
+import numpy as np
+
+from .. import kernels
+from ..errors import AdapterError
+from ..tensor import Tensor
+
+
+def patched_names(adapters) -> list[str]:
+    names = []
+    for adapter in adapters:
+        names += [n for n in adapter.tensors if n not in names]
+    return names
+
+
+def check_base(base_tensors: dict, tensors: dict, names: list[str], base_path: str) -> None:
+    """The lora-base model must hold every patched tensor with the same shape as the model being run."""
+    for name in names:
+        if name not in base_tensors:
+            raise AdapterError(f"{base_path}: --lora-base model has no tensor {name}")
+        if tuple(base_tensors[name].shape) != tuple(tensors[name].shape):
+            raise AdapterError(f"{base_path}: tensor {name} has shape {tuple(base_tensors[name].shape)} in --lora-base "
+                               f"but {tuple(tensors[name].shape)} in the model")
+
+
+def lora_delta(adapters, name: str) -> np.ndarray | None:
+    """Σ s·(B·A) over the adapters that patch `name`, float32[n_out, n_in]; None if none does."""
+    delta = None
+    for adapter in adapters:
+        lt = adapter.tensors.get(name)
+        if lt is None or lt.scale == 0:
+            continue
+        product = np.float32(lt.scale) * (lt.b @ lt.a)
+        delta = product if delta is None else delta + product
+    return delta
+
+
+def merge_adapters(tensors: dict, adapters: list, base_tensors: dict | None = None, base_path: str = "",
+                   progress: bool = True) -> dict[str, Tensor]:
+    """New Tensors for every weight an adapter patches, each in the type of tensors[name]."""
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    names = patched_names(adapters)
+    if base_tensors is not None:
+        check_base(base_tensors, tensors, names, base_path)
+    merged = {}
+    for name in tqdm(names, desc="merging adapters", unit="tensor", disable=not progress, file=sys.stderr):
+        target = tensors[name]
+        source = base_tensors[name] if base_tensors is not None else target
+        w = kernels.dequantize(source.type, source.data, source.n_cols).reshape(target.n_rows, target.n_cols)
+        delta = lora_delta(adapters, name)
+        if delta is not None:
+            w = w + delta
+        elif source is target:
+            continue
+        data = kernels.quantize(target.type, w)
+        merged[name] = Tensor(name, target.type, target.shape, data)
+    if progress:
+        for adapter in adapters:
+            print(f"lora: {adapter.path}: r = {adapter.r}, alpha = {adapter.alpha:g}, "
+                  f"scaling = {adapter_scale(adapter):g}, {len(adapter.tensors)} tensors", file=sys.stderr)
+        print(f"lora: merged {len(merged)} tensors in {time.perf_counter() - start:.2f} s", file=sys.stderr)
+    return merged
+
+
+def adapter_scale(adapter) -> float:
+    scales = {round(t.scale, 9) for t in adapter.tensors.values()}
+    return scales.pop() if len(scales) == 1 else float("nan")
