@@ -24,6 +24,7 @@ def adversarial_rows(rng) -> np.ndarray:
         np.linspace(-1, 1, 64),                         # exact halves hit the rounding rules
         np.arange(64) - 31.5,
         np.where(np.arange(64) % 2 == 0, 8.0, -8.0),    # max == -min: the q4_0 sign choice
+        np.array([127.0, 0.49999997, 1.4999999, 2.5, -2.5, -0.49999997, 126.5, -126.5] * 8),  # roundf's edges
         rng.standard_normal(64) * 1e-3,
         rng.standard_normal(64) * 1e3,
     ]

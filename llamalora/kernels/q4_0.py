@@ -6,7 +6,9 @@ weight = d * (q - 8), which the kernels read as d * q + m with m = -8d (exact in
 
 import numpy as np
 
-from .f16 import float_to_half_bytes, half_bits_to_float
+from numba import njit, prange
+
+from .f16 import float_to_half_bits, half_bits_to_float
 from .nibbles import nibble_matmul, nibble_matvec
 
 BLOCK_SIZE = 32
@@ -23,16 +25,37 @@ def dequantize(data: np.ndarray, n_cols: int) -> np.ndarray:
 
 
 def quantize(x: np.ndarray) -> np.ndarray:
-    """The reference quantizer's arithmetic (ggml's quantize_row_q4_0_ref), step for step."""
-    x = np.asarray(x, dtype=np.float32)
-    blocks = x.reshape(-1, BLOCK_SIZE)
-    imax = np.abs(blocks).argmax(axis=-1, keepdims=True)
-    d = np.take_along_axis(blocks, imax, axis=-1) / -8
-    with np.errstate(divide="ignore"):
-        inv_d = np.where(d == 0, 0, 1 / d)
-    q = np.trunc(blocks * inv_d + np.float32(8.5), dtype=np.float32).astype(np.uint8).clip(0, 15)
-    qs = q[:, :16] | (q[:, 16:] << np.uint8(4))
-    return np.concatenate([float_to_half_bytes(d[:, 0]), qs], axis=1).reshape(x.shape[0], -1)
+    """ggml's quantize_row_q4_0_ref, operation for operation (bit-exact with the reference)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty((x.shape[0], x.shape[1] // BLOCK_SIZE * TYPE_SIZE), dtype=np.uint8)
+    quantize_rows(x, out)
+    return out
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def quantize_rows(x, out):
+    nb = x.shape[1] // 32
+    for r in prange(x.shape[0]):
+        d = np.empty(nb, dtype=np.float32)
+        for b in range(nb):
+            amax = np.float32(0.0)
+            vmax = np.float32(0.0)
+            for j in range(32):
+                v = x[r, b * 32 + j]
+                if abs(v) > amax:
+                    amax = abs(v)
+                    vmax = v
+            d[b] = vmax / np.float32(-8.0)
+        half = float_to_half_bits(d)
+        for b in range(nb):
+            inv_d = np.float32(1.0) / d[b] if d[b] != 0 else np.float32(0.0)
+            base = b * TYPE_SIZE
+            out[r, base] = half[b] & 0xFF
+            out[r, base + 1] = half[b] >> 8
+            for j in range(16):
+                lo = min(np.int32(x[r, b * 32 + j] * inv_d + np.float32(8.5)), 15)
+                hi = min(np.int32(x[r, b * 32 + 16 + j] * inv_d + np.float32(8.5)), 15)
+                out[r, base + QS_OFFSET + j] = lo | (hi << 4)
 
 
 def prepare(data: np.ndarray, n_cols: int) -> tuple:

@@ -6,7 +6,9 @@ weight = d * q + m.
 
 import numpy as np
 
-from .f16 import float_to_half_bytes, half_bits_to_float
+from numba import njit, prange
+
+from .f16 import float_to_half_bits, half_bits_to_float
 from .nibbles import nibble_matmul, nibble_matvec
 
 BLOCK_SIZE = 32
@@ -24,18 +26,41 @@ def dequantize(data: np.ndarray, n_cols: int) -> np.ndarray:
 
 
 def quantize(x: np.ndarray) -> np.ndarray:
-    """The reference quantizer's arithmetic (ggml's quantize_row_q4_1_ref), step for step."""
-    x = np.asarray(x, dtype=np.float32)
-    blocks = x.reshape(-1, BLOCK_SIZE)
-    lo = blocks.min(axis=-1, keepdims=True)
-    hi = blocks.max(axis=-1, keepdims=True)
-    d = (hi - lo) / 15
-    with np.errstate(divide="ignore"):
-        inv_d = np.where(d == 0, 0, 1 / d)
-    q = np.trunc((blocks - lo) * inv_d + np.float32(0.5), dtype=np.float32).astype(np.uint8).clip(0, 15)
-    qs = q[:, :16] | (q[:, 16:] << np.uint8(4))
-    parts = [float_to_half_bytes(d[:, 0]), float_to_half_bytes(lo[:, 0]), qs]
-    return np.concatenate(parts, axis=1).reshape(x.shape[0], -1)
+    """ggml's quantize_row_q4_1_ref, operation for operation (bit-exact with the reference)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty((x.shape[0], x.shape[1] // BLOCK_SIZE * TYPE_SIZE), dtype=np.uint8)
+    quantize_rows(x, out)
+    return out
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def quantize_rows(x, out):
+    nb = x.shape[1] // 32
+    for r in prange(x.shape[0]):
+        d = np.empty(nb, dtype=np.float32)
+        lo = np.empty(nb, dtype=np.float32)
+        for b in range(nb):
+            vmin = x[r, b * 32]
+            vmax = x[r, b * 32]
+            for j in range(1, 32):
+                v = x[r, b * 32 + j]
+                vmin = min(vmin, v)
+                vmax = max(vmax, v)
+            d[b] = (vmax - vmin) / np.float32(15.0)
+            lo[b] = vmin
+        half_d = float_to_half_bits(d)
+        half_m = float_to_half_bits(lo)
+        for b in range(nb):
+            inv_d = np.float32(1.0) / d[b] if d[b] != 0 else np.float32(0.0)
+            base = b * TYPE_SIZE
+            out[r, base] = half_d[b] & 0xFF
+            out[r, base + 1] = half_d[b] >> 8
+            out[r, base + 2] = half_m[b] & 0xFF
+            out[r, base + 3] = half_m[b] >> 8
+            for j in range(16):
+                q0 = min(np.int32((x[r, b * 32 + j] - lo[b]) * inv_d + np.float32(0.5)), 15)
+                q1 = min(np.int32((x[r, b * 32 + 16 + j] - lo[b]) * inv_d + np.float32(0.5)), 15)
+                out[r, base + QS_OFFSET + j] = q0 | (q1 << 4)
 
 
 def prepare(data: np.ndarray, n_cols: int) -> tuple:

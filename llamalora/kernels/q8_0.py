@@ -2,7 +2,9 @@
 
 import numpy as np
 
-from .f16 import float_to_half_bytes, half_bits_to_float
+from numba import njit, prange
+
+from .f16 import float_to_half_bits, half_bits_to_float
 from .bytes8 import byte_matmul, byte_matvec
 
 BLOCK_SIZE = 32
@@ -17,22 +19,37 @@ def dequantize(data: np.ndarray, n_cols: int) -> np.ndarray:
     return (d * q).reshape(data.shape[0], n_cols)
 
 
-def round_away(v: np.ndarray) -> np.ndarray:
-    """Round half away from zero, as C's roundf (numpy's round is to even)."""
-    a = np.abs(v)
-    floored = np.floor(a)
-    return np.sign(v) * (floored + np.floor(2 * (a - floored)))
-
-
 def quantize(x: np.ndarray) -> np.ndarray:
-    """The reference quantizer's arithmetic (ggml's quantize_row_q8_0_ref), step for step."""
-    x = np.asarray(x, dtype=np.float32)
-    blocks = x.reshape(-1, BLOCK_SIZE)
-    d = np.abs(blocks).max(axis=1, keepdims=True) / 127
-    with np.errstate(divide="ignore"):
-        inv_d = np.where(d == 0, 0, 1 / d)
-    q = round_away(blocks * inv_d).astype(np.int8).view(np.uint8)
-    return np.concatenate([float_to_half_bytes(d[:, 0]), q], axis=1).reshape(x.shape[0], -1)
+    """ggml's quantize_row_q8_0_ref, operation for operation (bit-exact with the reference)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty((x.shape[0], x.shape[1] // BLOCK_SIZE * TYPE_SIZE), dtype=np.uint8)
+    quantize_rows(x, out)
+    return out
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def quantize_rows(x, out):
+    nb = x.shape[1] // 32
+    for r in prange(x.shape[0]):
+        d = np.empty(nb, dtype=np.float32)
+        for b in range(nb):
+            amax = np.float32(0.0)
+            for j in range(32):
+                amax = max(amax, abs(x[r, b * 32 + j]))
+            d[b] = amax / np.float32(127.0)
+        half = float_to_half_bits(d)
+        for b in range(nb):
+            inv_d = np.float32(1.0) / d[b] if d[b] != 0 else np.float32(0.0)
+            base = b * TYPE_SIZE
+            out[r, base] = half[b] & 0xFF
+            out[r, base + 1] = half[b] >> 8
+            for j in range(32):
+                v = x[r, b * 32 + j] * inv_d
+                # C's roundf (half away from zero) without adding 0.5, which rounds 0.49999997 up
+                a = abs(v)
+                whole = np.floor(a)
+                q = np.int32(whole + np.floor(np.float32(2.0) * (a - whole)))
+                out[r, base + QS_OFFSET + j] = np.uint8((q if v >= 0 else -q) & 0xFF)
 
 
 def prepare(data: np.ndarray, n_cols: int) -> tuple:
