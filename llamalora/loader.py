@@ -73,6 +73,8 @@ def load_model(path: str | None, use_mmap: bool = True, adapters=(), lora_base: 
 
 def load_adapters(model_file: ModelFile, adapters: list) -> list:
     """Every adapter read and checked against the model before anything is changed."""
+    if not adapters:
+        return []
     from .lora.adapter import check_adapter, load_adapter
 
     loaded = [load_adapter(path, model_file.metadata, user_scale=scale) for path, scale in adapters]

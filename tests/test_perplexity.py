@@ -50,7 +50,10 @@ def test_protocol_by_hand():
     running = []
     result = perplexity(ctx, tokens, chunk_count(len(tokens), 8, -1), bos_id=None,
                         on_chunk=lambda i, p: running.append(p))
-    hit, miss = math.log(2), math.log(2 * (V - 1))
+    # the stub's logits are float32: take the exact log-probabilities of those float32 values
+    row = np.log(np.array([0.5] + [0.5 / (V - 1)] * (V - 1))).astype(np.float32).astype(np.float64)
+    log_z = np.log(np.exp(row).sum())
+    hit, miss = log_z - row[0], log_z - row[1]
     nll = np.array([hit, hit, miss, hit, miss, hit])
     assert result.n_scored == 6
     assert result.ppl == pytest.approx(math.exp(nll.mean()), rel=1e-9)
