@@ -19,9 +19,15 @@ LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# llama.cpp's LLAMA_VOCAB_PRE_TYPE_DEFAULT: each regex splits the pieces the previous one left.
+DEFAULT_PATTERNS = (r"[\p{P}\$\+<=>\^~\|]+",
+                    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+                    r"\p{N}+",
+                    r"[0-9][0-9][0-9]")
 BPE_PRE_TOKENIZERS = ("default", "gpt2", "smollm", "llama-bpe", "llama3", "qwen2")
 # Texts llama.cpp also treats as end of generation when the vocabulary has them.
-EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>", "<|eom_id|>")
+EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>", "_<EOT>",
+             "<｜end▁of▁sentence｜>", "<|eom_id|>", "<|return|>", "<|call|>")
 
 
 @lru_cache(maxsize=1)
@@ -46,19 +52,21 @@ def unicode_to_byte() -> dict[str, int]:
 class Vocab:
     def __init__(self, model: str, tokens: list[str], scores: list[float], types: list[int], merges: list[str],
                  pre: str, bos_id: int | None, eos_id: int | None, unk_id: int | None, add_bos: bool,
-                 add_space_prefix: bool, chat_template: str | None, eot_id: int | None = None):
+                 add_space_prefix: bool, chat_template: str | None, eog_extra: tuple = (),
+                 pad_id: int | None = None, add_eos: bool = False):
         self.model = model
         self.tokens = tokens
         self.scores = scores
         self.types = types
-        self.bos_id, self.eos_id, self.unk_id = bos_id, eos_id, unk_id
+        self.bos_id, self.eos_id, self.unk_id, self.pad_id = bos_id, eos_id, unk_id, pad_id
         self.add_bos = add_bos
+        self.add_eos = add_eos
         self.add_space_prefix = add_space_prefix
         self.chat_template = chat_template
         self.token_to_id = {t: i for i, t in enumerate(tokens)}
         self.specials = sorted((i for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED, UNKNOWN) and tokens[i]),
                                key=lambda i: -len(tokens[i]))
-        eog = {i for i in (eos_id, eot_id) if i is not None}
+        eog = {i for i in (eos_id, *eog_extra) if i is not None}
         eog |= {self.token_to_id[t] for t in EOG_TEXTS if t in self.token_to_id}
         self.eog_ids = frozenset(eog)
         self._bytes = [self._piece_bytes(i) for i in range(len(tokens))]
@@ -103,7 +111,9 @@ class Vocab:
             add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", spm)),
             add_space_prefix=bool(metadata.get("tokenizer.ggml.add_space_prefix", spm)),
             chat_template=metadata.get("tokenizer.chat_template"),
-            eot_id=token_id("tokenizer.ggml.eot_token_id"),
+            eog_extra=(token_id("tokenizer.ggml.eot_token_id"), token_id("tokenizer.ggml.eom_token_id")),
+            pad_id=token_id("tokenizer.ggml.padding_token_id"),
+            add_eos=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
         )
 
     @property
@@ -119,6 +129,10 @@ class Vocab:
     # text → ids
 
     def tokenize(self, text: str, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
+        """Token ids for text. add_bos None follows the model (tokenizer.ggml.add_bos_token); an EOS is appended
+        only for models that ask for it (add_eos_token) and only unless add_bos is False, i.e. when the text is a
+        whole sequence rather than a continuation, as llama.cpp's add_special does."""
+        add_eos = self.add_eos and add_bos is not False and self.eos_id is not None
         add_bos = self.add_bos if add_bos is None else add_bos
         ids = [self.bos_id] if add_bos and self.bos_id is not None else []
         prev_special = True
@@ -134,6 +148,8 @@ class Vocab:
             else:
                 ids += self._bpe.encode(fragment, add_special_tokens=False).ids
             prev_special = False
+        if add_eos:
+            ids.append(self.eos_id)
         return ids
 
     def split_special(self, text: str, parse_special: bool) -> list:
@@ -222,16 +238,18 @@ class Vocab:
         except KeyError:
             return text.encode("utf-8")
 
-    def token_bytes(self, token: int, special: bool = True) -> bytes:
-        """The bytes a token stands for; control tokens are their text, or nothing when special is False."""
+    def token_bytes(self, token: int, skip_special: bool = False) -> bytes:
+        """The bytes a token stands for; control tokens are their text, or nothing when skip_special."""
         if not 0 <= token < len(self.tokens):
             raise VocabError(f"token id {token} is outside the vocabulary of {len(self.tokens)} tokens")
-        if not special and self.is_control(token):
+        if skip_special and self.is_control(token):
             return b""
         return self._bytes[token]
 
-    def detokenize(self, ids, special: bool = True) -> str:
-        data = b"".join(self.token_bytes(t, special) for t in ids)
+    def detokenize(self, ids, skip_special: bool = False) -> str:
+        """The text of ids (invalid UTF-8 becomes U+FFFD). Like llama.cpp, the space a SentencePiece vocabulary
+        puts in front of the text is removed again, unless the text starts with a control token."""
+        data = b"".join(self.token_bytes(t, skip_special) for t in ids)
         if self.model == "llama" and self.add_space_prefix and data.startswith(b" ") and ids \
                 and not self.is_control(ids[0]):
             data = data[1:]  # the space the tokenizer added in front
@@ -251,9 +269,13 @@ def build_bpe(tokens: list[str], merges: list[str], pre: str):
         pairs.append((left, right))
     llama3 = pre in ("llama-bpe", "llama3")
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=llama3, fuse_unk=False))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre in ("default", "gpt2", "smollm"))
+    # ByteLevel's own regex is GPT-2's, which the gpt2 and smollm pre-tokenizers end with.
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre in ("gpt2", "smollm"))
     if pre == "smollm":
         steps = [pre_tokenizers.Digits(individual_digits=True), byte_level]
+    elif pre == "default":
+        steps = [pre_tokenizers.Split(Regex(p), behavior="isolated", invert=False) for p in DEFAULT_PATTERNS]
+        steps.append(byte_level)
     elif llama3 or pre == "qwen2":
         pattern = LLAMA3_PATTERN if llama3 else QWEN2_PATTERN
         steps = [pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False), byte_level]
@@ -266,13 +288,13 @@ def build_bpe(tokens: list[str], merges: list[str], pre: str):
 class StreamDecoder:
     """Turns generated ids into text as they come, holding back an incomplete UTF-8 character."""
 
-    def __init__(self, vocab: Vocab, special: bool = True):
+    def __init__(self, vocab: Vocab, skip_special: bool = False):
         self.vocab = vocab
-        self.special = special
+        self.skip_special = skip_special
         self.pending = b""
 
     def push(self, token: int) -> str:
-        self.pending += self.vocab.token_bytes(token, self.special)
+        self.pending += self.vocab.token_bytes(token, self.skip_special)
         keep = incomplete_tail(self.pending)
         ready, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
         return ready.decode("utf-8", errors="replace")

@@ -1,6 +1,7 @@
 """Tokenizers built from GGUF metadata, against Hugging Face's SmolLM2 tokenizer and llama.cpp's SPM vectors."""
 
 import json
+import time
 
 import pytest
 from conftest import data_path
@@ -86,4 +87,75 @@ def test_unknown_tokenizer_model_is_an_error(smollm2_path):
     metadata["tokenizer.ggml.model"] = "gpt2"
     metadata["tokenizer.ggml.pre"] = "falcon"
     with pytest.raises(VocabError, match="tokenizer.ggml.pre 'falcon' is not supported"):
+        Vocab.from_metadata(metadata)
+
+
+def test_add_bos_follows_llama_cpp_defaults(smollm2_path):
+    spm = dict(load_model_file(data_path("ggml-vocab-llama-spm.gguf")).metadata)
+    del spm["tokenizer.ggml.add_bos_token"]
+    assert Vocab.from_metadata(spm).add_bos  # SentencePiece: on unless the metadata says otherwise
+    spm["tokenizer.ggml.add_bos_token"] = False
+    assert Vocab.from_metadata(spm).tokenize("Hello") == [15043]
+    gpt2 = dict(load_model_file(smollm2_path).metadata)
+    del gpt2["tokenizer.ggml.add_bos_token"]
+    assert not Vocab.from_metadata(gpt2).add_bos  # byte-level BPE: off unless the metadata says so
+    gpt2["tokenizer.ggml.add_bos_token"] = True
+    vocab = Vocab.from_metadata(gpt2)
+    assert vocab.tokenize("hi")[0] == vocab.bos_id == 1
+    assert vocab.tokenize("hi", add_bos=False)[0] != 1
+
+
+def test_add_eos_only_for_whole_sequences(spm_vocab):
+    metadata = dict(load_model_file(data_path("ggml-vocab-llama-spm.gguf")).metadata)
+    metadata["tokenizer.ggml.add_eos_token"] = True
+    vocab = Vocab.from_metadata(metadata)
+    assert vocab.tokenize("Hello") == [1, 15043, 2]
+    assert vocab.tokenize("Hello", add_bos=False) == [15043]
+    assert spm_vocab.tokenize("Hello") == [1, 15043]
+
+
+def test_spm_control_tokens_in_text(spm_vocab):
+    with_special = spm_vocab.tokenize("<s>Hello</s>", add_bos=False, parse_special=True)
+    assert with_special == [1, 15043, 2]  # the text after a control token gets the space prefix again
+    plain = spm_vocab.tokenize("<s>Hello</s>", add_bos=False, parse_special=False)
+    assert 1 not in plain and 2 not in plain
+    assert spm_vocab.detokenize(plain) == "<s>Hello</s>"
+
+
+def test_detokenize_can_skip_control_tokens(smollm2_vocab):
+    ids = smollm2_vocab.tokenize("<|im_start|>user\nHi<|im_end|>", add_bos=False)
+    assert ids[0] == 1 and ids[-1] == 2
+    assert smollm2_vocab.detokenize(ids) == "<|im_start|>user\nHi<|im_end|>"
+    assert smollm2_vocab.detokenize(ids, skip_special=True) == "user\nHi"
+    assert smollm2_vocab.token_bytes(1) == b"<|im_start|>"
+    assert smollm2_vocab.token_bytes(1, skip_special=True) == b""
+    with pytest.raises(VocabError, match="token id 49152 is outside"):
+        smollm2_vocab.token_bytes(smollm2_vocab.n_vocab)
+
+
+def test_end_of_turn_ids_from_metadata():
+    metadata = dict(load_model_file(data_path("ggml-vocab-llama-spm.gguf")).metadata)
+    assert not Vocab.from_metadata(metadata).is_eog(13)
+    metadata["tokenizer.ggml.eot_token_id"] = 13
+    metadata["tokenizer.ggml.eom_token_id"] = 14
+    vocab = Vocab.from_metadata(metadata)
+    assert vocab.is_eog(2) and vocab.is_eog(13) and vocab.is_eog(14) and not vocab.is_eog(1)
+
+
+def test_perplexity_text_is_fast_and_round_trips(smollm2_vocab, spm_vocab):
+    text = open(data_path("fortunes_heldout.txt"), encoding="utf-8").read()
+    start = time.perf_counter()
+    ids = smollm2_vocab.tokenize(text, add_bos=False, parse_special=False)
+    assert time.perf_counter() - start < 2.0
+    assert smollm2_vocab.detokenize(ids) == text
+    assert spm_vocab.detokenize(spm_vocab.tokenize(text, add_bos=False, parse_special=False)) == text
+
+
+def test_bad_metadata_names_the_field(smollm2_path):
+    metadata = dict(load_model_file(smollm2_path).metadata)
+    metadata["tokenizer.ggml.eos_token_id"] = 10**6
+    with pytest.raises(VocabError, match="tokenizer.ggml.eos_token_id = 1000000 is outside"):
+        Vocab.from_metadata(metadata)
+    del metadata["tokenizer.ggml.tokens"]
+    with pytest.raises(VocabError, match="no tokenizer.ggml.tokens"):
         Vocab.from_metadata(metadata)
