@@ -72,6 +72,10 @@ class Vocab:
         self._bytes = [self._piece_bytes(i) for i in range(len(tokens))]
         if model == "gpt2":
             self._bpe = build_bpe(tokens, merges, pre)
+        else:
+            # Every two adjacent characters inside some token: between any other two, no merge can ever happen.
+            self._joined_pairs = {t[k:k + 2] for t in tokens for k in range(len(t) - 1)}
+            self._spm_word_ids: dict[str, list[int]] = {}
 
     @classmethod
     def from_metadata(cls, metadata: dict) -> "Vocab":
@@ -175,8 +179,26 @@ class Vocab:
         return fragments
 
     def spm_encode(self, text: str) -> list[int]:
-        """llama.cpp's SentencePiece BPE: merge the adjacent pair whose union has the best score, repeatedly."""
+        """llama.cpp's SentencePiece BPE over text. The text is cut where no token can span the cut (the two
+        characters there never occur together in a token), which leaves the result exact; the pieces, mostly words,
+        are encoded once each."""
         text = text.replace(" ", "▁")
+        ids: list[int] = []
+        start = 0
+        for k in range(1, len(text) + 1):
+            if k == len(text) or text[k - 1:k + 1] not in self._joined_pairs:
+                piece = text[start:k]
+                cached = self._spm_word_ids.get(piece)
+                if cached is None:
+                    cached = self.spm_merge(piece)
+                    if len(self._spm_word_ids) < 100_000:
+                        self._spm_word_ids[piece] = cached
+                ids += cached
+                start = k
+        return ids
+
+    def spm_merge(self, text: str) -> list[int]:
+        """llama.cpp's SentencePiece BPE: merge the adjacent pair whose union has the best score, repeatedly."""
         symbols = list(text)
         if not symbols:
             return []
