@@ -12,7 +12,7 @@ from tiny_model import make_tiny_llama
 
 from llamalora.cli import cli
 from llamalora.errors import ModelFileError
-from llamalora.ggjt import write_ggjt
+from llamalora.ggjt import ggjt_tensor_name, gguf_tensor_name, write_ggjt
 from llamalora.loader import load_model
 from llamalora.model_file import load_model_file
 from llamalora.model_writer import write_gguf
@@ -228,6 +228,34 @@ def test_ggjt_twin_gives_identical_logits(ggjt_twins):
     assert la.shape == (len(tokens), a.vocab.n_vocab)
     assert la.std() > 0.05  # not a degenerate model
     assert np.array_equal(la, lb)
+
+
+def test_ggjt_converts_to_gguf_with_its_types(ggjt_twins, tmp_path):
+    ggjt = load_model_file(ggjt_twins[1])
+    out = write_gguf(str(tmp_path / "converted.gguf"), ggjt.metadata, ggjt.tensors, ggjt.metadata_types)
+    converted = load_model_file(out)
+    assert converted.format == "gguf"
+    assert converted.metadata == ggjt.metadata
+    assert converted.metadata_types == ggjt.metadata_types
+    assert converted.metadata_types["llama.context_length"] == (GGUFValueType.UINT32, None)
+    for name, tensor in ggjt.tensors.items():
+        assert np.array_equal(converted.tensors[name].data, tensor.data), name
+
+
+def test_ggjt_names_match_the_gguf_package_map():
+    # The gguf package's own LLaMA name map (what llama.cpp's ggml-to-gguf converter uses), as an independent check.
+    import gguf
+
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 3)
+    ggjt_names = ["tok_embeddings.weight", "norm.weight", "output.weight"] + [
+        f"layers.{i}.{part}.weight" for i in range(3)
+        for part in ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "attention_norm",
+                     "feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "ffn_norm")]
+    for name in ggjt_names:
+        expected = name_map.get_name(name, try_suffixes=(".weight",))
+        assert gguf_tensor_name(name) == expected, name
+        assert ggjt_tensor_name(expected) == name
+    assert gguf_tensor_name("layers.0.attention.wq.bias") is None
 
 
 def test_ggjt_v2_quantized_is_refused(ggjt_twins, tmp_path):
