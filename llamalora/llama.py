@@ -165,6 +165,7 @@ class LlamaModel:
             if tuple(tensors[name].shape) != want:
                 raise ModelFileError(f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {want}")
         self.tensors = tensors
+        self.lora: dict = {}  # run-time adapter deltas by weight name (set_lora)
         self.token_embd = tensors["token_embd.weight"]
         # Tied embeddings: a model without output.weight projects with token_embd.
         self.output = kernels.prepare(tensors.get("output.weight", self.token_embd))
@@ -187,8 +188,12 @@ class LlamaModel:
         t = self.token_embd
         return kernels.dequantize_rows(t.type, t.data, t.n_cols, np.asarray(tokens, dtype=np.int64))
 
-    def forward(self, tokens, cache: KVCache, all_logits: bool = False) -> np.ndarray:
-        """Evaluate tokens at positions cache.n, cache.n+1, ...; returns logits float32[b or 1, n_vocab]."""
+    def forward(self, tokens, cache: KVCache, all_logits: bool = False, lora: dict | None = None) -> np.ndarray:
+        """Evaluate tokens at positions cache.n, cache.n+1, ...; returns logits float32[b or 1, n_vocab].
+
+        lora: run-time adapter deltas for this call alone (from lora_deltas); None uses the model's own.
+        """
+        deltas = self.lora if lora is None else lora
         c = self.config
         tokens = np.asarray(tokens, dtype=np.int64)
         b = len(tokens)
@@ -201,50 +206,55 @@ class LlamaModel:
         attn_out = np.empty((b, c.n_head, c.head_dim), dtype=np.float32)
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.attn_norm, c.rms_eps)
-            q = self.linear(layer.attn_q, h).reshape(b, c.n_head, c.head_dim)
-            k = self.linear(layer.attn_k, h).reshape(b, c.n_head_kv, c.head_dim)
-            v = self.linear(layer.attn_v, h).reshape(b, c.n_head_kv, c.head_dim)
+            q = self.linear(layer.attn_q, h, deltas).reshape(b, c.n_head, c.head_dim)
+            k = self.linear(layer.attn_k, h, deltas).reshape(b, c.n_head_kv, c.head_dim)
+            v = self.linear(layer.attn_v, h, deltas).reshape(b, c.n_head_kv, c.head_dim)
             rope_inplace(q, cos, sin)
             rope_inplace(k, cos, sin)
             cache.k[i, n_past : n_past + b] = k
             cache.v[i, n_past : n_past + b] = v
             attention(q, cache.k[i], cache.v[i], n_past, attn_out)
-            x += self.linear(layer.attn_output, attn_out.reshape(b, c.dim))
+            x += self.linear(layer.attn_output, attn_out.reshape(b, c.dim), deltas)
             h = rms_norm(x, layer.ffn_norm, c.rms_eps)
-            gate = self.linear(layer.ffn_gate, h)
-            up = self.linear(layer.ffn_up, h)
-            x += self.linear(layer.ffn_down, swiglu(gate, up))
+            gate = self.linear(layer.ffn_gate, h, deltas)
+            up = self.linear(layer.ffn_up, h, deltas)
+            x += self.linear(layer.ffn_down, swiglu(gate, up), deltas)
         cache.n = n_past + b
         if not all_logits:
             x = x[-1:]
-        return self.linear(self.output, rms_norm(x, self.output_norm, c.rms_eps))
+        return self.linear(self.output, rms_norm(x, self.output_norm, c.rms_eps), deltas)
 
-    def linear(self, weight: kernels.Weight, x: np.ndarray) -> np.ndarray:
-        """y = x @ W.T for x float32[b, in]; W stays in its file type."""
+    def linear(self, weight: kernels.Weight, x: np.ndarray, deltas: dict) -> np.ndarray:
+        """y = x @ W.T (+ Σ s·(x @ A.T) @ B.T for run-time adapters); W stays in its file type."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], weight.n_rows), dtype=np.float32)
         if x.shape[0] == 1:
             kernels.matvec(weight, x[0], out[0])
         else:
             kernels.matmul(weight, x, out)
-        if weight.lora is not None:
-            a, b = weight.lora
-            out += (x @ a.T) @ b.T
+        delta = deltas.get(weight.name) if deltas else None
+        if delta is not None:
+            a, scaled_b = delta
+            out += (x @ a.T) @ scaled_b.T
         return out
 
-    def set_lora(self, adapters) -> None:
-        """Apply adapters unmerged (y = W·x + Σ s·B·(A·x)); an empty list removes them. Weights stay as loaded."""
-        weights = {f"blk.{i}.{part}.weight": getattr(layer, part)
-                   for i, layer in enumerate(self.layers) for part in LAYER_TENSORS if not part.endswith("norm")}
-        weights["output.weight"] = self.output
-        for weight in weights.values():
-            weight.lora = None
-        for name, weight in weights.items():
-            pairs = [(t.a, np.float32(t.scale) * t.b) for ad in adapters for t in [ad.tensors.get(name)]
-                     if t is not None and t.scale != 0]
+    def lora_deltas(self, adapters, scales=None) -> dict:
+        """Run-time deltas {weight name: (A stacked over adapters, s·B stacked)} for adapters at scales
+        (default: each adapter's own). Cheap: no weight is touched, so any request may have its own."""
+        scales = [1.0] * len(adapters) if scales is None else list(scales)
+        deltas = {}
+        names = {name for adapter in adapters for name in adapter.tensors}
+        for name in sorted(names):
+            pairs = [(t.a, np.float32(t.scale * user) * t.b) for adapter, user in zip(adapters, scales)
+                     for t in [adapter.tensors.get(name)] if t is not None and t.scale * user != 0]
             if pairs:
-                weight.lora = (np.ascontiguousarray(np.concatenate([a for a, _ in pairs]), dtype=np.float32),
-                               np.ascontiguousarray(np.concatenate([b for _, b in pairs], axis=1), dtype=np.float32))
+                deltas[name] = (np.ascontiguousarray(np.concatenate([a for a, _ in pairs]), dtype=np.float32),
+                                np.ascontiguousarray(np.concatenate([b for _, b in pairs], axis=1), dtype=np.float32))
+        return deltas
+
+    def set_lora(self, adapters, scales=None) -> None:
+        """Apply adapters unmerged from now on (y = W·x + Σ s·B·(A·x)); an empty list removes them."""
+        self.lora = self.lora_deltas(adapters, scales)
 
 
 def as_f32_vector(t: Tensor) -> np.ndarray:

@@ -84,9 +84,7 @@ class Weight:
     n_rows: int
     n_cols: int
     prepared: tuple
-    # A run-time LoRA delta (A float32[r, n_cols], B float32[n_rows, r] with the scale folded in): the
-    # model adds B·(A·x) to W·x, so a quantized W keeps all of the adapter. None when there is none.
-    lora: tuple | None = None
+    name: str = ""
 
 
 def prepare(tensor) -> Weight:
@@ -96,7 +94,7 @@ def prepare(tensor) -> Weight:
         prepared = (np.ascontiguousarray(module.dequantize(tensor.data, tensor.n_cols)),)
     else:
         prepared = module.prepare(tensor.data, tensor.n_cols)
-    return Weight(GGMLType(tensor.type), tensor.n_rows, tensor.n_cols, prepared)
+    return Weight(GGMLType(tensor.type), tensor.n_rows, tensor.n_cols, prepared, tensor.name)
 
 
 def matvec(weight: Weight, x: np.ndarray, out: np.ndarray) -> None:
