@@ -51,6 +51,8 @@ class Context:
     context_shift: bool = True
     tokens: list = field(default_factory=list)
     timings: Timings = field(default_factory=Timings)
+    # Run-time adapter deltas for this context alone (LlamaModel.lora_deltas); None: the model's own.
+    lora: dict | None = None
 
     def __post_init__(self):
         self.cache = self.model.new_cache(self.n_ctx)
@@ -87,7 +89,7 @@ class Context:
         for begin in range(0, len(ids), self.n_batch):
             chunk = ids[begin : begin + self.n_batch]
             self._make_room(len(chunk))
-            outputs.append(self.model.forward(chunk, self.cache, all_logits=all_logits))
+            outputs.append(self.model.forward(chunk, self.cache, all_logits=all_logits, lora=self.lora))
             self.tokens.extend(chunk)
         elapsed = 1000.0 * (time.perf_counter() - start)
         if generating:

@@ -31,7 +31,7 @@ class RuleModel:
 
         return Cache()
 
-    def forward(self, tokens, cache, all_logits=False):
+    def forward(self, tokens, cache, all_logits=False, lora=None):
         self.seen.append(list(tokens))
         cache.n += len(tokens)
         probs = np.full((len(tokens), V), 0.5 / (V - 1))
