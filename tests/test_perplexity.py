@@ -109,3 +109,50 @@ def test_cli_errors(tmp_path):
         assert r.returncode == 1, r.stderr
         assert message in r.stderr
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 3
+
+
+class ShiftedModel(RuleModel):
+    """RuleModel whose favourite next token has probability 0.7 instead of 0.5."""
+
+    def forward(self, tokens, cache, all_logits=False, lora=None):
+        cache.n += len(tokens)
+        probs = np.full((len(tokens), V), 0.3 / (V - 1))
+        probs[np.arange(len(tokens)), (np.asarray(tokens) + 1) % V] = 0.7
+        logits = np.log(probs).astype(np.float32)
+        return logits if all_logits else logits[-1:]
+
+
+def test_kl_divergence_by_hand(tmp_path):
+    from llamalora.perplexity import KLDivergenceReader, KLDivergenceWriter
+
+    tokens = [9, 9, 9, 9, 3, 4, 5, 0] * 2
+    base_file = str(tmp_path / "base.kld")
+    writer = KLDivergenceWriter(base_file, 8, V, 2, tokens)
+    perplexity(Context(RuleModel(), n_ctx=8, n_batch=8), tokens, 2, bos_id=None, save=writer)
+    writer.close()
+    reader = KLDivergenceReader(base_file)
+    assert reader.tokens == tokens and reader.n_chunks == 2
+    perplexity(Context(ShiftedModel(), n_ctx=8, n_batch=8), tokens, 2, bos_id=None, compare=reader)
+    log_p = np.log(np.array([0.5] + [0.5 / (V - 1)] * (V - 1)))
+    log_q = np.log(np.array([0.7] + [0.3 / (V - 1)] * (V - 1)))
+    stored = log_p.astype(np.float16).astype(np.float64)  # the base file keeps log-probabilities as float16
+    want = (np.exp(stored) * (stored - log_q)).sum()  # the same at every scored position
+    report = "\n".join(reader.report())
+    kld = float(report.split("Mean    KLD:")[1].split()[0])
+    assert kld == pytest.approx(want, abs=2e-6)  # the report prints 6 decimals
+    assert abs(kld - (np.exp(log_p) * (log_p - log_q)).sum()) < 1e-3
+    assert "Same top p: 100.000" in report
+
+
+def test_kl_divergence_cli_against_itself(tmp_path, smollm2_path):
+    text = data_path("fortunes_heldout.txt")
+    base = str(tmp_path / "base.kld")
+    r = run_cli("perplexity", "-m", smollm2_path, "-f", text, "-c", "128", "--chunks", "2",
+                "--kl-divergence-base", base)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("perplexity", "-m", smollm2_path, "--kl-divergence-base", base, "--kl-divergence",
+                "-c", "128", "--chunks", "2")
+    assert r.returncode == 0, r.stderr
+    kld = float(r.stdout.split("Mean    KLD:")[1].split()[0])
+    assert abs(kld) < 1e-4  # only the base's float16 rounding separates the runs (it can dip below 0)
+    assert "Same top p: 100.000" in r.stdout
