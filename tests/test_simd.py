@@ -116,7 +116,7 @@ def test_vector_and_loop_kernels_agree(smollm2_tensors):
         assert np.max(np.abs(fast - plain) / bound) < 1e-6
 
 
-@pytest.mark.parametrize("batch", [1, 3, 8, 37])
+@pytest.mark.parametrize("batch", [1, 3, 8, 37, 70])
 def test_matmul_matches_float64_reference(smollm2_tensors, batch):
     rng = np.random.default_rng(batch)
     for qtype, data, W64 in matrices(smollm2_tensors):

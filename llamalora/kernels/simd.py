@@ -1,18 +1,21 @@
-"""Vectorized matrix × vector kernels for the 4-bit (Q4_0, Q4_1) and 8-bit (Q8_0) block types.
+"""Vectorized kernels for the 4-bit (Q4_0, Q4_1) and 8-bit (Q8_0) block types: W·x and X·Wᵀ.
 
-The inner loops are written as generic LLVM vector code (numba intrinsics built with llvmlite): a block's
-16 bytes of nibbles are loaded as one <16 x i8>, split into low and high nibbles, widened to
-<16 x float> and multiplied with the float32 activations; a <16 x float> accumulator per row runs across
-the row's blocks. LLVM lowers these vectors to whatever the host has (AVX-512, AVX2, SSE, NEON), so one
-source serves every machine. Activations stay float32 throughout: nothing is quantized on the fly, and the
-results are those of the dequantized float32 weights up to float32 rounding.
+The inner loops are generic LLVM vector code emitted through numba intrinsics (llvmlite IR): a block's
+bytes are loaded eight at a time as <8 x i8>, widened to <8 x i32>, split into nibbles, converted to
+<8 x float> and multiplied with the float32 activations; a vector accumulator runs across a row's blocks.
+LLVM lowers the vectors to what the host has (AVX2, AVX-512, SSE, NEON), so one source serves every
+machine. Activations stay float32: nothing is quantized on the fly, and results are those of the
+dequantized weights up to float32 rounding.
 
 Rows keep the file's bytes: data is uint8[n_rows, row_nbytes] (each row contiguous, any row stride).
-Block scales d and minima m are float32[n_rows, n_blocks] (Q4_0 passes m = -8·d). A 4-bit block has its
-nibbles at qs_offset inside block_bytes bytes (Q4_1: 4 and 20, Q4_0: 2 and 18): byte j holds weight j in
-its low nibble and weight j + 16 in its high one. A Q8_0 block is a half scale and 32 signed bytes.
+Block scales d and minima m are float32[n_rows, n_blocks] (Q4_0 passes m = -8·d). A 4-bit block holds
+its nibbles at qs_offset inside block_bytes bytes (Q4_1: 4 and 20, Q4_0: 2 and 18): byte j has weight j
+in its low nibble and weight j + 16 in its high one. A Q8_0 block is a half scale and 32 signed bytes.
 
-Every kernel here has a plain-loop twin (`*_loop`) that computes the same sums without intrinsics.
+matvec: out[r] = Σ_b d[r,b]·(q_rb · x_b) + Σ_b m[r,b]·Σx_b, one row per step (x stays in L1).
+matmul: a tile of rows is widened to float32 once, then a register-blocked loop multiplies it with every
+token of the batch (3 rows × 4 tokens of accumulators), so each weight is unpacked once per batch.
+The `*_loop` functions are plain numba loops computing the same sums without intrinsics.
 """
 
 import numpy as np
@@ -21,20 +24,33 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-LANES = 16
-ROWS_PER_STEP = 4  # rows that share each load of x in the vector kernels
+LANES = 8          # float lanes per vector: AVX2's width; wider hosts still run it (LLVM splits or widens)
+TILE_ROWS = 3      # rows × tokens of accumulators in the matmul micro-kernel: 12 vectors + 3 row vectors
+TILE_TOKENS = 4    # fit AVX2's 16 registers (x is read from memory by the FMA)
+ROW_TILE = 24      # rows widened to float32 per matmul work item (a multiple of TILE_ROWS)
+TOKEN_CHUNK = 64   # tokens multiplied with a row tile while they stay in L2
+MIN_TILED_BATCH = 4  # smaller batches run the matvec kernel per token (widening a tile costs about one matvec)
+Q8_BLOCK_BYTES = 34
+Q8_QS_OFFSET = 2
 
 _f32 = ir.FloatType()
 _i8 = ir.IntType(8)
 _i32 = ir.IntType(32)
 _vf = ir.VectorType(_f32, LANES)
 _vi8 = ir.VectorType(_i8, LANES)
+_vi32 = ir.VectorType(_i32, LANES)
 
 
-def _splat(builder, value, vtype):
-    undef = ir.Constant(vtype, ir.Undefined)
+# --- IR helpers -------------------------------------------------------------------------------------
+
+def _const(like, value):
+    return ir.Constant(like.type, value)
+
+
+def _splat(builder, value):
+    undef = ir.Constant(_vf, ir.Undefined)
     one = builder.insert_element(undef, value, ir.Constant(_i32, 0))
-    return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(_i32, vtype.count), [0] * vtype.count))
+    return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(_i32, LANES), [0] * LANES))
 
 
 def _fmuladd(builder, a, b, c):
@@ -45,7 +61,7 @@ def _fmuladd(builder, a, b, c):
 
 
 def _reduce(builder, v):
-    """Sum of the lanes of v by halving (a fixed order, so the result never depends on the target)."""
+    """Sum of the lanes of v by halving (a fixed order, the same on every target)."""
     n = v.type.count
     while n > 1:
         n //= 2
@@ -60,66 +76,128 @@ def _load(builder, base, byte_offset, vtype, align):
     return builder.load(builder.bitcast(ptr, vtype.as_pointer()), align=align)
 
 
-def _load_scalar_f32(builder, base, byte_offset):
+def _store(builder, value, base, byte_offset):
     ptr = builder.gep(base, [byte_offset])
-    return builder.load(builder.bitcast(ptr, _f32.as_pointer()), align=4)
+    builder.store(value, builder.bitcast(ptr, value.type.as_pointer()), align=4)
 
 
-def _make_rows_dot(n_rows, kind):
-    """Intrinsic (row_addr, row_stride, d_addr, d_stride, x_addr, nb, qs_offset, block_bytes) -> n_rows float32:
-    for each of n_rows consecutive rows, sum over blocks b of d[b] · (q_b · x_b) (the m term is not included).
-    Addresses and strides are in bytes; kind is "q4" (nibbles) or "q8" (signed bytes)."""
+def _block_weights(builder, rows, q_off, kind):
+    """The 32 weights' q of the block whose q bytes start at q_off, as four <8 x float>
+    (weights 0-7, 8-15, 16-23, 24-31), exact small integers."""
+    intp = q_off.type
+    if kind == "q4":
+        low, high = [], []
+        for k in range(2):
+            q = builder.zext(_load(builder, rows, builder.add(q_off, ir.Constant(intp, 8 * k)), _vi8, 1), _vi32)
+            low.append(builder.sitofp(builder.and_(q, ir.Constant(_vi32, [15] * LANES)), _vf))
+            high.append(builder.sitofp(builder.lshr(q, ir.Constant(_vi32, [4] * LANES)), _vf))
+        return low + high
+    return [builder.sitofp(builder.sext(_load(builder, rows, builder.add(q_off, ir.Constant(intp, 8 * k)), _vi8, 1),
+                                        _vi32), _vf) for k in range(4)]
+
+
+def _make_row_dot(kind):
+    """Intrinsic (row_addr, d_addr, x_addr, nb, qs_offset, block_bytes) -> float32:
+    Σ_b d[b]·(q_b · x_b) over one row's nb blocks (no minima). Addresses are in bytes."""
 
     @intrinsic
-    def rows_dot(typingctx, row_addr, row_stride, d_addr, d_stride, x_addr, nb, qs_offset, block_bytes):
-        sig = types.UniTuple(types.float32, n_rows)(*([types.intp] * 8))
+    def row_dot(typingctx, row_addr, d_addr, x_addr, nb, qs_offset, block_bytes):
+        sig = types.float32(*([types.intp] * 6))
 
         def codegen(context, builder, signature, args):
-            row_addr, row_stride, d_addr, d_stride, x_addr, nb, qs_offset, block_bytes = args
+            row_addr, d_addr, x_addr, nb, qs_offset, block_bytes = args
             i8p = _i8.as_pointer()
-            rows = builder.inttoptr(row_addr, i8p)
-            dbase = builder.inttoptr(d_addr, i8p)
-            xbase = builder.inttoptr(x_addr, i8p)
-            intp = row_addr.type
-            zero = ir.Constant(_vf, [0.0] * LANES)
-            accs = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)]
-            low_mask = ir.Constant(_vi8, [15] * LANES)
-            shift = ir.Constant(_vi8, [4] * LANES)
+            rows, dbase, xbase = (builder.inttoptr(a, i8p) for a in (row_addr, d_addr, x_addr))
+            acc = cgutils.alloca_once_value(builder, ir.Constant(_vf, [0.0] * LANES))
             with cgutils.for_range(builder, nb) as loop:
                 b = loop.index
-                x_off = builder.mul(b, ir.Constant(intp, 32 * 4))
-                x_lo = _load(builder, xbase, x_off, _vf, 4)
-                x_hi = _load(builder, xbase, builder.add(x_off, ir.Constant(intp, LANES * 4)), _vf, 4)
-                q_off = builder.add(builder.mul(b, block_bytes), qs_offset)
-                d_off = builder.mul(b, ir.Constant(intp, 4))
-                for r in range(n_rows):
-                    row_off = builder.mul(row_stride, ir.Constant(intp, r))
-                    off = builder.add(row_off, q_off)
-                    if kind == "q4":
-                        q = _load(builder, rows, off, _vi8, 1)
-                        f_lo = builder.uitofp(builder.and_(q, low_mask), _vf)
-                        f_hi = builder.uitofp(builder.lshr(q, shift), _vf)
-                    else:
-                        f_lo = builder.sitofp(_load(builder, rows, off, _vi8, 1), _vf)
-                        f_hi = builder.sitofp(
-                            _load(builder, rows, builder.add(off, ir.Constant(intp, LANES)), _vi8, 1), _vf)
-                    s = _fmuladd(builder, f_hi, x_hi, builder.fmul(f_lo, x_lo))
-                    dr = _load_scalar_f32(builder, dbase, builder.add(builder.mul(d_stride, ir.Constant(intp, r)), d_off))
-                    acc = builder.load(accs[r])
-                    builder.store(_fmuladd(builder, _splat(builder, dr, _vf), s, acc), accs[r])
-            sums = [_reduce(builder, builder.load(a)) for a in accs]
+                x_off = builder.mul(b, _const(b, 128))
+                xs = [_load(builder, xbase, builder.add(x_off, _const(b, 32 * k)), _vf, 4) for k in range(4)]
+                qs = _block_weights(builder, rows, builder.add(builder.mul(b, block_bytes), qs_offset), kind)
+                s = builder.fmul(qs[0], xs[0])
+                for k in range(1, 4):
+                    s = _fmuladd(builder, qs[k], xs[k], s)
+                d = builder.load(builder.bitcast(builder.gep(dbase, [builder.mul(b, _const(b, 4))]),
+                                                 _f32.as_pointer()), align=4)
+                builder.store(_fmuladd(builder, _splat(builder, d), s, builder.load(acc)), acc)
+            return _reduce(builder, builder.load(acc))
+
+        return sig, codegen
+
+    return row_dot
+
+
+def _make_row_dequantize(kind):
+    """Intrinsic (row_addr, d_addr, m_addr, out_addr, nb, qs_offset, block_bytes) -> None: writes the
+    row's nb·32 float32 weights d·q + m to out (m_addr is ignored for Q8_0)."""
+
+    @intrinsic
+    def row_dequantize(typingctx, row_addr, d_addr, m_addr, out_addr, nb, qs_offset, block_bytes):
+        sig = types.none(*([types.intp] * 7))
+
+        def codegen(context, builder, signature, args):
+            row_addr, d_addr, m_addr, out_addr, nb, qs_offset, block_bytes = args
+            i8p = _i8.as_pointer()
+            rows, dbase, mbase, obase = (builder.inttoptr(a, i8p) for a in (row_addr, d_addr, m_addr, out_addr))
+            with cgutils.for_range(builder, nb) as loop:
+                b = loop.index
+                qs = _block_weights(builder, rows, builder.add(builder.mul(b, block_bytes), qs_offset), kind)
+                scale_off = builder.mul(b, _const(b, 4))
+                d = _splat(builder, builder.load(builder.bitcast(builder.gep(dbase, [scale_off]), _f32.as_pointer())))
+                if kind == "q4":
+                    m = _splat(builder, builder.load(builder.bitcast(builder.gep(mbase, [scale_off]), _f32.as_pointer())))
+                out_off = builder.mul(b, _const(b, 128))
+                for k in range(4):
+                    w = _fmuladd(builder, d, qs[k], m) if kind == "q4" else builder.fmul(d, qs[k])
+                    _store(builder, w, obase, builder.add(out_off, _const(b, 32 * k)))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return row_dequantize
+
+
+def _make_tile_dot(n_rows, n_tokens):
+    """Intrinsic (w_addr, w_stride, x_addr, x_stride, n) -> n_rows·n_tokens float32: the dot products of
+    n_rows float32 rows with n_tokens float32 rows, each of n values (a multiple of LANES), result
+    [r·n_tokens + t]. Strides are in bytes."""
+
+    @intrinsic
+    def tile_dot(typingctx, w_addr, w_stride, x_addr, x_stride, n):
+        sig = types.UniTuple(types.float32, n_rows * n_tokens)(*([types.intp] * 5))
+
+        def codegen(context, builder, signature, args):
+            w_addr, w_stride, x_addr, x_stride, n = args
+            i8p = _i8.as_pointer()
+            w, x = builder.inttoptr(w_addr, i8p), builder.inttoptr(x_addr, i8p)
+            zero = ir.Constant(_vf, [0.0] * LANES)
+            accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(n_tokens)] for _ in range(n_rows)]
+            w_offs = [builder.mul(w_stride, _const(w_stride, r)) for r in range(n_rows)]
+            x_offs = [builder.mul(x_stride, _const(x_stride, t)) for t in range(n_tokens)]
+            with cgutils.for_range(builder, builder.udiv(n, _const(n, LANES))) as loop:
+                off = builder.mul(loop.index, _const(n, LANES * 4))
+                ws = [_load(builder, w, builder.add(off, w_offs[r]), _vf, 4) for r in range(n_rows)]
+                for t in range(n_tokens):
+                    xv = _load(builder, x, builder.add(off, x_offs[t]), _vf, 4)
+                    for r in range(n_rows):
+                        builder.store(_fmuladd(builder, ws[r], xv, builder.load(accs[r][t])), accs[r][t])
+            sums = [_reduce(builder, builder.load(accs[r][t])) for r in range(n_rows) for t in range(n_tokens)]
             return context.make_tuple(builder, signature.return_type, sums)
 
         return sig, codegen
 
-    return rows_dot
+    return tile_dot
 
 
-_q4_dot4 = _make_rows_dot(ROWS_PER_STEP, "q4")
-_q4_dot1 = _make_rows_dot(1, "q4")
-_q8_dot4 = _make_rows_dot(ROWS_PER_STEP, "q8")
-_q8_dot1 = _make_rows_dot(1, "q8")
+_q4_row_dot = _make_row_dot("q4")
+_q8_row_dot = _make_row_dot("q8")
+_q4_row_dequantize = _make_row_dequantize("q4")
+_q8_row_dequantize = _make_row_dequantize("q8")
+_tile_dot = _make_tile_dot(TILE_ROWS, TILE_TOKENS)
+_tile_dot_1 = _make_tile_dot(TILE_ROWS, 1)
 
+
+# --- matrix × vector ----------------------------------------------------------------------------------
 
 @njit(nogil=True, cache=True)
 def block_sums(x):
@@ -135,11 +213,16 @@ def block_sums(x):
 
 
 @njit(nogil=True, cache=True)
-def _check_layout(data, d, x, block_bytes):
-    if data.strides[1] != 1 or d.strides[1] != 4 or x.strides[0] != 4:
-        raise ValueError("kernel arrays must have contiguous rows (data uint8, d float32, x float32)")
-    if data.shape[1] < d.shape[1] * block_bytes or x.shape[0] != d.shape[1] * 32 or d.shape[0] != data.shape[0]:
+def _check_layout(data, d, m, x, block_bytes, out):
+    if data.strides[1] != 1 or d.strides[1] != 4 or m.strides[1] != 4 or x.strides[-1] != 4:
+        raise ValueError("kernel arrays need contiguous rows (data uint8, d and m float32, x float32)")
+    if x.ndim == 2 and x.strides[0] % 4 != 0:
+        raise ValueError("kernel activations need float32-aligned rows")
+    if (data.shape[1] < d.shape[1] * block_bytes or x.shape[-1] != d.shape[1] * 32
+            or d.shape[0] != data.shape[0] or m.shape[0] != data.shape[0] or m.shape[1] != d.shape[1]):
         raise ValueError("kernel arrays disagree in shape (data rows, scale blocks, x length)")
+    if out.shape[-1] != data.shape[0] or (x.ndim == 2 and out.shape[0] != x.shape[0]):
+        raise ValueError("kernel output has the wrong shape")
 
 
 @njit(nogil=True, cache=True, fastmath=True)
@@ -153,68 +236,104 @@ def _min_term(m, r, xsum):
 @njit(parallel=True, nogil=True, cache=True)
 def q4_matvec(data, d, m, qs_offset, block_bytes, x, out):
     """out[r] = Σ_b d[r,b]·(q_rb · x_b) + Σ_b m[r,b]·Σx_b for 4-bit blocks (see the module docstring)."""
-    _check_layout(data, d, x, block_bytes)
-    n_rows, nb = data.shape[0], d.shape[1]
+    _check_layout(data, d, m, x, block_bytes, out)
     xsum = block_sums(x)
     row_addr, row_stride = data.ctypes.data, data.strides[0]
     d_addr, d_stride = d.ctypes.data, d.strides[0]
-    x_addr = x.ctypes.data
-    n_steps = n_rows // ROWS_PER_STEP
-    for g in prange(n_steps + n_rows % ROWS_PER_STEP):
-        if g < n_steps:
-            r = g * ROWS_PER_STEP
-            s = _q4_dot4(row_addr + r * row_stride, row_stride, d_addr + r * d_stride, d_stride,
-                         x_addr, nb, qs_offset, block_bytes)
-            out[r] = s[0] + _min_term(m, r, xsum)
-            out[r + 1] = s[1] + _min_term(m, r + 1, xsum)
-            out[r + 2] = s[2] + _min_term(m, r + 2, xsum)
-            out[r + 3] = s[3] + _min_term(m, r + 3, xsum)
-        else:
-            r = n_steps * ROWS_PER_STEP + g - n_steps
-            s1 = _q4_dot1(row_addr + r * row_stride, row_stride, d_addr + r * d_stride, d_stride,
-                          x_addr, nb, qs_offset, block_bytes)
-            out[r] = s1[0] + _min_term(m, r, xsum)
+    for r in prange(data.shape[0]):
+        out[r] = _q4_row_dot(row_addr + r * row_stride, d_addr + r * d_stride, x.ctypes.data,
+                             d.shape[1], qs_offset, block_bytes) + _min_term(m, r, xsum)
 
 
 @njit(parallel=True, nogil=True, cache=True)
 def q8_matvec(data, d, x, out):
     """out[r] = Σ_b d[r,b]·(q_rb · x_b) for Q8_0 blocks (2-byte half scale, 32 signed bytes)."""
-    _check_layout(data, d, x, 34)
+    _check_layout(data, d, d, x, Q8_BLOCK_BYTES, out)
+    row_addr, row_stride = data.ctypes.data, data.strides[0]
+    d_addr, d_stride = d.ctypes.data, d.strides[0]
+    for r in prange(data.shape[0]):
+        out[r] = _q8_row_dot(row_addr + r * row_stride, d_addr + r * d_stride, x.ctypes.data,
+                             d.shape[1], Q8_QS_OFFSET, Q8_BLOCK_BYTES)
+
+
+# --- matrix × batch -----------------------------------------------------------------------------------
+
+@njit(nogil=True, cache=True)
+def _tile_times_batch(tile, n_valid, X, out, r0):
+    """out[t, r0 + i] = tile[i] · X[t] for i < n_valid (tile rows past n_valid are zero padding)."""
+    n_cols, n_tokens = tile.shape[1], X.shape[0]
+    w_addr, w_stride = tile.ctypes.data, tile.strides[0]
+    x_addr, x_stride = X.ctypes.data, X.strides[0]
+    for c0 in range(0, n_tokens, TOKEN_CHUNK):
+        c1 = min(c0 + TOKEN_CHUNK, n_tokens)
+        full = c1 - (c1 - c0) % TILE_TOKENS
+        for i0 in range(0, n_valid, TILE_ROWS):
+            w = w_addr + i0 * w_stride
+            n_here = min(TILE_ROWS, n_valid - i0)
+            for t0 in range(c0, full, TILE_TOKENS):
+                s = _tile_dot(w, w_stride, x_addr + t0 * x_stride, x_stride, n_cols)
+                for i in range(n_here):
+                    for t in range(TILE_TOKENS):
+                        out[t0 + t, r0 + i0 + i] = s[i * TILE_TOKENS + t]
+            for t in range(full, c1):
+                s1 = _tile_dot_1(w, w_stride, x_addr + t * x_stride, x_stride, n_cols)
+                for i in range(n_here):
+                    out[t, r0 + i0 + i] = s1[i]
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def q4_matmul(data, d, m, qs_offset, block_bytes, X, out):
+    """out[t, r] = row r · X[t] for a batch X float32[b, n_cols], out float32[b, n_rows] (4-bit blocks)."""
+    _check_layout(data, d, m, X, block_bytes, out)
     n_rows, nb = data.shape[0], d.shape[1]
     row_addr, row_stride = data.ctypes.data, data.strides[0]
     d_addr, d_stride = d.ctypes.data, d.strides[0]
-    x_addr = x.ctypes.data
-    n_steps = n_rows // ROWS_PER_STEP
-    for g in prange(n_steps + n_rows % ROWS_PER_STEP):
-        if g < n_steps:
-            r = g * ROWS_PER_STEP
-            s = _q8_dot4(row_addr + r * row_stride, row_stride, d_addr + r * d_stride, d_stride,
-                         x_addr, nb, 2, 34)
-            out[r] = s[0]
-            out[r + 1] = s[1]
-            out[r + 2] = s[2]
-            out[r + 3] = s[3]
-        else:
-            r = n_steps * ROWS_PER_STEP + g - n_steps
-            out[r] = _q8_dot1(row_addr + r * row_stride, row_stride, d_addr + r * d_stride, d_stride,
-                              x_addr, nb, 2, 34)[0]
+    m_addr, m_stride = m.ctypes.data, m.strides[0]
+    if X.shape[0] < MIN_TILED_BATCH:
+        xsums = np.empty((X.shape[0], nb), dtype=np.float32)
+        for t in range(X.shape[0]):
+            xsums[t] = block_sums(X[t])
+        for r in prange(n_rows):
+            for t in range(X.shape[0]):
+                out[t, r] = _q4_row_dot(row_addr + r * row_stride, d_addr + r * d_stride, X[t].ctypes.data,
+                                        nb, qs_offset, block_bytes) + _min_term(m, r, xsums[t])
+        return
+    for g in prange((n_rows + ROW_TILE - 1) // ROW_TILE):
+        r0 = g * ROW_TILE
+        n_valid = min(ROW_TILE, n_rows - r0)
+        tile = np.zeros((ROW_TILE, nb * 32), dtype=np.float32)
+        for i in range(n_valid):
+            r = r0 + i
+            _q4_row_dequantize(row_addr + r * row_stride, d_addr + r * d_stride, m_addr + r * m_stride,
+                               tile.ctypes.data + i * tile.strides[0], nb, qs_offset, block_bytes)
+        _tile_times_batch(tile, n_valid, X, out, r0)
 
 
-@njit(nogil=True, cache=True)
-def q4_matmul(data, d, m, qs_offset, block_bytes, X, out):
-    """out[t, r] = row r · X[t] for a batch X float32[b, n_cols], out float32[b, n_rows]."""
-    for t in range(X.shape[0]):
-        q4_matvec(data, d, m, qs_offset, block_bytes, X[t], out[t])
-
-
-@njit(nogil=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def q8_matmul(data, d, X, out):
-    """out[t, r] = row r · X[t] for a batch X float32[b, n_cols], out float32[b, n_rows]."""
-    for t in range(X.shape[0]):
-        q8_matvec(data, d, X[t], out[t])
+    """out[t, r] = row r · X[t] for a batch X float32[b, n_cols], out float32[b, n_rows] (Q8_0 blocks)."""
+    _check_layout(data, d, d, X, Q8_BLOCK_BYTES, out)
+    n_rows, nb = data.shape[0], d.shape[1]
+    row_addr, row_stride = data.ctypes.data, data.strides[0]
+    d_addr, d_stride = d.ctypes.data, d.strides[0]
+    if X.shape[0] < MIN_TILED_BATCH:
+        for r in prange(n_rows):
+            for t in range(X.shape[0]):
+                out[t, r] = _q8_row_dot(row_addr + r * row_stride, d_addr + r * d_stride, X[t].ctypes.data,
+                                        nb, Q8_QS_OFFSET, Q8_BLOCK_BYTES)
+        return
+    for g in prange((n_rows + ROW_TILE - 1) // ROW_TILE):
+        r0 = g * ROW_TILE
+        n_valid = min(ROW_TILE, n_rows - r0)
+        tile = np.zeros((ROW_TILE, nb * 32), dtype=np.float32)
+        for i in range(n_valid):
+            r = r0 + i
+            _q8_row_dequantize(row_addr + r * row_stride, d_addr + r * d_stride, 0,
+                               tile.ctypes.data + i * tile.strides[0], nb, Q8_QS_OFFSET, Q8_BLOCK_BYTES)
+        _tile_times_batch(tile, n_valid, X, out, r0)
 
 
-# Plain loops: the same sums without intrinsics (the reference the vector kernels are tested against).
+# --- plain loops: the same sums without intrinsics ------------------------------------------------------
 
 @njit(parallel=True, nogil=True, cache=True, fastmath=True)
 def q4_matvec_loop(data, d, m, qs_offset, block_bytes, x, out):
@@ -238,9 +357,21 @@ def q8_matvec_loop(data, d, x, out):
     for r in prange(data.shape[0]):
         acc = np.float32(0.0)
         for b in range(nb):
-            base = b * 34 + 2
+            base = b * Q8_BLOCK_BYTES + Q8_QS_OFFSET
             s = np.float32(0.0)
             for j in range(32):
                 s += np.float32(np.int8(data[r, base + j])) * x[b * 32 + j]
             acc += d[r, b] * s
         out[r] = acc
+
+
+@njit(nogil=True, cache=True)
+def q4_matmul_loop(data, d, m, qs_offset, block_bytes, X, out):
+    for t in range(X.shape[0]):
+        q4_matvec_loop(data, d, m, qs_offset, block_bytes, X[t], out[t])
+
+
+@njit(nogil=True, cache=True)
+def q8_matmul_loop(data, d, X, out):
+    for t in range(X.shape[0]):
+        q8_matvec_loop(data, d, X[t], out[t])
