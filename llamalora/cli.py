@@ -213,5 +213,61 @@ def perplexity_command(model_path, threads, no_mmap, loras, loras_scaled, lora_b
                f"({1000 * t.prompt_tokens / max(t.prompt_ms, 1e-9):.1f} tokens/s)", err=True)
 
 
+@cli.command("quantize")
+@click.argument("in_path")
+@click.argument("out_path")
+@click.argument("type_name", metavar="TYPE")
+@click.option("-t", "--threads", type=int, default=None)
+def quantize_command(in_path, out_path, type_name, threads):
+    """Rewrite IN.gguf as OUT.gguf with its weights in TYPE (f32, f16, q8_0, q4_0, q4_1)."""
+    from .loader import set_threads
+    from .model_file import load_model_file
+    from .quantize import rewrite_model, target_type
+
+    target = target_type(type_name)
+    set_threads(threads)
+    if os.path.abspath(in_path) == os.path.abspath(out_path):
+        raise InputError(f"{out_path}: the output must not overwrite the input")
+    stats = rewrite_model(load_model_file(in_path), out_path, target)
+    click.echo(f"quantize: {in_path} ({stats['in_bytes'] / 2**20:.2f} MiB) -> {out_path} "
+               f"({stats['out_bytes'] / 2**20:.2f} MiB, {type_name}) in {stats['seconds']:.2f} s", err=True)
+
+
+@cli.command("export-lora")
+@click.option("-m", "--model", "model_path", type=str, default=None, help="base model (default: SmolLM2)")
+@click.option("--lora", "loras", multiple=True, type=str, help="adapter to merge; repeatable")
+@click.option("--lora-scaled", "loras_scaled", multiple=True, type=(str, float), help="adapter FILE with scale S")
+@click.option("--lora-base", type=str, default=None, help="read the patched tensors from this f16/f32 model")
+@click.option("-o", "--output", "out_path", required=True, help="merged model to write (GGUF)")
+@click.option("--outtype", type=click.Choice(["same", "f32", "f16", "q8_0", "q4_0", "q4_1"]), default="same")
+@click.option("-t", "--threads", type=int, default=None)
+def export_lora_command(model_path, loras, loras_scaled, lora_base, out_path, outtype, threads):
+    """Merge adapters into the base model (in float32, quantized last) and write it as a GGUF."""
+    from .loader import default_model_path, load_adapters, set_threads
+    from .lora.merge import check_base, lora_delta, patched_names
+    from .model_file import load_model_file
+    from .quantize import rewrite_model, target_type
+
+    set_threads(threads)
+    adapters = [(p, 1.0) for p in loras] + [(p, s) for p, s in loras_scaled]
+    if not adapters:
+        raise InputError("export-lora needs at least one --lora or --lora-scaled adapter")
+    model_path = model_path or default_model_path()
+    if os.path.abspath(model_path) == os.path.abspath(out_path):
+        raise InputError(f"{out_path}: the output must not overwrite the base model")
+    model_file = load_model_file(model_path)
+    loaded = load_adapters(model_file, adapters)
+    sources = None
+    if lora_base:
+        sources = load_model_file(lora_base).tensors
+        check_base(sources, model_file.tensors, patched_names(loaded), lora_base)
+    note = "+ " + ", ".join(os.path.basename(os.path.normpath(p)) for p, _ in adapters)
+    stats = rewrite_model(model_file, out_path, None if outtype == "same" else target_type(outtype),
+                          delta_for=lambda name: lora_delta(loaded, name), sources=sources, name_note=note)
+    click.echo(f"export-lora: wrote {out_path} ({stats['out_bytes'] / 2**20:.2f} MiB) in {stats['seconds']:.2f} s",
+               err=True)
+
+
+
 if __name__ == "__main__":
     cli()
