@@ -1,6 +1,6 @@
 """Block-kernel speed: vector matvec / matmul (llamalora.kernels.simd) beside a plain numba loop and numpy.
 
-    NUMBA_THREADING_LAYER=tbb python benchmarks/bench_kernels.py [-t 1] [-t 2] [--model M.gguf] [--quick]
+    NUMBA_THREADING_LAYER=tbb python benchmarks/bench_kernels.py [-t 1] [-t 2] [--model M.gguf] [--quick] [--no-matmul]
 
 For each thread count (numba's and OpenBLAS's, set before numpy loads) it prints µs per call and GB/s of
 quantized weight bytes read, best of many calls (the machine may be shared, so the best is the stable
@@ -86,7 +86,7 @@ def dequantized(np, data, qtype):
     return quants.dequantize(data, GGMLQuantizationType[qtype]).astype(np.float32)
 
 
-def run(threads: int, model_path: str, quick: bool) -> None:
+def run(threads: int, model_path: str, quick: bool, matmul: bool) -> None:
     os.environ["OPENBLAS_NUM_THREADS"] = str(threads)
     import numba
     import numpy as np
@@ -125,6 +125,8 @@ def run(threads: int, model_path: str, quick: bool) -> None:
             cells.append(f"{dt * 1e6:8.1f} {data.nbytes / dt / 1e9:6.2f}GB/s")
         print(f"{label:34} {f'{n_rows}×{n_cols}':>12} {data.nbytes / 1e6:6.2f} | " + " | ".join(cells)
               + f"   err/Σ|w||x| {err:.1e}")
+    if not matmul:
+        return
 
     print("\n### matmul (X·Wᵀ for b tokens): µs per call; GFLOP/s in brackets")
     print("vector = simd.q4_matmul / q8_matmul; deq+BLAS = gguf-free numpy dequantize + np.matmul each call;"
@@ -174,13 +176,15 @@ def main() -> None:
     parser.add_argument("-t", "--threads", type=int, action="append", help="thread counts (default: 1 and 2)")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--quick", action="store_true", help="skip the large random matrices")
+    parser.add_argument("--no-matmul", action="store_true", help="matvec only")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        run(args.child, args.model, args.quick)
+        run(args.child, args.model, args.quick, not args.no_matmul)
         return
     for threads in args.threads or [1, 2]:
-        cmd = [sys.executable, __file__, "--child", str(threads), "--model", args.model] + (["--quick"] * args.quick)
+        cmd = ([sys.executable, __file__, "--child", str(threads), "--model", args.model]
+               + ["--quick"] * args.quick + ["--no-matmul"] * args.no_matmul)
         subprocess.run(cmd, check=True, cwd=os.path.dirname(HERE))
 
 

@@ -114,6 +114,16 @@ def test_vector_and_loop_kernels_agree(smollm2_tensors):
         plain = run_matvec(simd.q4_matvec_loop, simd.q8_matvec_loop, qtype, data, d, m, x)
         bound = np.abs(W64) @ np.abs(x.astype(np.float64))
         assert np.max(np.abs(fast - plain) / bound) < 1e-6
+        X = activations(rng, W64.shape[1], 5)
+        tiled = run_matmul(qtype, data, d, m, X)
+        looped = np.empty_like(tiled)
+        block_bytes, qs_offset = LAYOUT[qtype]
+        if qtype == T.Q8_0:
+            simd.q8_matmul_loop(data, d, X, looped)
+        else:
+            simd.q4_matmul_loop(data, d, m, qs_offset, block_bytes, X, looped)
+        bound = np.abs(X.astype(np.float64)) @ np.abs(W64.T)
+        assert np.max(np.abs(tiled - looped) / bound) < 1e-6
 
 
 @pytest.mark.parametrize("batch", [1, 3, 8, 37, 70])
