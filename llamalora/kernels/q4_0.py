@@ -9,7 +9,7 @@ import numpy as np
 from numba import njit, prange
 
 from .f16 import float_to_half_bits, half_bits_to_float
-from .nibbles import nibble_matmul, nibble_matvec
+from . import simd
 
 BLOCK_SIZE = 32
 TYPE_SIZE = 18
@@ -67,9 +67,9 @@ def prepare(data: np.ndarray, n_cols: int) -> tuple:
 
 def matvec(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
     data, d, m = prepared
-    nibble_matvec(data, d, m, QS_OFFSET, TYPE_SIZE, x, out)
+    simd.q4_matvec(data, d, m, QS_OFFSET, TYPE_SIZE, x, out)
 
 
 def matmul(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
     data, d, m = prepared
-    nibble_matmul(data, d, m, QS_OFFSET, TYPE_SIZE, x, out)
+    simd.q4_matmul(data, d, m, QS_OFFSET, TYPE_SIZE, x, out)

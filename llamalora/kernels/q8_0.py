@@ -5,7 +5,7 @@ import numpy as np
 from numba import njit, prange
 
 from .f16 import float_to_half_bits, half_bits_to_float
-from .bytes8 import byte_matmul, byte_matvec
+from . import simd
 
 BLOCK_SIZE = 32
 TYPE_SIZE = 34
@@ -59,9 +59,9 @@ def prepare(data: np.ndarray, n_cols: int) -> tuple:
 
 def matvec(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
     data, d = prepared
-    byte_matvec(data, d, QS_OFFSET, TYPE_SIZE, x, out)
+    simd.q8_matvec(data, d, x, out)
 
 
 def matmul(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
     data, d = prepared
-    byte_matmul(data, d, QS_OFFSET, TYPE_SIZE, x, out)
+    simd.q8_matmul(data, d, x, out)
