@@ -15,7 +15,11 @@ in its low nibble and weight j + 16 in its high one. A Q8_0 block is a half scal
 matvec: out[r] = Σ_b d[r,b]·(q_rb · x_b) + Σ_b m[r,b]·Σx_b, one row per step (x stays in L1).
 matmul: a tile of rows is widened to float32 once, then a register-blocked loop multiplies it with every
 token of the batch (3 rows × 4 tokens of accumulators), so each weight is unpacked once per batch.
+Batches of fewer than MIN_TILED_BATCH tokens take the matvec path per token.
 The `*_loop` functions are plain numba loops computing the same sums without intrinsics.
+
+Speed is bound by the int → float conversions (one per weight), not by memory: on an AVX2 Zen core the
+4-bit matvec reads about 3.5 GB/s of blocks and Q8_0 about 5.5 GB/s per thread, 5-6× the plain loops.
 """
 
 import numpy as np
