@@ -4,7 +4,7 @@
 
 llama.cpp runs through llama-cpp-python (`pip install llama-cpp-python`, built from source); both sides are timed
 the same way: pp = one batch of --pp prompt tokens into an empty context, tg = --tg single-token evaluations after
-it (greedy argmax, no sampler), best of --repeat runs. The table goes to stdout and benchmarks/results/generate.md.
+it (fixed token ids, no sampler), best of --repeat runs. The table goes to stdout and benchmarks/results/generate.md.
 """
 
 import argparse
@@ -29,8 +29,9 @@ def bandwidth_gbs() -> float:
     return best
 
 
-def prompt_tokens(n_vocab: int, n: int) -> list[int]:
-    rng = np.random.default_rng(0)
+def prompt_tokens(n_vocab: int, n: int, seed: int = 0) -> list[int]:
+    """The same pseudo-random token ids for both engines (which token is fed does not change the work)."""
+    rng = np.random.default_rng(seed)
     return rng.integers(100, min(n_vocab, 30000), size=n).tolist()
 
 
@@ -41,6 +42,7 @@ def bench_llamalora(path, threads, n_pp, n_tg, repeat, adapters=(), lora_mode="a
     set_threads(threads)
     loaded = load_model(path, adapters=adapters, lora_mode=lora_mode, progress=False)
     ids = prompt_tokens(loaded.vocab.n_vocab, n_pp)
+    gen_ids = prompt_tokens(loaded.vocab.n_vocab, n_tg, seed=1)
     Context(loaded.model, n_ctx=n_pp + n_tg + 8).eval(ids[:16])  # compile / warm up
     pp = tg = 0.0
     for _ in range(repeat):
@@ -49,8 +51,8 @@ def bench_llamalora(path, threads, n_pp, n_tg, repeat, adapters=(), lora_mode="a
         logits = ctx.eval(ids)
         pp = max(pp, n_pp / (time.perf_counter() - t))
         t = time.perf_counter()
-        for _ in range(n_tg):
-            logits = ctx.eval([int(np.argmax(logits))], generating=True)
+        for token in gen_ids:
+            ctx.eval([token], generating=True)
         tg = max(tg, n_tg / (time.perf_counter() - t))
     return pp, tg
 
@@ -67,6 +69,7 @@ def bench_llama_cpp(path, threads, n_pp, n_tg, repeat, adapters=()):
     llm = Llama(model_path=path, n_ctx=n_pp + n_tg + 8, n_batch=n_pp, n_ubatch=n_pp, n_threads=threads,
                 n_threads_batch=threads, verbose=False, logits_all=False, **kwargs)
     ids = prompt_tokens(llm.n_vocab(), n_pp)
+    gen_ids = prompt_tokens(llm.n_vocab(), n_tg, seed=1)
     llm.eval(ids[:16])
     pp = tg = 0.0
     for _ in range(repeat):
@@ -75,8 +78,8 @@ def bench_llama_cpp(path, threads, n_pp, n_tg, repeat, adapters=()):
         llm.eval(ids)
         pp = max(pp, n_pp / (time.perf_counter() - t))
         t = time.perf_counter()
-        for _ in range(n_tg):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        for token in gen_ids:
+            llm.eval([token])
         tg = max(tg, n_tg / (time.perf_counter() - t))
     return pp, tg
 
