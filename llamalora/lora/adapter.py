@@ -1,0 +1,71 @@
+"""A LoRA adapter as the model uses it: per patched weight, A float32[r, n_in], B float32[n_out, r] and a scale.
+
+Keys are the base model's GGUF tensor names (`blk.0.attn_q.weight`); B's rows are already in the GGUF
+file's row order (q and k permuted as llama.cpp's converter permutes them). `load_adapter` reads any of
+the three forms a user may hold: a PEFT folder, a ggla `.bin` (llama.cpp's original format) or a GGUF
+adapter (llama.cpp's current one).
+"""
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import AdapterError
+
+
+@dataclass
+class LoraTensor:
+    a: np.ndarray  # float32[r, n_in]
+    b: np.ndarray  # float32[n_out, r]
+    scale: float   # alpha / r (or alpha / sqrt(r) with rsLoRA), times the user's scale
+
+
+@dataclass
+class LoraAdapter:
+    path: str
+    tensors: dict[str, LoraTensor] = field(default_factory=dict)
+    alpha: float = 0.0
+    r: int = 0
+
+
+def load_adapter(path: str, metadata: dict, user_scale: float = 1.0) -> LoraAdapter:
+    """Read an adapter in whichever form it comes; metadata is the base model's (for head counts)."""
+    if os.path.isdir(path):
+        from .peft import read_peft
+
+        adapter = read_peft(path, metadata)
+    else:
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(4)
+        except OSError as e:
+            raise AdapterError(f"{path}: cannot read the adapter: {e.strerror or e}") from None
+        if magic == b"GGUF":
+            from .gguf_adapter import read_gguf_adapter
+
+            adapter = read_gguf_adapter(path)
+        elif magic == b"algg":  # 'ggla' as a little-endian uint32
+            from .ggla import read_ggla
+
+            adapter = read_ggla(path)
+        else:
+            raise AdapterError(f"{path}: not a LoRA adapter (a PEFT folder, a ggla .bin or a GGUF adapter)")
+    for t in adapter.tensors.values():
+        t.scale *= user_scale
+    return adapter
+
+
+def check_adapter(adapter: LoraAdapter, tensors: dict) -> None:
+    """Every patched tensor exists in the model and A, B fit its shape; nothing is changed before this passes."""
+    if not adapter.tensors:
+        raise AdapterError(f"{adapter.path}: the adapter patches no tensor")
+    for name, t in adapter.tensors.items():
+        if name not in tensors:
+            raise AdapterError(f"{adapter.path}: adapter patches {name}, which the model does not have")
+        n_out, n_in = tensors[name].n_rows, tensors[name].n_cols
+        if t.a.ndim != 2 or t.b.ndim != 2 or t.a.shape[0] != t.b.shape[1]:
+            raise AdapterError(f"{adapter.path}: {name}: lora A {t.a.shape} and B {t.b.shape} disagree on the rank")
+        if t.a.shape[1] != n_in or t.b.shape[0] != n_out:
+            raise AdapterError(f"{adapter.path}: {name}: adapter delta is {(t.b.shape[0], t.a.shape[1])} "
+                               f"(B {t.b.shape} · A {t.a.shape}) but the model's tensor is {(n_out, n_in)}")

@@ -1,0 +1,138 @@
+"""PEFT adapter folders (adapter_config.json + adapter_model.safetensors or .bin) → LoraAdapter.
+
+Names map from Hugging Face's modules to GGUF tensors; lora_B of q_proj and k_proj gets its rows permuted
+the way llama.cpp's converter permutes q and k for its RoPE layout. Everything PEFT can express that a
+merge of B·A cannot honour is refused with the reason.
+"""
+
+import json
+import math
+import os
+import re
+
+import numpy as np
+
+from ..errors import AdapterError
+from .adapter import LoraAdapter, LoraTensor
+
+MODULES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+           "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+NAME = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+
+
+def read_peft(folder: str, metadata: dict) -> LoraAdapter:
+    config = read_config(folder)
+    tensors = read_tensors(folder)
+    pairs: dict[str, dict] = {}
+    for key, value in tensors.items():
+        m = NAME.match(key)
+        if not m or m.group(2) not in MODULES:
+            raise AdapterError(f"{folder}: tensor {key} does not map to a llama weight")
+        layer, module, which = int(m.group(1)), m.group(2), m.group(3)
+        module_name = key.split(f".lora_{which}")[0]
+        entry = pairs.setdefault(f"blk.{layer}.{MODULES[module]}.weight", {"module": module_name, "kind": module})
+        entry[which] = np.asarray(value, dtype=np.float32)
+    n_head = metadata.get("llama.attention.head_count")
+    n_head_kv = metadata.get("llama.attention.head_count_kv", n_head)
+    adapter = LoraAdapter(folder, alpha=float(config["lora_alpha"]), r=int(config["r"]))
+    for name, entry in sorted(pairs.items()):
+        if "A" not in entry or "B" not in entry:
+            missing = "lora_B" if "B" not in entry else "lora_A"
+            raise AdapterError(f"{folder}: {entry['module']} has no {missing}")
+        a, b = entry["A"], entry["B"]
+        r = a.shape[0]
+        alpha = float(pattern_value(config.get("alpha_pattern") or {}, entry["module"], config["lora_alpha"]))
+        r_config = int(pattern_value(config.get("rank_pattern") or {}, entry["module"], config["r"]))
+        if r != r_config or b.shape[1] != r:
+            raise AdapterError(f"{folder}: {entry['module']}: lora_A {a.shape} and lora_B {b.shape} do not have "
+                               f"the rank {r_config} that adapter_config.json gives")
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        if entry["kind"] in ("q_proj", "k_proj"):
+            if not n_head:
+                raise AdapterError(f"{folder}: the base model's metadata has no llama.attention.head_count, "
+                                   "needed to reorder q/k rows")
+            b = permute_rows(b, n_head, n_head_kv if entry["kind"] == "k_proj" else n_head)
+        adapter.tensors[name] = LoraTensor(np.ascontiguousarray(a), np.ascontiguousarray(b), scale)
+    return adapter
+
+
+def read_config(folder: str) -> dict:
+    path = os.path.join(folder, "adapter_config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise AdapterError(f"{folder}: no adapter_config.json (not a PEFT adapter folder)") from None
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{path}: cannot read it: {e}") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{path}: peft_type {config.get('peft_type')} is not LORA")
+    if config.get("use_dora"):
+        raise AdapterError(f"{path}: DoRA adapters (use_dora) cannot be merged as B·A")
+    if config.get("bias", "none") != "none":
+        raise AdapterError(f"{path}: bias '{config.get('bias')}' is not supported (only 'none')")
+    if config.get("modules_to_save"):
+        raise AdapterError(f"{path}: modules_to_save {config['modules_to_save']} is not supported "
+                           "(it replaces whole modules, not a low-rank delta)")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
+            raise AdapterError(f"{path}: {key} must be a positive number, got {config.get(key)!r}")
+    return config
+
+
+def read_tensors(folder: str) -> dict:
+    st = os.path.join(folder, "adapter_model.safetensors")
+    bin_path = os.path.join(folder, "adapter_model.bin")
+    if os.path.exists(st):
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            return load_file(st)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise AdapterError(f"{st}: cannot read it: {e}") from None
+        except TypeError as e:  # bfloat16 and other dtypes numpy lacks
+            return read_safetensors_raw(st, e)
+    if os.path.exists(bin_path):
+        from .torch_pickle import load_torch_file
+
+        return load_torch_file(bin_path)
+    raise AdapterError(f"{folder}: neither adapter_model.safetensors nor adapter_model.bin")
+
+
+def read_safetensors_raw(path: str, error) -> dict:
+    """safetensors with bfloat16 tensors: widen bf16 bits to float32 ourselves."""
+    import struct
+
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        body = f.read()
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        raw = np.frombuffer(body[start:end], dtype=np.uint8)
+        if info["dtype"] == "BF16":
+            out[key] = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
+        elif info["dtype"] in ("F32", "F16", "F64"):
+            out[key] = raw.view({"F32": np.float32, "F16": np.float16, "F64": np.float64}[info["dtype"]]) \
+                .astype(np.float32).reshape(info["shape"])
+        else:
+            raise AdapterError(f"{path}: tensor {key} has dtype {info['dtype']}, not a float type ({error})")
+    return out
+
+
+def pattern_value(patterns: dict, module_name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of the module's name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+def permute_rows(w: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
+    """llama.cpp's q/k permutation (convert_hf_to_gguf's LlamaModel.permute), applied to rows."""
+    heads = n_head_kv if n_head_kv and n_head_kv != n_head else n_head
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
