@@ -59,9 +59,16 @@ def row_nbytes(ggml_type, n_cols: int) -> int:
     return n_cols // module.BLOCK_SIZE * module.TYPE_SIZE
 
 
-def dequantize(ggml_type, data: np.ndarray, n_cols: int) -> np.ndarray:
-    """float32[n_rows, n_cols] of raw rows uint8[n_rows, row_nbytes]."""
-    return type_module(ggml_type).dequantize(data, n_cols)
+def dequantize(ggml_type, data: np.ndarray, n_cols: int, out: np.ndarray | None = None) -> np.ndarray:
+    """float32[n_rows, n_cols] of raw rows uint8[n_rows, row_nbytes], written to `out` when given (a reused
+    buffer spares the page faults of fresh memory, which cost more than the conversion itself)."""
+    module = type_module(ggml_type)
+    if out is None:
+        return module.dequantize(data, n_cols)
+    if module is f16:
+        return f16.dequantize(data, n_cols, out)
+    out[...] = module.dequantize(data, n_cols)
+    return out
 
 
 def dequantize_rows(ggml_type, data: np.ndarray, n_cols: int, rows: np.ndarray) -> np.ndarray:
@@ -95,6 +102,11 @@ def prepare(tensor) -> Weight:
     else:
         prepared = module.prepare(tensor.data, tensor.n_cols)
     return Weight(GGMLType(tensor.type), tensor.n_rows, tensor.n_cols, prepared, tensor.name)
+
+
+def add_low_rank(w: np.ndarray, a: np.ndarray, scaled_b: np.ndarray) -> None:
+    """w += scaled_b @ a in place (a LoRA delta merged into float32 weights)."""
+    dense.add_low_rank(w, np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(scaled_b, dtype=np.float32))
 
 
 def matvec(weight: Weight, x: np.ndarray, out: np.ndarray) -> None:

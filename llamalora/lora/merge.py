@@ -54,15 +54,17 @@ def merge_adapters(tensors: dict, adapters: list, base_tensors: dict | None = No
     if base_tensors is not None:
         check_base(base_tensors, tensors, names, base_path)
     merged = {}
+    largest = max((tensors[n].n_rows * tensors[n].n_cols for n in names), default=0)
+    scratch = np.empty(largest, dtype=np.float32)  # one buffer for every tensor: fresh memory costs page faults
     for name in tqdm(names, desc="merging adapters", unit="tensor", disable=not progress, file=sys.stderr):
         target = tensors[name]
         source = base_tensors[name] if base_tensors is not None else target
-        w = kernels.dequantize(source.type, source.data, source.n_cols).reshape(target.n_rows, target.n_cols)
-        delta = lora_delta(adapters, name)
-        if delta is not None:
-            w = w + delta
-        elif source is target:
-            continue
+        w = scratch[: target.n_rows * target.n_cols].reshape(target.n_rows, target.n_cols)
+        kernels.dequantize(source.type, source.data, source.n_cols, out=w)
+        for adapter in adapters:
+            t = adapter.tensors.get(name)
+            if t is not None and t.scale != 0:
+                kernels.add_low_rank(w, t.a, np.float32(t.scale) * t.b)
         data = kernels.quantize(target.type, w)
         merged[name] = Tensor(name, target.type, target.shape, data)
     if progress:
