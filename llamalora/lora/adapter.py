@@ -23,6 +23,8 @@ class LoraTensor:
 
 @dataclass
 class LoraAdapter:
+    """alpha and r as the file or adapter_config.json states them (r is 0 when ranks differ and no single r
+    is stated); each LoraTensor's scale is what the merge uses."""
     path: str
     tensors: dict[str, LoraTensor] = field(default_factory=dict)
     alpha: float = 0.0
@@ -44,7 +46,7 @@ def load_adapter(path: str, metadata: dict, user_scale: float = 1.0) -> LoraAdap
         if magic == b"GGUF":
             from .gguf_adapter import read_gguf_adapter
 
-            adapter = read_gguf_adapter(path)
+            adapter = read_gguf_adapter(path, metadata.get("general.architecture"))
         elif magic == b"algg":  # 'ggla' as a little-endian uint32
             from .ggla import read_ggla
 
@@ -69,3 +71,10 @@ def check_adapter(adapter: LoraAdapter, tensors: dict) -> None:
         if t.a.shape[1] != n_in or t.b.shape[0] != n_out:
             raise AdapterError(f"{adapter.path}: {name}: adapter delta is {(t.b.shape[0], t.a.shape[1])} "
                                f"(B {t.b.shape} · A {t.a.shape}) but the model's tensor is {(n_out, n_in)}")
+
+
+def b_for_file_scale(t: LoraTensor, file_scale: float) -> np.ndarray:
+    """B for a file whose reader will scale B·A by file_scale: the ratio to this tensor's scale folded in."""
+    if t.scale == file_scale:
+        return t.b
+    return (t.b.astype(np.float64) * (t.scale / file_scale)).astype(np.float32)
