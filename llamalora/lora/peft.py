@@ -3,6 +3,10 @@
 Names map from Hugging Face's modules to GGUF tensors; lora_B of q_proj and k_proj gets its rows permuted
 the way llama.cpp's converter permutes q and k for its RoPE layout. Everything PEFT can express that a
 merge of B·A cannot honour is refused with the reason.
+
+fan_in_fan_out needs no work here: PEFT builds lora_A and lora_B as nn.Linear layers whatever the base
+layer is (A [r, in_features], B [out_features, r]) and transposes B·A only to fit a Conv1D weight stored
+[in, out]. GGUF stores every linear weight [out, in], so the delta is B·A in both cases.
 """
 
 import json
@@ -41,16 +45,17 @@ def read_peft(folder: str, metadata: dict) -> LoraAdapter:
             raise AdapterError(f"{folder}: {entry['module']} has no {missing}")
         a, b = entry["A"], entry["B"]
         r = a.shape[0]
-        alpha = float(pattern_value(config.get("alpha_pattern") or {}, entry["module"], config["lora_alpha"]))
-        r_config = int(pattern_value(config.get("rank_pattern") or {}, entry["module"], config["r"]))
+        module = entry["module"].removeprefix("base_model.model.")  # the name PEFT matched patterns against
+        alpha = float(pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
+        r_config = int(pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
         if r != r_config or b.shape[1] != r:
             raise AdapterError(f"{folder}: {entry['module']}: lora_A {a.shape} and lora_B {b.shape} do not have "
                                f"the rank {r_config} that adapter_config.json gives")
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         if entry["kind"] in ("q_proj", "k_proj"):
             if not n_head:
-                raise AdapterError(f"{folder}: the base model's metadata has no llama.attention.head_count, "
-                                   "needed to reorder q/k rows")
+                raise AdapterError(f"{folder}: {entry['module']}: reordering q/k rows into GGUF's order needs the "
+                                   "base model's llama.attention.head_count (and head_count_kv), which is not known")
             b = permute_rows(b, n_head, n_head_kv if entry["kind"] == "k_proj" else n_head)
         adapter.tensors[name] = LoraTensor(np.ascontiguousarray(a), np.ascontiguousarray(b), scale)
     return adapter
@@ -71,6 +76,8 @@ def read_config(folder: str) -> dict:
         raise AdapterError(f"{path}: DoRA adapters (use_dora) cannot be merged as B·A")
     if config.get("bias", "none") != "none":
         raise AdapterError(f"{path}: bias '{config.get('bias')}' is not supported (only 'none')")
+    if config.get("lora_bias"):
+        raise AdapterError(f"{path}: lora_bias (a bias on lora_B) is not supported")
     if config.get("modules_to_save"):
         raise AdapterError(f"{path}: modules_to_save {config['modules_to_save']} is not supported "
                            "(it replaces whole modules, not a low-rank delta)")
@@ -125,7 +132,10 @@ def read_safetensors_raw(path: str, error) -> dict:
 
 
 def pattern_value(patterns: dict, module_name: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of the module's name."""
+    """PEFT's rank_pattern / alpha_pattern lookup: a key equal to the module's name, else the first key that
+    matches the end of it as a regex (after a dot)."""
+    if module_name in patterns:
+        return patterns[module_name]
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", module_name):
             return value
