@@ -11,5 +11,6 @@ def dequantize(data: np.ndarray, n_cols: int) -> np.ndarray:
 
 
 def quantize(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    """A new array holding x's bytes (never a view: callers reuse their float buffers)."""
+    x = np.array(x, dtype=np.float32, order="C", copy=True)
     return x.view(np.uint8).reshape(x.shape[0], -1)
