@@ -12,6 +12,7 @@ sets; the allowed-token mask is a walk of the vocabulary's byte-sorted token lis
 (numba), and masks are cached per state, so a repeated state costs a lookup.
 """
 
+import gc
 import weakref
 
 import numpy as np
@@ -403,27 +404,26 @@ def utf8_sequences(lo: int, hi: int) -> list[list[tuple[int, int]]]:
 
 # Compiled (byte-level) element kinds in the flat element array.
 END, RULE, BYTES = 0, 1, 2
-MAX_STATES = 200_000  # interned stack sets before every cache is dropped and rebuilt (bounds memory)
+MAX_STACKS = 1_000_000  # interned stacks before the tables are dropped and rebuilt (bounds memory)
 MAX_CACHED_MASKS = 4096
+EMPTY = 0  # the id of the empty stack: the text may end here
 
 
 class Grammar:
-    """A parsed grammar compiled to bytes, with the lazily built transition table shared by all its states."""
+    """A parsed grammar compiled to bytes. Its matching tables (an Automaton) are shared by all its states."""
 
     def __init__(self, names: list[str], rules: dict[int, list[list]], root: int):
         self.names = names
         self.rules = rules  # parsed rules over code points, unproductive alternatives removed
         self.root = root
         self._compile()
-        self._reset_states()
-
-    # compile to bytes
+        self._lengths = self._rule_lengths()
+        self.automaton = Automaton(self)
 
     def _compile(self) -> None:
         kinds, values = [], []
         byte_sets: list[np.ndarray] = []
         set_index: dict[tuple, int] = {}
-        rule_alts: dict[int, list[int]] = {}
         class_rules: dict[tuple, int] = {}
         pending: list[tuple[int, list[list]]] = []  # byte-level rules: (id, alternatives of (kind, value))
         next_id = [max(self.rules) + 1]
@@ -462,6 +462,7 @@ class Grammar:
                     seq.extend(chars(value) if kind == CHARS else [(RULE, value)])
                 compiled.append(seq)
             pending.append((rid, compiled))
+        rule_alts: dict[int, list[int]] = {}
         for rid, alts in pending:
             starts = []
             for seq in alts:
@@ -472,93 +473,43 @@ class Grammar:
                 kinds.append(END)
                 values.append(0)
             rule_alts[rid] = starts
-        self._start_pos = len(kinds)  # a virtual "root" reference the start stack holds
+        self.start_pos = len(kinds)  # a virtual reference to root: the start stack holds it
         kinds += [RULE, END]
         values += [self.root, 0]
-        self._kinds, self._values = kinds, values
-        self._byte_sets = np.array(byte_sets, dtype=bool).reshape(-1, 256)
-        self._rule_alts = rule_alts
+        self.kinds, self.values = kinds, values
+        self.byte_sets = np.array(byte_sets, dtype=bool).reshape(-1, 256)
+        self.byte_rows = self.byte_sets.astype(np.int32)
+        self.rule_alts = rule_alts
 
-    # stacks and interned stack sets
+    def _rule_lengths(self) -> dict[int, int]:
+        """Fewest bytes each byte-level rule can match."""
+        lengths = {r: 1 << 60 for r in self.rule_alts}
+        changed = True
+        while changed:
+            changed = False
+            for r, starts in self.rule_alts.items():
+                best = min(self.suffix_length(a, lengths) for a in starts)
+                if best < lengths[r]:
+                    lengths[r], changed = best, True
+        return lengths
 
-    def _reset_states(self) -> None:
-        self._sets: list[frozenset] = [frozenset()]  # id 0: no stack left, the dead state
-        self._ids: dict[frozenset, int] = {frozenset(): 0}
-        self._accepting = [False]
-        self._trans = np.full((256, 256), -1, dtype=np.int32)
-        self._trans[0] = 0
-        self._advanced: dict[tuple, frozenset] = {}
-        self._masks: dict[tuple, np.ndarray] = {}
-        self._costs: dict[int, int] = {}
-
-    def _advance(self, stack: tuple) -> frozenset:
-        """The stacks stack stands for once every rule reference on top is expanded: each has a byte element
-        on top, or is empty (the text may end). llama.cpp's advance_stack."""
-        done = self._advanced.get(stack)
-        if done is not None:
-            return done
-        if not stack or self._kinds[stack[-1]] == BYTES:
-            result = frozenset((stack,))
-        else:
-            p = stack[-1]
-            base = stack[:-1] if self._kinds[p + 1] == END else stack[:-1] + (p + 1,)
-            out: set = set()
-            for a in self._rule_alts[self._values[p]]:
-                out |= self._advance(base if self._kinds[a] == END else base + (a,))
-            result = frozenset(out)
-        self._advanced[stack] = result
-        return result
-
-    def _intern(self, stacks: frozenset) -> int:
-        sid = self._ids.get(stacks)
-        if sid is None:
-            sid = self._ids[stacks] = len(self._sets)
-            self._sets.append(stacks)
-            self._accepting.append(() in stacks)
-            if sid >= len(self._trans):
-                grown = np.full((2 * len(self._trans), 256), -1, dtype=np.int32)
-                grown[:len(self._trans)] = self._trans
-                self._trans = grown
-        return sid
-
-    def _expand(self, sid: int) -> None:
-        """Fill the transition row of state sid: for each byte, the interned set of stacks after it."""
-        live = [s for s in self._sets[sid] if s]
-        row = np.zeros(256, dtype=np.int32)
-        if live:
-            member = self._byte_sets[[self._values[s[-1]] for s in live]]
-            successors = []
-            for s in live:
-                p = s[-1]
-                successors.append(self._advance(s[:-1] if self._kinds[p + 1] == END else s[:-1] + (p + 1,)))
-            if len(live) == 1:
-                row[member[0]] = self._intern(successors[0])
-            else:
-                # bytes with the same set of matching stacks lead to the same state: one union per group
-                columns = np.ascontiguousarray(np.packbits(member, axis=0).T)
-                keys = columns.view(np.dtype((np.void, columns.shape[1]))).ravel()
-                _, first, group = np.unique(keys, return_index=True, return_inverse=True)
-                for g, b in enumerate(first):
-                    matching = np.flatnonzero(member[:, b])
-                    if len(matching):
-                        row[group == g] = self._intern(frozenset().union(*(successors[k] for k in matching)))
-        self._trans[sid] = row
-
-    def _step(self, sid: int, byte: int) -> int:
-        nxt = self._trans[sid, byte]
-        if nxt < 0:
-            self._expand(sid)
-            nxt = self._trans[sid, byte]
-        return int(nxt)
-
-    def _maybe_reset(self) -> None:
-        if len(self._sets) > MAX_STATES:
-            self._reset_states()
-
-    # public
+    def suffix_length(self, p: int, lengths: dict[int, int] | None = None) -> int:
+        """Fewest bytes that finish the alternative from element p on."""
+        lengths = lengths or self._lengths
+        total = 0
+        while self.kinds[p] != END:
+            total += 1 if self.kinds[p] == BYTES else lengths[self.values[p]]
+            p += 1
+        return total
 
     def start(self) -> "GrammarState":
-        return GrammarState(self, self._advance((self._start_pos,)))
+        a = self.tables()
+        return GrammarState(self, a, a.intern(a.advance(a.push(EMPTY, self.start_pos))))
+
+    def tables(self) -> "Automaton":
+        if self.automaton.n_stacks > MAX_STACKS:
+            self.automaton = Automaton(self)
+        return self.automaton
 
     def matches(self, data: bytes | str) -> bool:
         """Whether the whole of data is a sentence of the grammar."""
@@ -569,112 +520,248 @@ class Grammar:
             return False
         return state.can_end()
 
-    def _mask(self, sid: int, index: "VocabIndex") -> np.ndarray:
+
+class Automaton:
+    """The lazily built tables of one grammar. A stack is an interned id (top position, id of the stack below);
+    a state is an interned frozenset of stack ids, each with a byte element on top or empty; trans[state, byte]
+    is the next state, -1 while not computed yet, 0 (the state with no stacks) when the byte is not allowed."""
+
+    def __init__(self, grammar: Grammar):
+        self.g = grammar
+        self.stack_pos, self.stack_below = [-1], [-1]  # stack 0 is the empty stack
+        self.stack_ids: dict[tuple[int, int], int] = {}
+        self.advanced: dict[int, frozenset] = {}
+        self.successors: dict[int, tuple[int, frozenset]] = {}
+        self.sets: list[frozenset] = [frozenset()]
+        self.ids: dict[frozenset, int] = {frozenset(): 0}
+        self.accepting = [False]
+        self.trans = np.full((256, 256), -1, dtype=np.int32)
+        self.trans[0] = 0
+        self.partitions: dict[tuple, list] = {}
+        self.masks: dict[tuple, np.ndarray] = {}
+        self.costs: dict[int, int] = {EMPTY: 0}
+
+    @property
+    def n_stacks(self) -> int:
+        return len(self.stack_pos)
+
+    def push(self, below: int, pos: int) -> int:
+        key = (pos, below)
+        sid = self.stack_ids.get(key)
+        if sid is None:
+            sid = self.stack_ids[key] = len(self.stack_pos)
+            self.stack_pos.append(pos)
+            self.stack_below.append(below)
+        return sid
+
+    def advance(self, stack: int) -> frozenset:
+        """The stacks `stack` stands for once every rule reference on top is expanded (llama.cpp's advance_stack)."""
+        done = self.advanced.get(stack)
+        if done is None:
+            kinds = self.g.kinds
+            p = self.stack_pos[stack]
+            if stack == EMPTY or kinds[p] == BYTES:
+                done = frozenset((stack,))
+            else:
+                below = self.stack_below[stack]
+                base = below if kinds[p + 1] == END else self.push(below, p + 1)
+                out: set = set()
+                for a in self.g.rule_alts[self.g.values[p]]:
+                    out |= self.advance(base if kinds[a] == END else self.push(base, a))
+                done = frozenset(out)
+            self.advanced[stack] = done
+        return done
+
+    def successor(self, stack: int) -> tuple[int, frozenset]:
+        """For a stack with a byte element on top: (its byte set, the stacks after that byte)."""
+        done = self.successors.get(stack)
+        if done is None:
+            p, below = self.stack_pos[stack], self.stack_below[stack]
+            after = below if self.g.kinds[p + 1] == END else self.push(below, p + 1)
+            done = self.successors[stack] = (self.g.values[p], self.advance(after))
+        return done
+
+    def intern(self, stacks: frozenset) -> int:
+        sid = self.ids.get(stacks)
+        if sid is None:
+            sid = self.ids[stacks] = len(self.sets)
+            self.sets.append(stacks)
+            self.accepting.append(EMPTY in stacks)
+            if sid >= len(self.trans):
+                grown = np.full((2 * len(self.trans), 256), -1, dtype=np.int32)
+                grown[:len(self.trans)] = self.trans
+                self.trans = grown
+        return sid
+
+    def expand(self, sid: int) -> None:
+        """Fill in the transition row of state sid."""
+        by_set: dict[int, frozenset] = {}  # byte set → the stacks after any byte of it
+        for s in self.sets[sid]:
+            if s != EMPTY:
+                set_id, after = self.successor(s)
+                before = by_set.get(set_id)
+                by_set[set_id] = after if before is None else before | after
+        if len(by_set) <= 1:
+            for set_id, after in by_set.items():
+                target = self.intern(after)
+                self.trans[sid] = self.g.byte_rows[set_id] * target
+            if not by_set:
+                self.trans[sid] = 0
+            return
+        set_ids = tuple(sorted(by_set))
+        row = np.zeros(256, dtype=np.int32)
+        for byte_index, members in self.partition(set_ids):
+            after = by_set[set_ids[members[0]]]
+            if len(members) > 1:
+                after = after.union(*(by_set[set_ids[k]] for k in members[1:]))
+            row[byte_index] = self.intern(after)
+        self.trans[sid] = row
+
+    def partition(self, set_ids: tuple) -> list:
+        """Bytes grouped by which of the byte sets contain them: [(byte indices, indices into set_ids)], cached
+        because the same few sets meet again in state after state."""
+        groups = self.partitions.get(set_ids)
+        if groups is None:
+            member = self.g.byte_sets[list(set_ids)]
+            columns = np.ascontiguousarray(np.packbits(member, axis=0).T)
+            keys = columns.view(np.dtype((np.void, columns.shape[1]))).ravel()
+            _, first, group = np.unique(keys, return_index=True, return_inverse=True)
+            groups = []
+            for g, b in enumerate(first):
+                members = np.flatnonzero(member[:, b]).tolist()
+                if members:
+                    groups.append((np.flatnonzero(group.ravel() == g), members))
+            self.partitions[set_ids] = groups
+        return groups
+
+    def step(self, sid: int, byte: int) -> int:
+        nxt = self.trans[sid, byte]
+        if nxt < 0:
+            self.expand(sid)
+            nxt = self.trans[sid, byte]
+        return int(nxt)
+
+    def mask(self, sid: int, index: "VocabIndex") -> np.ndarray:
         key = (index.key, sid)
-        packed = self._masks.pop(key, None)
+        packed = self.masks.pop(key, None)
         if packed is None:
             allowed = np.zeros(index.n_vocab, dtype=bool)
             states = np.zeros(index.max_len + 1, dtype=np.int32)
             states[0] = sid
             i, depth, dead = 0, -1, 0
-            while True:
-                i, depth, dead = _walk(self._trans, index.data, index.offsets, index.lcp, index.order, allowed,
-                                       states, i, depth, dead)
-                if i >= len(index.order):
-                    break
-                self._expand(int(states[depth]))  # a transition not known yet: fill it in, then resume
-            allowed[index.eog] = self._accepting[sid]
+            # The tables only hold ints, tuples and frozensets (no cycles); a collection pass over a process full of
+            # vocabulary strings would cost more than the walk itself.
+            collecting = gc.isenabled()
+            gc.disable()
+            try:
+                while True:
+                    i, depth, dead = _walk(self.trans, index.data, index.offsets, index.lcp, index.order, allowed,
+                                           states, i, depth, dead)
+                    if i >= len(index.order):
+                        break
+                    self.expand(int(states[depth]))  # a transition not known yet: fill it in, then resume
+            finally:
+                if collecting:
+                    gc.enable()
+            allowed[index.eog] = self.accepting[sid]
             packed = np.packbits(allowed)
-            if len(self._masks) >= MAX_CACHED_MASKS:
-                self._masks.pop(next(iter(self._masks)))
-        self._masks[key] = packed  # most recently used last
-        out = np.unpackbits(packed, count=index.n_vocab).view(bool)
-        return out
+            if len(self.masks) >= MAX_CACHED_MASKS:
+                self.masks.pop(next(iter(self.masks)))
+        self.masks[key] = packed  # most recently used last
+        return np.unpackbits(packed, count=index.n_vocab).view(bool)
 
-    def _cost(self, sid: int) -> int:
-        """Fewest bytes that complete the text from state sid (shortest_completion)."""
-        if sid not in self._costs:
-            lengths = self._rule_lengths()
-            self._costs[sid] = min(sum(self._suffix_length(p, lengths) for p in s) for s in self._sets[sid]) \
-                if self._sets[sid] else 1 << 60
-        return self._costs[sid]
+    def cost(self, sid: int) -> int:
+        """Fewest bytes that complete the text from state sid."""
+        return min((self.stack_cost(s) for s in self.sets[sid]), default=1 << 60)
 
-    def _rule_lengths(self) -> dict[int, int]:
-        if getattr(self, "_lengths", None) is None:
-            lengths = {r: 1 << 60 for r in self._rule_alts}
-            changed = True
-            while changed:
-                changed = False
-                for r, starts in self._rule_alts.items():
-                    best = min(self._suffix_length(a, lengths) for a in starts)
-                    if best < lengths[r]:
-                        lengths[r], changed = best, True
-            self._lengths = lengths
-        return self._lengths
+    def stack_cost(self, stack: int) -> int:
+        done = self.costs.get(stack)
+        if done is None:
+            done = self.costs[stack] = (self.g.suffix_length(self.stack_pos[stack])
+                                        + self.stack_cost(self.stack_below[stack]))
+        return done
 
-    def _suffix_length(self, p: int, lengths: dict[int, int]) -> int:
-        total = 0
-        while self._kinds[p] != END:
-            total += 1 if self._kinds[p] == BYTES else lengths[self._values[p]]
-            p += 1
-        return total
+    def stacks_as_positions(self, sid: int) -> frozenset:
+        """The state's stacks as tuples of element positions (bottom first): what carries over to new tables."""
+        out = []
+        for s in self.sets[sid]:
+            positions = []
+            while s != EMPTY:
+                positions.append(self.stack_pos[s])
+                s = self.stack_below[s]
+            out.append(tuple(reversed(positions)))
+        return frozenset(out)
+
+    def state_from_positions(self, stacks: frozenset) -> int:
+        ids = []
+        for positions in stacks:
+            s = EMPTY
+            for p in positions:
+                s = self.push(s, p)
+            ids.append(s)
+        return self.intern(frozenset(ids))
 
 
 class GrammarState:
-    """Where the output stands in the grammar: the set of pushdown stacks. Cheap to copy."""
+    """Where the output stands in the grammar (an interned set of pushdown stacks). Cheap to copy."""
 
-    __slots__ = ("grammar", "stacks")
+    __slots__ = ("grammar", "automaton", "sid")
 
-    def __init__(self, grammar: Grammar, stacks: frozenset):
-        self.grammar, self.stacks = grammar, stacks
+    def __init__(self, grammar: Grammar, automaton: Automaton, sid: int):
+        self.grammar, self.automaton, self.sid = grammar, automaton, sid
+
+    def _tables(self) -> Automaton:
+        current = self.grammar.tables()
+        if current is not self.automaton:  # the grammar's tables were rebuilt: carry the stacks over
+            self.sid = current.state_from_positions(self.automaton.stacks_as_positions(self.sid))
+            self.automaton = current
+        return current
 
     def copy(self) -> "GrammarState":
-        return GrammarState(self.grammar, self.stacks)
+        return GrammarState(self.grammar, self.automaton, self.sid)
 
     def can_end(self) -> bool:
         """The output so far is a complete sentence: end-of-generation tokens are allowed."""
-        return () in self.stacks
+        return self.automaton.accepting[self.sid]
 
     def must_end(self) -> bool:
         """Nothing may follow: only end-of-generation tokens are allowed."""
-        return self.stacks == frozenset(((),))
+        return self.automaton.sets[self.sid] == frozenset((EMPTY,))
 
     def allowed_mask(self, vocab) -> np.ndarray:
         """bool[n_vocab]: the tokens whose bytes keep the output inside the grammar (a prefix of a sentence),
         end-of-generation tokens only when the output can end here. Control tokens and tokens without bytes are
         never allowed: they are not text."""
-        g = self.grammar
-        g._maybe_reset()
-        return g._mask(g._intern(self.stacks), vocab_index(vocab))
+        return self._tables().mask(self.sid, vocab_index(vocab))
 
     def accept(self, token: int, vocab) -> None:
         """Advance past a chosen token; GrammarError if the grammar does not allow it."""
         if vocab.is_eog(token):
             if not self.can_end():
                 raise GrammarError(f"token {token} ends the output, but the grammar needs more text")
-            self.stacks = frozenset(((),))
+            a = self._tables()
+            self.sid = a.intern(frozenset((EMPTY,)))
             return
         self.accept_bytes(vocab.token_bytes(token))
 
     def accept_bytes(self, data: bytes) -> None:
-        g = self.grammar
-        g._maybe_reset()
-        sid = g._intern(self.stacks)
+        a = self._tables()
+        sid = self.sid
         for k, b in enumerate(data):
-            sid = g._step(sid, b)
+            sid = a.step(sid, b)
             if sid == 0:
                 raise GrammarError(f"the grammar does not allow {data!r} here (byte {k} does not fit)")
-        self.stacks = g._sets[sid]
+        self.sid = sid
 
     def shortest_completion(self) -> bytes:
         """The shortest bytes that make the output a complete sentence (b"" if it already is)."""
-        g = self.grammar
-        sid, out = g._intern(self.stacks), bytearray()
-        while not g._accepting[sid]:
-            cost = g._cost(sid)
+        a = self._tables()
+        sid, out = self.sid, bytearray()
+        while not a.accepting[sid]:
+            cost = a.cost(sid)
             for b in range(256):
-                nxt = g._step(sid, b)
-                if nxt and g._cost(nxt) == cost - 1:
+                nxt = a.step(sid, b)
+                if nxt and a.cost(nxt) == cost - 1:
                     out.append(b)
                     sid = nxt
                     break
@@ -722,7 +809,13 @@ class VocabIndex:
         self.offsets = np.zeros(len(items) + 1, dtype=np.int64)
         np.cumsum(lengths, out=self.offsets[1:])
         self.data = np.frombuffer(b"".join(b for b, _ in items), dtype=np.uint8)
-        self.lcp = _common_prefixes(self.data, self.offsets)
+        self.lcp = np.zeros(len(items), dtype=np.int64)
+        for i in range(1, len(items)):
+            a, b = items[i - 1][0], items[i][0]
+            k, m = 0, min(len(a), len(b))
+            while k < m and a[k] == b[k]:
+                k += 1
+            self.lcp[i] = k
         self.max_len = int(lengths.max()) if len(items) else 0
 
 
@@ -734,20 +827,6 @@ def vocab_index(vocab) -> VocabIndex:
     if index is None:
         index = _indexes[vocab] = VocabIndex(vocab)
     return index
-
-
-@njit(cache=True)
-def _common_prefixes(data, offsets):
-    n = len(offsets) - 1
-    lcp = np.zeros(n, dtype=np.int64)
-    for i in range(1, n):
-        a, b = offsets[i - 1], offsets[i]
-        m = min(offsets[i] - a, offsets[i + 1] - b)
-        k = 0
-        while k < m and data[a + k] == data[b + k]:
-            k += 1
-        lcp[i] = k
-    return lcp
 
 
 @njit(cache=True)
