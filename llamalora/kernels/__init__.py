@@ -14,7 +14,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as GGMLType
 
 from ..errors import ModelFileError
-from . import dense, f16, f32, q4_0, q4_1, q8_0
+from . import bf16, dense, f16, f32, iq4_nl, q2_k, q3_k, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0
 
 # A decode step launches a few hundred small parallel loops: OpenMP starts one in about 3 µs here,
 # TBB in 11 µs and numba's own workqueue in 30 µs, so prefer OpenMP unless the user chose a layer.
@@ -27,6 +27,15 @@ TYPES = {
     GGMLType.Q4_0: q4_0,
     GGMLType.Q4_1: q4_1,
     GGMLType.Q8_0: q8_0,
+    GGMLType.BF16: bf16,
+    GGMLType.Q5_0: q5_0,
+    GGMLType.Q5_1: q5_1,
+    GGMLType.Q2_K: q2_k,
+    GGMLType.Q3_K: q3_k,
+    GGMLType.Q4_K: q4_k,
+    GGMLType.Q5_K: q5_k,
+    GGMLType.Q6_K: q6_k,
+    GGMLType.IQ4_NL: iq4_nl,
 }
 
 

@@ -324,8 +324,8 @@ def quantize_q3_k_rows(x, out):
             else:
                 d_all = put_half(out, r, pos + 108, F0)
             for j in range(16):
-                sc = out[r, sb + j] & 0xF if j < 8 else out[r, sb + j - 8] >> 4
-                sc = (sc | (((out[r, sb + 8 + j % 4] >> (2 * (j // 4))) & 3) << 4)) - 32
+                low = np.int64(out[r, sb + j] & 0xF) if j < 8 else np.int64(out[r, sb + j - 8] >> 4)
+                sc = (low | ((np.int64(out[r, sb + 8 + j % 4]) >> (2 * (j // 4))) & 3) << 4) - 32
                 d = np.float32(d_all * np.float32(sc))
                 if d == 0:
                     continue

@@ -1,0 +1,98 @@
+"""Q5_0: blocks of 32 weights in 22 bytes: half-float scale d, a 32-bit word qh of high bits, then 16
+bytes of low nibbles; weight = d · (q − 16).
+
+Byte j holds the low four bits of weight j (low nibble) and of weight j + 16 (high nibble); bit i of qh
+is the fifth bit of weight i.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from . import blockdot
+from .blockdot import bits, ivec, load_bytes, load_u32_splat, to_float
+from .f16 import float_to_half_bits, half_bits_to_float
+
+BLOCK_SIZE = 32
+TYPE_SIZE = 22
+QH_OFFSET = 2
+QS_OFFSET = 6
+
+
+def decode_5bit(builder, row, off, qh_offset, qs_offset, bias):
+    """The 32 q of a Q5_0 / Q5_1 block: nibble | (bit i of qh) << 4, minus bias."""
+    qh = load_u32_splat(builder, row, off, qh_offset)
+    qs = [None] * 4
+    for k in range(2):
+        v = load_bytes(builder, row, off, qs_offset + 8 * k)
+        for half in range(2):  # low nibbles: weights 8k.., high nibbles: weights 16 + 8k..
+            first = 16 * half + 8 * k
+            high = builder.and_(builder.lshr(qh, ivec(range(first, first + 8))), ivec(1))
+            q = builder.or_(bits(builder, v, 4 * half, 0x0F), builder.shl(high, ivec(4)))
+            if bias:
+                q = builder.sub(q, ivec(bias))
+            qs[2 * half + k] = to_float(builder, q)
+    return qs
+
+
+def _decode(builder, row, off):
+    return decode_5bit(builder, row, off, QH_OFFSET, QS_OFFSET, 16)
+
+
+_matvec, _matmul, _dequantize_rows = blockdot.make_kernels(_decode, TYPE_SIZE, BLOCK_SIZE, BLOCK_SIZE, False)
+
+
+def prepare(data: np.ndarray, n_cols: int) -> tuple:
+    """The raw rows and the block scales widened to float32 (also passed as the unused minima)."""
+    blocks = data.reshape(data.shape[0], -1, TYPE_SIZE)
+    d = np.ascontiguousarray(half_bits_to_float(blocks[:, :, 0:2]))
+    return data, d, d
+
+
+def dequantize(data: np.ndarray, n_cols: int) -> np.ndarray:
+    return blockdot.dequantize_prepared(_dequantize_rows, prepare(np.ascontiguousarray(data), n_cols), n_cols)
+
+
+def quantize(x: np.ndarray) -> np.ndarray:
+    """ggml's quantize_row_q5_0_ref, operation for operation (bit-exact with the reference)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty((x.shape[0], x.shape[1] // BLOCK_SIZE * TYPE_SIZE), dtype=np.uint8)
+    quantize_rows(x, out)
+    return out
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def quantize_rows(x, out):
+    nb = x.shape[1] // 32
+    for r in prange(x.shape[0]):
+        d = np.empty(nb, dtype=np.float32)
+        for b in range(nb):
+            amax = np.float32(0.0)
+            vmax = np.float32(0.0)
+            for j in range(32):
+                v = x[r, b * 32 + j]
+                if abs(v) > amax:
+                    amax = abs(v)
+                    vmax = v
+            d[b] = vmax / np.float32(-16.0)
+        half = float_to_half_bits(d)
+        for b in range(nb):
+            inv_d = np.float32(1.0) / d[b] if d[b] != 0 else np.float32(0.0)
+            base = b * TYPE_SIZE
+            out[r, base] = half[b] & 0xFF
+            out[r, base + 1] = half[b] >> 8
+            qh = np.uint32(0)
+            for j in range(16):
+                q0 = min(np.int32(x[r, b * 32 + j] * inv_d + np.float32(16.5)), 31)
+                q1 = min(np.int32(x[r, b * 32 + 16 + j] * inv_d + np.float32(16.5)), 31)
+                out[r, base + QS_OFFSET + j] = (q0 & 0x0F) | ((q1 & 0x0F) << 4)
+                qh |= np.uint32(((q0 >> 4) & 1) << j) | np.uint32(((q1 >> 4) & 1) << (j + 16))
+            for i in range(4):
+                out[r, base + QH_OFFSET + i] = (qh >> (8 * i)) & 0xFF
+
+
+def matvec(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
+    _matvec(*prepared, x, out)
+
+
+def matmul(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
+    _matmul(*prepared, x, out)
