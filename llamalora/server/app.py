@@ -1,0 +1,360 @@
+"""The Starlette application: llama.cpp's server routes (/completion, /tokenize, /detokenize, /embedding,
+/health, /props, /lora-adapters), the OpenAI-compatible /v1 routes and the web page."""
+
+import asyncio
+import copy
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from ..errors import LlamaLoraError
+from . import schemas
+from .schemas import ApiError, CompletionRequest
+from .slots import Job, SlotPool, embedding
+
+STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
+PUBLIC_PATHS = {"/health", "/v1/health", "/v1/models", "/models"}
+API_PREFIXES = ("/completion", "/tokenize", "/detokenize", "/embedding", "/props", "/lora-adapters", "/slots",
+                "/v1/", "/infill")
+
+
+@dataclass
+class ServerOptions:
+    n_ctx: int = 2048  # for all slots together, as llama.cpp's -c
+    n_batch: int = 512
+    n_parallel: int = 1
+    embedding: bool = False
+    alias: str | None = None
+    api_key: str | None = None
+    static_dir: str | None = None
+    timeout: float = 600.0
+    adapter_paths: list = field(default_factory=list)
+    scales: list = field(default_factory=list)
+    adapters_merged: bool = False  # merged into the weights (--lora-base, --lora-mode merge): scales are fixed
+
+
+@dataclass
+class ServerState:
+    loaded: object
+    options: ServerOptions
+    pool: SlotPool
+    alias: str
+    plain_vocab: object  # the vocabulary without the leading-space rule (/tokenize adds none)
+    started: float = field(default_factory=time.time)
+
+    @property
+    def vocab(self):
+        return self.loaded.vocab
+
+    def tokenize_text(self, text: str) -> list[int]:
+        return self.vocab.tokenize(text, add_bos=False, parse_special=True)
+
+    def parse_completion(self, body: dict, **kw) -> CompletionRequest:
+        return schemas.parse_completion(body, self.vocab.n_vocab, self.pool.n_ctx, self.n_adapters(),
+                                        self.tokenize_text, **kw)
+
+    def n_adapters(self) -> int:
+        return len(self.options.adapter_paths)
+
+    def prompt_ids(self, parts: list) -> list[int]:
+        """BOS (when the model adds one), then each string tokenized (special tokens parsed) and each id as is."""
+        vocab = self.vocab
+        ids = [vocab.bos_id] if vocab.add_bos and vocab.bos_id is not None else []
+        for part in parts:
+            ids += [part] if isinstance(part, int) else self.tokenize_text(part)
+        return ids
+
+    def make_job(self, req: CompletionRequest, ids: list) -> Job:
+        n_ctx = self.pool.n_ctx
+        if not ids:
+            raise ApiError(400, "the prompt is empty")
+        if len(ids) > n_ctx - 4:
+            raise ApiError(400, f"the prompt is {len(ids)} tokens, beyond the context of {n_ctx} tokens per slot "
+                                f"(at most {n_ctx - 4}); shorten it or start the server with a larger -c")
+        scales = list(self.options.scales)
+        if req.lora is not None:
+            if self.options.adapters_merged:
+                raise ApiError(400, "'lora': the adapters are merged into the weights (--lora-base or --lora-mode "
+                                    "merge), so a request cannot change their scales")
+            scales = [req.lora.get(i, 0.0) for i in range(self.n_adapters())]
+        return Job(ids=ids, req=req, scales=tuple(scales) if not self.options.adapters_merged else ())
+
+
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+async def read_body(request: Request, allow_array: bool = False):
+    return schemas.parse_json(await request.body(), allow_array=allow_array)
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+# running a job
+
+
+async def job_events(state: ServerState, job: Job):
+    """The job's events, from waiting for a slot to "done" or "error"; leaving early cancels the generation,
+    which frees the slot at the next token."""
+    try:
+        await state.pool.submit(job)
+        while True:
+            event = await job.events.get()
+            yield event
+            if event[0] in ("done", "error"):
+                return
+    finally:
+        job.cancel.set()
+
+
+async def run_to_end(state: ServerState, job: Job, request: Request):
+    """Every event of a non-streamed job; returns (token ids, the "done" info). A client that hangs up cancels it."""
+
+    async def collect():
+        tokens = []
+        async for event in job_events(state, job):
+            if event[0] == "token":
+                tokens.append(event[1])
+            elif event[0] == "error":
+                raise event[1]
+            else:
+                return tokens, event[1]
+
+    async def hung_up():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work, watch = asyncio.ensure_future(collect()), asyncio.ensure_future(hung_up())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+    if work.cancelled() or not work.done():
+        raise ApiError(499, "client closed the request")
+    return work.result()
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def final_object(state: ServerState, req: CompletionRequest, info: dict, tokens: list, prompt) -> dict:
+    reason = info["reason"]
+    stop_type = {"eos": "eos", "stop": "word", "limit": "limit", "context": "limit"}.get(reason, "none")
+    return {
+        "content": info["content"], "tokens": tokens, "id_slot": info["id_slot"], "stop": True,
+        "model": state.alias, "tokens_predicted": info["tokens_predicted"],
+        "tokens_evaluated": info["tokens_evaluated"], "tokens_cached": info["tokens_cached"],
+        "generation_settings": {**req.settings(), "seed": info["seed"], "n_ctx": state.pool.n_ctx,
+                                "model": state.alias},
+        "prompt": prompt, "truncated": False,
+        "stopped_eos": reason == "eos", "stopped_word": reason == "stop", "stopped_limit": reason in ("limit", "context"),
+        "stopping_word": info["stopping_word"], "stop_type": stop_type, "timings": info["timings"],
+    }
+
+
+def prompt_text(parts: list):
+    return parts[0] if len(parts) == 1 and isinstance(parts[0], str) else parts
+
+
+# routes
+
+
+async def completion(request: Request):
+    state = state_of(request)
+    body = await read_body(request)
+    req = state.parse_completion(body)
+    job = state.make_job(req, state.prompt_ids(req.parts))
+    prompt = prompt_text(req.parts)
+    if not req.stream:
+        tokens, info = await run_to_end(state, job, request)
+        return JSONResponse(final_object(state, req, info, tokens, prompt))
+
+    async def stream():
+        tokens = []
+        async for event in job_events(state, job):
+            if event[0] == "token":
+                tokens.append(event[1])
+                yield sse({"content": event[2], "tokens": [event[1]], "stop": False, "id_slot": job.slot.id})
+            elif event[0] == "error":
+                yield sse(event[1].body())
+            else:
+                final = final_object(state, req, event[1], tokens, prompt)
+                final["content"] = event[1]["tail"]
+                yield sse(final)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def tokenize(request: Request):
+    state = state_of(request)
+    body = await read_body(request)
+    content = schemas.get_str(body, "content", required=True)
+    add_special = schemas.get_bool(body, "add_special", False)
+    with_pieces = schemas.get_bool(body, "with_pieces", False)
+    ids = state.plain_vocab.tokenize(content, add_bos=add_special, parse_special=True)
+    if with_pieces:
+        return JSONResponse({"tokens": [{"id": i, "piece": state.vocab.token_bytes(i).decode("utf-8", "replace")}
+                                        for i in ids]})
+    return JSONResponse({"tokens": ids})
+
+
+async def detokenize(request: Request):
+    state = state_of(request)
+    body = await read_body(request)
+    tokens = body.get("tokens", [])
+    if not isinstance(tokens, list):
+        raise ApiError(400, "'tokens' must be an array of token ids")
+    ids = [schemas.check_token_id(t, state.vocab.n_vocab, f"'tokens'[{i}]") for i, t in enumerate(tokens)]
+    return JSONResponse({"content": state.vocab.detokenize(ids)})
+
+
+async def embedding_route(request: Request):
+    state = state_of(request)
+    if not state.options.embedding:
+        raise ApiError(501, "this server does not compute embeddings: start it with --embedding", "not_supported_error")
+    body = await read_body(request)
+    content = schemas.get_str(body, "content", None)
+    if content is None:
+        content = schemas.get_str(body, "input", required=True)
+    return JSONResponse({"embedding": await embed_text(state, content)})
+
+
+async def embed_text(state: ServerState, content: str) -> list[float]:
+    ids = state.prompt_ids([content])
+    if not ids:
+        raise ApiError(400, "'content' is empty")
+    if len(ids) > state.pool.n_ctx:
+        raise ApiError(400, f"'content' is {len(ids)} tokens, beyond the context of {state.pool.n_ctx} tokens per slot")
+    model = state.loaded.model
+    deltas = model.lora_deltas(state.pool.adapters, state.options.scales) if state.pool.adapters else {}
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(state.pool.executor, embedding, model, ids, deltas)
+
+
+async def health(request: Request):
+    pool = state_of(request).pool
+    busy = pool.n_busy()
+    return JSONResponse({"status": "ok", "slots_idle": len(pool.slots) - busy, "slots_processing": busy,
+                         "queued": len(pool.waiters)})
+
+
+async def props(request: Request):
+    state = state_of(request)
+    defaults = CompletionRequest(parts=[]).settings()
+    return JSONResponse({
+        "default_generation_settings": {**defaults, "n_ctx": state.pool.n_ctx, "model": state.alias},
+        "total_slots": len(state.pool.slots), "chat_template": state.vocab.chat_template or "",
+        "model_path": state.loaded.file.path, "n_ctx": state.options.n_ctx, "embedding": state.options.embedding,
+    })
+
+
+def adapter_list(state: ServerState) -> list:
+    return [{"id": i, "path": path, "scale": scale}
+            for i, (path, scale) in enumerate(zip(state.options.adapter_paths, state.options.scales))]
+
+
+async def lora_adapters(request: Request):
+    state = state_of(request)
+    if request.method == "GET":
+        return JSONResponse(adapter_list(state))
+    scales = schemas.parse_adapter_scales(await read_body(request, allow_array=True), state.n_adapters())
+    if state.options.adapters_merged:
+        raise ApiError(400, "the adapters are merged into the weights (--lora-base or --lora-mode merge): "
+                            "their scales cannot change")
+    # Adapters not named keep scale 0, as llama.cpp's POST /lora-adapters sets the whole list.
+    new = [scales.get(i, 0.0) for i in range(state.n_adapters())]
+    state.options.scales = new
+    state.pool.scales = new
+    return JSONResponse({"success": True, "adapters": adapter_list(state)})
+
+
+# errors and the API key
+
+
+async def api_error_handler(request: Request, e: ApiError):
+    return error_response(e)
+
+
+async def input_error_handler(request: Request, e: LlamaLoraError):
+    return error_response(ApiError(400, str(e)))
+
+
+async def http_error_handler(request: Request, e: HTTPException):
+    kinds = {404: "not_found_error", 405: "invalid_request_error"}
+    message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+    return error_response(ApiError(e.status_code, message.get(e.status_code, str(e.detail)),
+                                   kinds.get(e.status_code, "invalid_request_error")))
+
+
+class ApiKeyMiddleware:
+    """With --api-key, every API route but the public ones needs `Authorization: Bearer KEY` (or X-Api-Key);
+    the web page itself stays readable and sends the key the user types."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app = app
+        self.api_key = api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.api_key:
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if path in PUBLIC_PATHS or not path.startswith(API_PREFIXES) or scope["method"] == "OPTIONS":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        given = headers.get("authorization", "")
+        given = given[7:].strip() if given.lower().startswith("bearer ") else headers.get("x-api-key", "")
+        if given != self.api_key:
+            reason = "missing API key" if not given else "invalid API key"
+            response = error_response(ApiError(401, reason, "authentication_error"))
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def create_app(loaded, options: ServerOptions, adapters: list) -> Starlette:
+    """The application for a loaded model. adapters: loaded at user scale 1 (run-time deltas), or [] when merged."""
+    from .openai import openai_routes
+
+    n_slot_ctx = max(options.n_ctx // max(options.n_parallel, 1), 8)
+    pool = SlotPool(loaded, options.n_parallel, n_slot_ctx, options.n_batch, adapters, options.scales,
+                    queue_timeout=options.timeout)
+    plain_vocab = copy.copy(loaded.vocab)
+    plain_vocab.add_space_prefix = False
+    alias = options.alias or os.path.basename(loaded.file.path)
+    state = ServerState(loaded, options, pool, alias, plain_vocab)
+    static_dir = options.static_dir or STATIC_DIR
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/props", props, methods=["GET"]),
+        Route("/completion", completion, methods=["POST"]),
+        Route("/completions", completion, methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
+        Route("/embedding", embedding_route, methods=["POST"]),
+        Route("/embeddings", embedding_route, methods=["POST"]),
+        Route("/lora-adapters", lora_adapters, methods=["GET", "POST"]),
+        *openai_routes(),
+        Mount("/", StaticFiles(directory=static_dir, html=True), name="static"),
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(ApiKeyMiddleware, api_key=options.api_key)],
+        exception_handlers={ApiError: api_error_handler, LlamaLoraError: input_error_handler,
+                            HTTPException: http_error_handler},
+    )
+    app.state.server = state
+    return app
+

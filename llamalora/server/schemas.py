@@ -1,0 +1,265 @@
+"""Request bodies checked field by field; anything wrong becomes an ApiError, answered as a 4xx JSON body
+{"error": {"code", "type", "message"}} as llama.cpp's server answers.
+
+Unknown fields are ignored (clients such as the openai package send fields of their own); a known field of
+the wrong type or out of range is refused with a message naming it.
+"""
+
+import json
+import math
+from dataclasses import dataclass, field
+
+INVALID = "invalid_request_error"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type: str = INVALID):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+
+    def body(self) -> dict:
+        return {"error": {"code": self.status, "type": self.type, "message": self.message}}
+
+
+def parse_json(raw: bytes, allow_array: bool = False):
+    """The request body as a JSON object (or an array, where a route takes one)."""
+    try:
+        body = json.loads(raw.decode("utf-8")) if raw.strip() else {}
+    except UnicodeDecodeError:
+        raise ApiError(400, "request body is not UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(body, dict) and not (allow_array and isinstance(body, list)):
+        raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def get_int(body: dict, name: str, default, low=None, high=None):
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not is_int(v):
+        raise ApiError(400, f"'{name}' must be an integer, got {json.dumps(v)}")
+    if low is not None and v < low:
+        raise ApiError(400, f"'{name}' must be at least {low}, got {v}")
+    if high is not None and v > high:
+        raise ApiError(400, f"'{name}' must be at most {high}, got {v}")
+    return v
+
+
+def get_float(body: dict, name: str, default, low=None, high=None):
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if not (is_int(v) or isinstance(v, float)) or not math.isfinite(v):
+        raise ApiError(400, f"'{name}' must be a finite number, got {json.dumps(v)}")
+    v = float(v)
+    if low is not None and v < low:
+        raise ApiError(400, f"'{name}' must be at least {low}, got {v}")
+    if high is not None and v > high:
+        raise ApiError(400, f"'{name}' must be at most {high}, got {v}")
+    return v
+
+
+def get_bool(body: dict, name: str, default: bool) -> bool:
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ApiError(400, f"'{name}' must be true or false, got {json.dumps(v)}")
+    return v
+
+
+def get_str(body: dict, name: str, default=None, required: bool = False):
+    if name not in body or body[name] is None:
+        if required:
+            raise ApiError(400, f"'{name}' is required")
+        return default
+    v = body[name]
+    if not isinstance(v, str):
+        raise ApiError(400, f"'{name}' must be a string, got {json.dumps(v)[:60]}")
+    return v
+
+
+def get_stop(body: dict, name: str = "stop") -> list[str]:
+    """Stop strings: an array of strings (or, as OpenAI allows, one string)."""
+    v = body.get(name)
+    if v is None:
+        return []
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        raise ApiError(400, f"'{name}' must be an array of strings")
+    return [s for s in v if s]
+
+
+def check_token_id(token, n_vocab: int, where: str) -> int:
+    if not is_int(token):
+        raise ApiError(400, f"{where} must be a token id (an integer), got {json.dumps(token)[:60]}")
+    if not 0 <= token < n_vocab:
+        raise ApiError(400, f"{where}: token id {token} is outside the vocabulary (0..{n_vocab - 1})")
+    return token
+
+
+def get_prompt(body: dict, n_vocab: int, name: str = "prompt"):
+    """A string, or an array of strings and token ids (llama.cpp's mixed prompt). Returns a list of parts
+    (str or int), ids checked against the vocabulary."""
+    if name not in body or body[name] is None:
+        raise ApiError(400, f"'{name}' is required")
+    v = body[name]
+    if isinstance(v, str):
+        return [v]
+    if isinstance(v, list):
+        if len(v) == 1 and isinstance(v[0], list):
+            v = v[0]  # OpenAI's batch of one prompt
+        parts = []
+        for i, part in enumerate(v):
+            if isinstance(part, str):
+                parts.append(part)
+            else:
+                parts.append(check_token_id(part, n_vocab, f"'{name}'[{i}]"))
+        return parts
+    raise ApiError(400, f"'{name}' must be a string or an array of strings and token ids")
+
+
+def get_logit_bias(body: dict, n_vocab: int, tokenize) -> dict:
+    """llama.cpp's [[id or text, bias or false]] pairs, or OpenAI's {"id": bias} object. false: never sample.
+    A text entry biases every token of the text. Returns {token id: bias}."""
+    v = body.get("logit_bias")
+    if v is None:
+        return {}
+    if isinstance(v, dict):
+        pairs = []
+        for key, bias in v.items():
+            try:
+                pairs.append([int(key), bias])
+            except ValueError:
+                raise ApiError(400, f"'logit_bias' key {json.dumps(key)} is not a token id") from None
+    elif isinstance(v, list):
+        pairs = v
+    else:
+        raise ApiError(400, "'logit_bias' must be an array of [token id, bias] pairs or an object {id: bias}")
+    out = {}
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise ApiError(400, f"'logit_bias'[{i}] must be a pair [token id or text, bias or false]")
+        key, bias = pair
+        if bias is False:
+            bias = -math.inf
+        elif is_int(bias) or (isinstance(bias, float) and math.isfinite(bias)):
+            bias = float(bias)
+        else:
+            raise ApiError(400, f"'logit_bias'[{i}]: bias must be a number or false, got {json.dumps(bias)}")
+        ids = tokenize(key) if isinstance(key, str) else [check_token_id(key, n_vocab, f"'logit_bias'[{i}]")]
+        for token in ids:
+            out[token] = bias
+    return out
+
+
+def get_lora(body: dict, n_adapters: int):
+    """A request's own adapter scales: [{"id": i, "scale": s}, ...] → {id: scale}, or None when absent."""
+    v = body.get("lora")
+    if v is None:
+        return None
+    if not isinstance(v, list):
+        raise ApiError(400, "'lora' must be an array of {\"id\": adapter id, \"scale\": number}")
+    scales = {}
+    for i, entry in enumerate(v):
+        if not isinstance(entry, dict):
+            raise ApiError(400, f"'lora'[{i}] must be an object {{\"id\", \"scale\"}}")
+        adapter_id = get_int(entry, "id", None)
+        if adapter_id is None:
+            raise ApiError(400, f"'lora'[{i}].id is required")
+        if not 0 <= adapter_id < n_adapters:
+            raise ApiError(400, f"'lora'[{i}].id: adapter {adapter_id} does not exist "
+                                f"({n_adapters} adapter{'s' if n_adapters != 1 else ''} loaded)")
+        scales[adapter_id] = get_float(entry, "scale", 1.0)
+    return scales
+
+
+@dataclass
+class CompletionRequest:
+    parts: list  # prompt parts: str or token id
+    n_predict: int = -1
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    tfs_z: float = 1.0
+    typical_p: float = 1.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    penalize_nl: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    seed: int = -1
+    ignore_eos: bool = False
+    logit_bias: dict = field(default_factory=dict)
+    stop: list = field(default_factory=list)
+    n_keep: int = 0
+    stream: bool = False
+    cache_prompt: bool = False
+    id_slot: int = -1
+    lora: dict | None = None  # {adapter id: scale} for this request alone
+
+    def settings(self) -> dict:
+        """The generation settings as llama.cpp reports them back."""
+        out = {k: v for k, v in self.__dict__.items() if k not in ("parts", "logit_bias", "lora")}
+        out["logit_bias"] = [[k, v if math.isfinite(v) else False] for k, v in self.logit_bias.items()]
+        return out
+
+
+def parse_completion(body: dict, n_vocab: int, n_ctx: int, n_adapters: int, tokenize, prompt_name="prompt",
+                     n_predict_name="n_predict", n_predict_default=-1) -> CompletionRequest:
+    """A /completion body (or the llama.cpp-compatible part of an OpenAI one) checked field by field."""
+    parts = get_prompt(body, n_vocab, prompt_name) if prompt_name else []
+    n_predict = get_int(body, n_predict_name, n_predict_default, low=-1)
+    if n_predict > n_ctx:
+        raise ApiError(400, f"'{n_predict_name}' = {n_predict} is beyond the context of {n_ctx} tokens per slot")
+    return CompletionRequest(
+        parts=parts,
+        n_predict=n_predict,
+        temperature=get_float(body, "temperature", 0.8),
+        top_k=get_int(body, "top_k", 40),
+        top_p=get_float(body, "top_p", 0.95),
+        min_p=get_float(body, "min_p", 0.05),
+        tfs_z=get_float(body, "tfs_z", 1.0),
+        typical_p=get_float(body, "typical_p", 1.0),
+        repeat_penalty=get_float(body, "repeat_penalty", 1.0, low=1e-6),
+        repeat_last_n=get_int(body, "repeat_last_n", 64, low=-1),
+        penalize_nl=get_bool(body, "penalize_nl", False),
+        presence_penalty=get_float(body, "presence_penalty", 0.0),
+        frequency_penalty=get_float(body, "frequency_penalty", 0.0),
+        mirostat=get_int(body, "mirostat", 0, low=0, high=2),
+        mirostat_tau=get_float(body, "mirostat_tau", 5.0, low=0.0),
+        mirostat_eta=get_float(body, "mirostat_eta", 0.1, low=0.0),
+        seed=get_int(body, "seed", -1, low=-1, high=2**32 - 1),
+        ignore_eos=get_bool(body, "ignore_eos", False),
+        logit_bias=get_logit_bias(body, n_vocab, tokenize),
+        stop=get_stop(body),
+        n_keep=get_int(body, "n_keep", 0, low=-1),
+        stream=get_bool(body, "stream", False),
+        cache_prompt=get_bool(body, "cache_prompt", False),
+        id_slot=get_int(body, "id_slot", get_int(body, "slot_id", -1), low=-1),
+        lora=get_lora(body, n_adapters),
+    )
+
+
+def parse_adapter_scales(body, n_adapters: int) -> dict:
+    """POST /lora-adapters: [{"id", "scale"}, ...] (or {"lora": [...]}) → {id: scale}."""
+    if isinstance(body, dict):
+        body = body.get("lora", body.get("adapters"))
+    if not isinstance(body, list):
+        raise ApiError(400, "body must be an array of {\"id\": adapter id, \"scale\": number}")
+    return get_lora({"lora": body}, n_adapters)
