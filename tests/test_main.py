@@ -1,0 +1,69 @@
+"""`llamalora main` end to end on SmolLM2: prompt, file, instruct and chat turns, context shift, Ctrl-C."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main(*args, stdin=""):
+    return subprocess.run([sys.executable, "-m", "llamalora.cli", "main", *args], input=stdin, capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+
+
+def test_prompt_greedy_and_timings():
+    r = main("-p", "The capital of France is", "-n", "4", "--temp", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("The capital of France is Paris.")
+    assert "prompt eval time" in r.stderr and "eval time" in r.stderr and "load time" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_instruct_mode_from_the_alpaca_prompt_file():
+    r = main("-f", "prompts/alpaca.txt", "-ins", "--temp", "0", "-n", "12", stdin="Name the capital of France.\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Below is an instruction")
+    assert r.stdout.count("\n> ") == 2  # asked once, answered, asked again, then end of input
+    answer = r.stdout.split("\n> ", 1)[1].split("\n> ")[0]
+    assert "Paris" in answer
+
+
+def test_conversation_mode_uses_the_chat_template():
+    r = main("-cnv", "--temp", "0", "-n", "16", stdin="What is the capital of France?\n")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "<|im_start|>" not in r.stdout  # control tokens are not printed
+
+
+def test_context_shift_and_its_absence():
+    r = main("-p", "Once upon a time", "-c", "24", "-n", "40", "--temp", "0", "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+    assert "/    39 tokens" in r.stderr  # every generated token after the first was evaluated: the context shifted
+    r = main("-p", "Once upon a time", "-c", "24", "-n", "40", "--temp", "0", "--ignore-eos", "--no-context-shift")
+    assert r.returncode == 0, r.stderr
+    assert "context is full (24 tokens)" in r.stderr
+
+
+def test_ctrl_c_hands_the_turn_back_then_end_of_input_exits():
+    p = subprocess.Popen([sys.executable, "-m", "llamalora.cli", "main", "-i", "-p", "Once upon a time", "--temp", "0",
+                          "--ignore-eos", "-n", "-1", "-c", "4096"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    assert p.stdout.read(len("Once upon a time")) == "Once upon a time"
+    p.stdout.read(20)  # generation is running
+    p.send_signal(signal.SIGINT)  # first Ctrl-C: the turn goes back to the user
+    time.sleep(1.0)
+    assert p.poll() is None
+    out, err = p.communicate("", timeout=120)  # end of input: a clean exit
+    assert p.returncode == 0, err
+    assert "Traceback" not in err and "eval time" in err
+
+
+def test_bad_options_are_one_line_errors(tmp_path):
+    for args, message in ((["-p", "x", "-f", "y"], "either -p or -f"), (["-c", "-3"], "-c must be at least 0"),
+                          (["-f", str(tmp_path / "missing.txt")], "missing.txt")):
+        r = main(*args)
+        assert r.returncode == 1
+        assert message in r.stderr and "Traceback" not in r.stderr
