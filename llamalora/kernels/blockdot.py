@@ -17,7 +17,7 @@ package and ggml's reference decoders compute, so the rows are bit-exact.
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import literally, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -102,82 +102,110 @@ def _load_float(builder, base, index):
 
 # --- kernels built from a type's decoder ------------------------------------------------------------------
 
-def _make_row_dot(decode, block_bytes, block_weights, sub):
-    """Intrinsic (row_addr, scale_addr, x_addr, nb) -> float32: Σ_s scale[s]·(q_s · x_s) over one row's nb
-    blocks (minima not included)."""
-    n_vectors, per_sub = block_weights // LANES, sub // LANES
-    subs = block_weights // sub
-
-    @intrinsic
-    def row_dot(typingctx, row_addr, scale_addr, x_addr, nb):
-        sig = types.float32(types.intp, types.intp, types.intp, types.intp)
-
-        def codegen(context, builder, signature, args):
-            row_addr, scale_addr, x_addr, nb = args
-            i8p = _i8.as_pointer()
-            row, scales = builder.inttoptr(row_addr, i8p), builder.inttoptr(scale_addr, i8p)
-            xs = builder.inttoptr(x_addr, _vf.as_pointer())
-            zero = ir.Constant(_vf, [0.0] * LANES)
-            accs = [cgutils.alloca_once_value(builder, zero) for _ in range(N_ACCUMULATORS)]
-            with cgutils.for_range(builder, nb) as loop:
-                b = loop.index
-                qs = decode(builder, row, builder.mul(b, byte_offset(b, block_bytes)))
-                assert len(qs) == n_vectors
-                x0 = builder.mul(b, byte_offset(b, n_vectors))
-                for s in range(subs):
-                    t = None
-                    for k in range(s * per_sub, (s + 1) * per_sub):
-                        xv = builder.load(builder.gep(xs, [builder.add(x0, byte_offset(b, k))]), align=4)
-                        t = builder.fmul(qs[k], xv) if t is None else _fmuladd(builder, qs[k], xv, t)
-                    scale = _load_float(builder, scales, builder.add(builder.mul(b, byte_offset(b, subs)),
-                                                                     byte_offset(b, s)))
-                    acc = accs[s % N_ACCUMULATORS]
-                    builder.store(_fmuladd(builder, _splat(builder, scale), t, builder.load(acc)), acc)
-            total = builder.load(accs[0])
-            for acc in accs[1:]:
-                total = builder.fadd(total, builder.load(acc))
-            return _reduce(builder, total)
-
-        return sig, codegen
-
-    return row_dot
+# ggml type id -> (decode, block_bytes, block_weights, sub, has_minimum), filled in by the types' modules.
+# The kernels below take the type id as a compile-time constant (numba's literally), so each type gets its
+# own machine code from one source, and the per-type wrappers that pass the constant cache like any function.
+LAYOUTS = {}
 
 
-def _make_row_dequantize(decode, block_bytes, block_weights, sub, has_minimum):
-    """Intrinsic (row_addr, scale_addr, minimum_addr, out_addr, nb) -> None: out = scale·q (+ minimum) for the
-    row's nb·block_weights weights, each product and sum rounded to float32 separately (as ggml does)."""
-    n_vectors, per_sub = block_weights // LANES, sub // LANES
-    subs = block_weights // sub
+def register(kind: int, decode, block_bytes: int, block_weights: int, sub: int, has_minimum: bool) -> None:
+    LAYOUTS[kind] = (decode, block_bytes, block_weights, sub, has_minimum)
 
-    @intrinsic
-    def row_dequantize(typingctx, row_addr, scale_addr, minimum_addr, out_addr, nb):
-        sig = types.none(types.intp, types.intp, types.intp, types.intp, types.intp)
 
-        def codegen(context, builder, signature, args):
-            row_addr, scale_addr, minimum_addr, out_addr, nb = args
-            i8p = _i8.as_pointer()
-            row, scales, minima = (builder.inttoptr(a, i8p) for a in (row_addr, scale_addr, minimum_addr))
-            outs = builder.inttoptr(out_addr, _vf.as_pointer())
-            with cgutils.for_range(builder, nb) as loop:
-                b = loop.index
-                qs = decode(builder, row, builder.mul(b, byte_offset(b, block_bytes)))
-                for s in range(subs):
-                    index = builder.add(builder.mul(b, byte_offset(b, subs)), byte_offset(b, s))
-                    scale = _splat(builder, _load_float(builder, scales, index))
+def _literal_layout(kind):
+    if not isinstance(kind, types.IntegerLiteral) or kind.literal_value not in LAYOUTS:
+        return None
+    return LAYOUTS[kind.literal_value]
+
+
+@intrinsic
+def layout(typingctx, kind):
+    """(block_bytes, block_weights, sub, has_minimum) of a type, as constants."""
+    found = _literal_layout(kind)
+    if found is None:
+        return None
+    values = found[1:4] + (int(found[4]),)
+    sig = types.UniTuple(types.intp, 4)(kind)
+
+    def codegen(context, builder, signature, args):
+        return context.make_tuple(builder, signature.return_type,
+                                  [context.get_constant(types.intp, v) for v in values])
+
+    return sig, codegen
+
+
+@intrinsic
+def row_dot(typingctx, kind, row_addr, scale_addr, x_addr, nb):
+    """Σ_s scale[s]·(q_s · x_s) over one row's nb blocks (minima not included). Addresses are in bytes."""
+    found = _literal_layout(kind)
+    if found is None:
+        return None
+    decode, block_bytes, block_weights, sub, _ = found
+    n_vectors, per_sub, subs = block_weights // LANES, sub // LANES, block_weights // sub
+    sig = types.float32(kind, types.intp, types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        _, row_addr, scale_addr, x_addr, nb = args
+        i8p = _i8.as_pointer()
+        row, scales = builder.inttoptr(row_addr, i8p), builder.inttoptr(scale_addr, i8p)
+        xs = builder.inttoptr(x_addr, _vf.as_pointer())
+        zero = ir.Constant(_vf, [0.0] * LANES)
+        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(N_ACCUMULATORS)]
+        with cgutils.for_range(builder, nb) as loop:
+            b = loop.index
+            qs = decode(builder, row, builder.mul(b, byte_offset(b, block_bytes)))
+            assert len(qs) == n_vectors
+            x0 = builder.mul(b, byte_offset(b, n_vectors))
+            for s in range(subs):
+                t = None
+                for k in range(s * per_sub, (s + 1) * per_sub):
+                    xv = builder.load(builder.gep(xs, [builder.add(x0, byte_offset(b, k))]), align=4)
+                    t = builder.fmul(qs[k], xv) if t is None else _fmuladd(builder, qs[k], xv, t)
+                scale = _load_float(builder, scales, builder.add(builder.mul(b, byte_offset(b, subs)),
+                                                                 byte_offset(b, s)))
+                acc = accs[s % N_ACCUMULATORS]
+                builder.store(_fmuladd(builder, _splat(builder, scale), t, builder.load(acc)), acc)
+        total = builder.load(accs[0])
+        for acc in accs[1:]:
+            total = builder.fadd(total, builder.load(acc))
+        return _reduce(builder, total)
+
+    return sig, codegen
+
+
+@intrinsic
+def row_dequantize(typingctx, kind, row_addr, scale_addr, minimum_addr, out_addr, nb):
+    """out = scale·q (+ minimum) for the row's nb blocks, each product and sum rounded to float32
+    separately (as ggml does)."""
+    found = _literal_layout(kind)
+    if found is None:
+        return None
+    decode, block_bytes, block_weights, sub, has_minimum = found
+    n_vectors, per_sub, subs = block_weights // LANES, sub // LANES, block_weights // sub
+    sig = types.none(kind, types.intp, types.intp, types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        _, row_addr, scale_addr, minimum_addr, out_addr, nb = args
+        i8p = _i8.as_pointer()
+        row, scales, minima = (builder.inttoptr(a, i8p) for a in (row_addr, scale_addr, minimum_addr))
+        outs = builder.inttoptr(out_addr, _vf.as_pointer())
+        with cgutils.for_range(builder, nb) as loop:
+            b = loop.index
+            qs = decode(builder, row, builder.mul(b, byte_offset(b, block_bytes)))
+            for s in range(subs):
+                index = builder.add(builder.mul(b, byte_offset(b, subs)), byte_offset(b, s))
+                scale = _splat(builder, _load_float(builder, scales, index))
+                if has_minimum:
+                    minimum = _splat(builder, _load_float(builder, minima, index))
+                for k in range(s * per_sub, (s + 1) * per_sub):
+                    w = builder.fmul(scale, qs[k])
                     if has_minimum:
-                        minimum = _splat(builder, _load_float(builder, minima, index))
-                    for k in range(s * per_sub, (s + 1) * per_sub):
-                        w = builder.fmul(scale, qs[k])
-                        if has_minimum:
-                            w = builder.fadd(w, minimum)
-                        ptr = builder.gep(outs, [builder.add(builder.mul(b, byte_offset(b, n_vectors)),
-                                                             byte_offset(b, k))])
-                        builder.store(w, ptr, align=4)
-            return context.get_dummy_value()
+                        w = builder.fadd(w, minimum)
+                    ptr = builder.gep(outs, [builder.add(builder.mul(b, byte_offset(b, n_vectors)), byte_offset(b, k))])
+                    builder.store(w, ptr, align=4)
+        return context.get_dummy_value()
 
-        return sig, codegen
-
-    return row_dequantize
+    return sig, codegen
 
 
 @njit(nogil=True, cache=True)
@@ -209,77 +237,82 @@ def check_layout(data, scale, minimum, x, out, block_bytes, block_weights, sub):
         raise ValueError("kernel activations need float32-aligned rows")
     nb = x.shape[-1] // block_weights
     if (x.shape[-1] % block_weights != 0 or data.shape[1] < nb * block_bytes or scale.shape[0] != data.shape[0]
-            or scale.shape[1] != nb * (block_weights // sub)):
+            or scale.shape[1] != nb * (block_weights // sub) or minimum.shape[0] != data.shape[0]
+            or minimum.shape[1] != scale.shape[1]):
         raise ValueError("kernel arrays disagree in shape (data rows, scales, x length)")
     if out.shape[-1] != data.shape[0] or (x.ndim == 2 and out.shape[0] != x.shape[0]):
         raise ValueError("kernel output has the wrong shape")
 
 
-def make_kernels(decode, block_bytes: int, block_weights: int, sub: int, has_minimum: bool):
-    """(matvec, matmul, dequantize_rows) njit functions for a block type:
-    matvec(data, scale, minimum, x, out), matmul(data, scale, minimum, X, out) and
-    dequantize_rows(data, scale, minimum, out), with data uint8[n_rows, row_nbytes] (the file's rows),
-    scale and minimum float32[n_rows, n_sub_blocks] (pass scale again as minimum when the type has none)."""
-    row_dot = _make_row_dot(decode, block_bytes, block_weights, sub)
-    row_dequantize = _make_row_dequantize(decode, block_bytes, block_weights, sub, has_minimum)
-    row_tile, min_tiled_batch = simd.ROW_TILE, simd.MIN_TILED_BATCH
-    tile_times_batch = simd._tile_times_batch
+# The three kernels of a type, for data uint8[n_rows, row_nbytes] (the file's rows, any row stride) and
+# scale, minimum float32[n_rows, n_sub_blocks] (types without minima pass scale again as minimum).
+# `kind` is the type's ggml id and must be a constant where they are called (see the types' modules).
 
-    @njit(parallel=True, nogil=True, cache=True)
-    def matvec(data, scale, minimum, x, out):
-        check_layout(data, scale, minimum, x, out, block_bytes, block_weights, sub)
-        nb = x.shape[0] // block_weights
-        xsum = sub_sums(x, sub) if has_minimum else np.empty(0, dtype=np.float32)
-        row_addr, row_stride = data.ctypes.data, data.strides[0]
-        scale_addr, scale_stride = scale.ctypes.data, scale.strides[0]
-        for r in prange(data.shape[0]):
-            v = row_dot(row_addr + r * row_stride, scale_addr + r * scale_stride, x.ctypes.data, nb)
-            if has_minimum:
-                v += minimum_term(minimum, r, xsum)
-            out[r] = v
-
-    @njit(parallel=True, nogil=True, cache=True)
-    def dequantize_rows(data, scale, minimum, out):
-        nb = out.shape[1] // block_weights
-        for r in prange(data.shape[0]):
-            row_dequantize(data.ctypes.data + r * data.strides[0], scale.ctypes.data + r * scale.strides[0],
-                           minimum.ctypes.data + r * minimum.strides[0], out.ctypes.data + r * out.strides[0], nb)
-
-    @njit(parallel=True, nogil=True, cache=True)
-    def matmul(data, scale, minimum, X, out):
-        check_layout(data, scale, minimum, X, out, block_bytes, block_weights, sub)
-        n_rows, n_tokens, n_cols = data.shape[0], X.shape[0], X.shape[1]
-        nb = n_cols // block_weights
-        row_addr, row_stride = data.ctypes.data, data.strides[0]
-        scale_addr, scale_stride = scale.ctypes.data, scale.strides[0]
-        minimum_addr, minimum_stride = minimum.ctypes.data, minimum.strides[0]
-        if n_tokens < min_tiled_batch:
-            xsums = np.zeros((n_tokens, n_cols // sub if has_minimum else 0), dtype=np.float32)
-            if has_minimum:
-                for t in range(n_tokens):
-                    xsums[t] = sub_sums(X[t], sub)
-            for r in prange(n_rows):
-                for t in range(n_tokens):
-                    v = row_dot(row_addr + r * row_stride, scale_addr + r * scale_stride, X[t].ctypes.data, nb)
-                    if has_minimum:
-                        v += minimum_term(minimum, r, xsums[t])
-                    out[t, r] = v
-            return
-        for g in prange((n_rows + row_tile - 1) // row_tile):
-            r0 = g * row_tile
-            n_valid = min(row_tile, n_rows - r0)
-            tile = np.zeros((row_tile, n_cols), dtype=np.float32)
-            for i in range(n_valid):
-                r = r0 + i
-                row_dequantize(row_addr + r * row_stride, scale_addr + r * scale_stride,
-                               minimum_addr + r * minimum_stride, tile.ctypes.data + i * tile.strides[0], nb)
-            tile_times_batch(tile, n_valid, X, out, r0)
-
-    return matvec, matmul, dequantize_rows
+@njit(parallel=True, nogil=True, cache=True)
+def matvec(kind, data, scale, minimum, x, out):
+    """out[r] = row r · x."""
+    literally(kind)
+    block_bytes, block_weights, sub, has_minimum = layout(kind)
+    check_layout(data, scale, minimum, x, out, block_bytes, block_weights, sub)
+    nb = x.shape[0] // block_weights
+    xsum = sub_sums(x, sub) if has_minimum else np.empty(0, dtype=np.float32)
+    row_addr, row_stride = data.ctypes.data, data.strides[0]
+    scale_addr, scale_stride = scale.ctypes.data, scale.strides[0]
+    for r in prange(data.shape[0]):
+        v = row_dot(kind, row_addr + r * row_stride, scale_addr + r * scale_stride, x.ctypes.data, nb)
+        if has_minimum:
+            v += minimum_term(minimum, r, xsum)
+        out[r] = v
 
 
-def dequantize_prepared(dequantize_rows, prepared: tuple, n_cols: int) -> np.ndarray:
+@njit(parallel=True, nogil=True, cache=True)
+def dequantize_rows(kind, data, scale, minimum, out):
+    """out[r] = row r's weights as float32, exactly as ggml's reference decoder gives them."""
+    literally(kind)
+    block_bytes, block_weights, sub, has_minimum = layout(kind)
+    nb = out.shape[1] // block_weights
+    for r in prange(data.shape[0]):
+        row_dequantize(kind, data.ctypes.data + r * data.strides[0], scale.ctypes.data + r * scale.strides[0],
+                       minimum.ctypes.data + r * minimum.strides[0], out.ctypes.data + r * out.strides[0], nb)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def matmul(kind, data, scale, minimum, X, out):
+    """out[t, r] = row r · X[t] for a batch X float32[b, n_cols], out float32[b, n_rows]."""
+    literally(kind)
+    block_bytes, block_weights, sub, has_minimum = layout(kind)
+    check_layout(data, scale, minimum, X, out, block_bytes, block_weights, sub)
+    n_rows, n_tokens, n_cols = data.shape[0], X.shape[0], X.shape[1]
+    nb = n_cols // block_weights
+    row_addr, row_stride = data.ctypes.data, data.strides[0]
+    scale_addr, scale_stride = scale.ctypes.data, scale.strides[0]
+    minimum_addr, minimum_stride = minimum.ctypes.data, minimum.strides[0]
+    if n_tokens < simd.MIN_TILED_BATCH:
+        xsums = np.zeros((n_tokens, n_cols // sub if has_minimum else 0), dtype=np.float32)
+        if has_minimum:
+            for t in range(n_tokens):
+                xsums[t] = sub_sums(X[t], sub)
+        for r in prange(n_rows):
+            for t in range(n_tokens):
+                v = row_dot(kind, row_addr + r * row_stride, scale_addr + r * scale_stride, X[t].ctypes.data, nb)
+                if has_minimum:
+                    v += minimum_term(minimum, r, xsums[t])
+                out[t, r] = v
+        return
+    row_tile = simd.ROW_TILE
+    for g in prange((n_rows + row_tile - 1) // row_tile):
+        r0 = g * row_tile
+        n_valid = min(row_tile, n_rows - r0)
+        tile = np.zeros((row_tile, n_cols), dtype=np.float32)
+        for i in range(n_valid):
+            r = r0 + i
+            row_dequantize(kind, row_addr + r * row_stride, scale_addr + r * scale_stride,
+                           minimum_addr + r * minimum_stride, tile.ctypes.data + i * tile.strides[0], nb)
+        simd._tile_times_batch(tile, n_valid, X, out, r0)
+
+
+def dequantize_prepared(dequantize_rows_of_type, prepared: tuple, n_cols: int) -> np.ndarray:
     data, scale, minimum = prepared
     out = np.empty((data.shape[0], n_cols), dtype=np.float32)
-    dequantize_rows(data, scale, minimum, out)
+    dequantize_rows_of_type(data, scale, minimum, out)
     return out

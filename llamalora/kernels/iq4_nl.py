@@ -5,6 +5,7 @@ Byte j holds weight j's index in its low nibble and weight j + 16's in its high 
 """
 
 import numpy as np
+from gguf import GGMLQuantizationType as GGMLType
 from llvmlite import ir
 from numba import njit, prange
 
@@ -54,7 +55,23 @@ def _decode(builder, row, off):
     return qs
 
 
-_matvec, _matmul, _dequantize_rows = blockdot.make_kernels(_decode, TYPE_SIZE, BLOCK_SIZE, BLOCK_SIZE, False)
+KIND = int(GGMLType.IQ4_NL)
+blockdot.register(KIND, _decode, TYPE_SIZE, BLOCK_SIZE, BLOCK_SIZE, False)
+
+
+@njit(nogil=True, cache=True)
+def _matvec(data, scale, minimum, x, out):
+    blockdot.matvec(KIND, data, scale, minimum, x, out)
+
+
+@njit(nogil=True, cache=True)
+def _matmul(data, scale, minimum, x, out):
+    blockdot.matmul(KIND, data, scale, minimum, x, out)
+
+
+@njit(nogil=True, cache=True)
+def _dequantize_rows(data, scale, minimum, out):
+    blockdot.dequantize_rows(KIND, data, scale, minimum, out)
 
 
 def prepare(data: np.ndarray, n_cols: int) -> tuple:

@@ -6,6 +6,8 @@ sub-block 2i in their low nibbles and sub-block 2i+1 in their high nibbles.
 """
 
 import numpy as np
+from gguf import GGMLQuantizationType as GGMLType
+from numba import njit
 
 from . import blockdot, kquants_ref
 from .blockdot import bits, load_bytes, to_float
@@ -37,7 +39,23 @@ def _decode(builder, row, off):
     return qs
 
 
-_matvec, _matmul, _dequantize_rows = blockdot.make_kernels(_decode, TYPE_SIZE, BLOCK_SIZE, SUB, True)
+KIND = int(GGMLType.Q4_K)
+blockdot.register(KIND, _decode, TYPE_SIZE, BLOCK_SIZE, SUB, True)
+
+
+@njit(nogil=True, cache=True)
+def _matvec(data, scale, minimum, x, out):
+    blockdot.matvec(KIND, data, scale, minimum, x, out)
+
+
+@njit(nogil=True, cache=True)
+def _matmul(data, scale, minimum, x, out):
+    blockdot.matmul(KIND, data, scale, minimum, x, out)
+
+
+@njit(nogil=True, cache=True)
+def _dequantize_rows(data, scale, minimum, out):
+    blockdot.dequantize_rows(KIND, data, scale, minimum, out)
 
 
 def prepare(data: np.ndarray, n_cols: int) -> tuple:

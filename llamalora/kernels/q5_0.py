@@ -6,6 +6,7 @@ is the fifth bit of weight i.
 """
 
 import numpy as np
+from gguf import GGMLQuantizationType as GGMLType
 from numba import njit, prange
 
 from . import blockdot
@@ -38,7 +39,23 @@ def _decode(builder, row, off):
     return decode_5bit(builder, row, off, QH_OFFSET, QS_OFFSET, 16)
 
 
-_matvec, _matmul, _dequantize_rows = blockdot.make_kernels(_decode, TYPE_SIZE, BLOCK_SIZE, BLOCK_SIZE, False)
+KIND = int(GGMLType.Q5_0)
+blockdot.register(KIND, _decode, TYPE_SIZE, BLOCK_SIZE, BLOCK_SIZE, False)
+
+
+@njit(nogil=True, cache=True)
+def _matvec(data, scale, minimum, x, out):
+    blockdot.matvec(KIND, data, scale, minimum, x, out)
+
+
+@njit(nogil=True, cache=True)
+def _matmul(data, scale, minimum, x, out):
+    blockdot.matmul(KIND, data, scale, minimum, x, out)
+
+
+@njit(nogil=True, cache=True)
+def _dequantize_rows(data, scale, minimum, out):
+    blockdot.dequantize_rows(KIND, data, scale, minimum, out)
 
 
 def prepare(data: np.ndarray, n_cols: int) -> tuple:

@@ -7,6 +7,8 @@ of qh[32n + l] on top.
 """
 
 import numpy as np
+from gguf import GGMLQuantizationType as GGMLType
+from numba import njit
 
 from . import blockdot, kquants_ref
 from .blockdot import bits, ivec, load_bytes, to_float
@@ -33,7 +35,23 @@ def _decode(builder, row, off):
     return qs
 
 
-_matvec, _matmul, _dequantize_rows = blockdot.make_kernels(_decode, TYPE_SIZE, BLOCK_SIZE, SUB, False)
+KIND = int(GGMLType.Q6_K)
+blockdot.register(KIND, _decode, TYPE_SIZE, BLOCK_SIZE, SUB, False)
+
+
+@njit(nogil=True, cache=True)
+def _matvec(data, scale, minimum, x, out):
+    blockdot.matvec(KIND, data, scale, minimum, x, out)
+
+
+@njit(nogil=True, cache=True)
+def _matmul(data, scale, minimum, x, out):
+    blockdot.matmul(KIND, data, scale, minimum, x, out)
+
+
+@njit(nogil=True, cache=True)
+def _dequantize_rows(data, scale, minimum, out):
+    blockdot.dequantize_rows(KIND, data, scale, minimum, out)
 
 
 def prepare(data: np.ndarray, n_cols: int) -> tuple:
