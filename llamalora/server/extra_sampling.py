@@ -32,10 +32,9 @@ def tail_free(ids: np.ndarray, values: np.ndarray, z: float, min_keep: int = 1):
     if z >= 1.0 or len(ids) <= 2:
         return ids, values
     probs = softmax(values)
-    second = np.abs(np.diff(probs, n=2) * -1.0)  # first[i] - first[i+1] with first[i] = p[i] - p[i+1]
+    second = np.abs(np.diff(probs, n=2))  # |first[i] - first[i+1]| with first[i] = p[i] - p[i+1]
     total = second.sum()
-    if total > 1e-6:
-        second = second / total
+    second = second / total if total > 1e-6 else np.full(len(second), 1.0 / len(second))
     cumulative = np.cumsum(second)
     keep = len(ids)
     for i, c in enumerate(cumulative):

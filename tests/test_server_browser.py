@@ -1,0 +1,96 @@
+"""The web page in real headless Chromium (Debian's chromium and chromium-driver, driven by selenium): type a
+prompt, send, watch the streamed answer appear, stop a long one."""
+
+import shutil
+
+import pytest
+
+pytest.importorskip("httpx")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+
+from server_helpers import ADAPTER, client, running_server  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="Debian's chromium and chromium-driver are not installed (apt-get install -y chromium chromium-driver)",
+)
+
+
+@pytest.fixture(scope="module")
+def url(smollm2):
+    from llamalora.loader import load_adapters
+
+    adapters = load_adapters(smollm2.file, [(ADAPTER, 1.0)])
+    with running_server(smollm2, adapters, n_ctx=1024, n_parallel=1, adapter_paths=[ADAPTER], scales=[0.5]) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--window-size=1200,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def set_field(driver, element_id, value):
+    element = driver.find_element("id", element_id)
+    element.clear()
+    element.send_keys(str(value))
+
+
+def test_page_streams_the_answer(browser, url):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(url + "/")
+    wait = WebDriverWait(browser, 30)
+    # The adapters and their scales come from /lora-adapters.
+    wait.until(lambda d: d.find_elements("id", "lora-0"))
+    assert browser.find_element("id", "lora-0").get_attribute("value") == "0.5"
+    assert "lora-fortunes" in browser.find_element("id", "adapters").text
+    set_field(browser, "prompt", "Once upon a time")
+    set_field(browser, "n_predict", 12)
+    set_field(browser, "temperature", 0)
+    browser.find_element("id", "send").click()
+    # The loading indicator shows while the answer streams in, and goes when it is done.
+    wait.until(lambda d: "active" in d.find_element("id", "loading").get_attribute("class")
+               or d.find_element("id", "stats").text)
+    wait.until(lambda d: d.find_element("id", "stats").text)
+    assert "active" not in browser.find_element("id", "loading").get_attribute("class")
+    answer = browser.find_element("id", "answer").text
+    assert "12 tokens" in browser.find_element("id", "stats").text
+    assert browser.find_element("id", "error").text == ""
+    with client(url) as http:
+        expected = http.post("/completion", json={"prompt": "Once upon a time", "n_predict": 12, "temperature": 0,
+                                                  "lora": [{"id": 0, "scale": 0.5}]}).json()["content"]
+    # The page shows text (white space collapsed by the DOM's innerText at the edges).
+    assert answer.strip() == expected.strip() and answer.strip()
+
+
+def test_stop_button_ends_a_long_answer(browser, url):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(url + "/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda d: d.find_elements("id", "lora-0"))
+    set_field(browser, "prompt", "List the numbers from one to one thousand:")
+    set_field(browser, "n_predict", 400)
+    browser.find_element("id", "send").click()
+    wait.until(lambda d: len(d.find_element("id", "answer").text) > 5)
+    browser.find_element("id", "stop-button").click()
+    wait.until(lambda d: "stopped after" in d.find_element("id", "stats").text)
+    assert browser.find_element("id", "send").is_enabled()
+    with client(url) as http:
+        wait.until(lambda d: http.get("/health").json()["slots_idle"] == 1)
