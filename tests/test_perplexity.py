@@ -11,6 +11,7 @@ from conftest import data_path
 
 from llamalora.errors import InputError
 from llamalora.generate import Context
+from llamalora.lora.adapter import load_adapter
 from llamalora.perplexity import chunk_count, perplexity
 
 V = 10
@@ -80,11 +81,15 @@ def test_too_little_text_is_refused():
     assert chunk_count(1000, 128, -1) == 7
 
 
-def test_smollm2_reproduces_transformers_perplexity(smollm2):
-    ref = json.load(open(data_path("perplexity.json")))["lora-fortunes:base"]
+@pytest.mark.parametrize("adapter", [False, True], ids=["base", "lora-fortunes"])
+def test_smollm2_reproduces_transformers_perplexity(smollm2, adapter):
+    """Q4_1 weights evaluated exactly are the float32 model transformers ran (its reference dequantized them)."""
+    ref = json.load(open(data_path("perplexity.json")))["lora-fortunes:lora" if adapter else "lora-fortunes:base"]
     text = open(data_path("fortunes_heldout.txt"), encoding="utf-8").read()
     tokens = smollm2.vocab.tokenize(text, add_bos=None, parse_special=False)
-    ctx = Context(smollm2.model, n_ctx=128, n_batch=128)
+    lora = smollm2.model.lora_deltas([load_adapter(data_path("lora-fortunes"), smollm2.file.metadata)]) \
+        if adapter else None
+    ctx = Context(smollm2.model, n_ctx=128, n_batch=128, lora=lora)
     result = perplexity(ctx, tokens, 16, bos_id=None)
     assert result.ppl == pytest.approx(ref["ppl"], rel=0.005)
     assert result.ppl_err == pytest.approx(ref["ppl_err"], rel=0.01)
