@@ -151,14 +151,17 @@ def test_embedding(http, smollm2):
 
 def test_per_request_lora_equals_main(http, smollm2_path):
     """The server with {"id": 0, "scale": 0.5} gives what `main --lora-scaled ADAPTER 0.5` prints (greedy)."""
+    from click.testing import CliRunner
+
+    from llamalora.cli import cli
+
     prompt = "My fortune for today:"
-    cmd = [sys.executable, "-c", "from llamalora.cli import cli; cli()", "main", "-m", smollm2_path,
-           "--lora-scaled", ADAPTER, "0.5", "--temp", "0", "-n", "10", "-p", prompt]
-    main = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert main.returncode == 0, main.stderr
+    main = CliRunner().invoke(cli, ["main", "-m", smollm2_path, "--lora-scaled", ADAPTER, "0.5", "--temp", "0",
+                                    "-n", "10", "-p", prompt])
+    assert main.exit_code == 0, main.output
     served = complete(http, prompt=prompt, n_predict=10, lora=[{"id": 0, "scale": 0.5}])["content"]
     base = complete(http, prompt=prompt, n_predict=10, lora=[{"id": 0, "scale": 0.0}])["content"]
-    assert main.stdout.rstrip("\n") == prompt + served
+    assert main.stdout == prompt + served + "\n"
     assert served != base  # the adapter changes the answer, so the comparison above means something
 
 
