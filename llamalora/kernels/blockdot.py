@@ -1,7 +1,7 @@
 """Vector kernels shared by the block types whose weights are scale · q (+ minimum) per sub-block.
 
 A type describes its block (bytes, weights, weights per scale) and how to unpack one block's integer
-q into <8 x float> vectors in LLVM IR (`decode`); this module builds, from that, the three kernels a
+q into <8 x float> vectors in LLVM IR (`decode(block, k)`: the k-th 8 weights of a block); this module builds, from that, the three kernels a
 type needs: W·x (matvec), X·Wᵀ (matmul) and the exact dequantization of rows. The types' scales and
 minima are widened once to float32 per sub-block (`prepare` in each type's module), so the kernels
 read the file's packed q bytes and one float per sub-block:
@@ -60,6 +60,28 @@ def load_u32_splat(builder, row, off, n: int):
     undef = ir.Constant(_vi32, ir.Undefined)
     one = builder.insert_element(undef, word, ir.Constant(_i32, 0))
     return builder.shuffle_vector(one, undef, ir.Constant(_vi32, [0] * LANES))
+
+
+class BlockBytes:
+    """One block's bytes for a decoder: each 8-byte (or 32-bit) load is emitted once, when first asked
+    for, so the IR (and x86's source-order scheduling) interleaves unpacking with the products instead of
+    unpacking a whole super-block into more vectors than there are registers."""
+
+    def __init__(self, builder, row, off):
+        self.builder, self.row, self.off = builder, row, off
+        self.loaded = {}
+
+    def bytes(self, n: int):
+        """<8 x i32> of the unsigned bytes n..n+7 of the block."""
+        if ("b", n) not in self.loaded:
+            self.loaded["b", n] = load_bytes(self.builder, self.row, self.off, n)
+        return self.loaded["b", n]
+
+    def word(self, n: int):
+        """<8 x i32> with the 32-bit word at byte n of the block in every lane."""
+        if ("w", n) not in self.loaded:
+            self.loaded["w", n] = load_u32_splat(self.builder, self.row, self.off, n)
+        return self.loaded["w", n]
 
 
 def bits(builder, v, shift: int, mask: int):
@@ -153,14 +175,14 @@ def row_dot(typingctx, kind, row_addr, scale_addr, x_addr, nb):
         accs = [cgutils.alloca_once_value(builder, zero) for _ in range(N_ACCUMULATORS)]
         with cgutils.for_range(builder, nb) as loop:
             b = loop.index
-            qs = decode(builder, row, builder.mul(b, byte_offset(b, block_bytes)))
-            assert len(qs) == n_vectors
+            block = BlockBytes(builder, row, builder.mul(b, byte_offset(b, block_bytes)))
             x0 = builder.mul(b, byte_offset(b, n_vectors))
             for s in range(subs):
                 t = None
                 for k in range(s * per_sub, (s + 1) * per_sub):
                     xv = builder.load(builder.gep(xs, [builder.add(x0, byte_offset(b, k))]), align=4)
-                    t = builder.fmul(qs[k], xv) if t is None else _fmuladd(builder, qs[k], xv, t)
+                    q = decode(block, k)
+                    t = builder.fmul(q, xv) if t is None else _fmuladd(builder, q, xv, t)
                 scale = _load_float(builder, scales, builder.add(builder.mul(b, byte_offset(b, subs)),
                                                                  byte_offset(b, s)))
                 acc = accs[s % N_ACCUMULATORS]
@@ -191,14 +213,14 @@ def row_dequantize(typingctx, kind, row_addr, scale_addr, minimum_addr, out_addr
         outs = builder.inttoptr(out_addr, _vf.as_pointer())
         with cgutils.for_range(builder, nb) as loop:
             b = loop.index
-            qs = decode(builder, row, builder.mul(b, byte_offset(b, block_bytes)))
+            block = BlockBytes(builder, row, builder.mul(b, byte_offset(b, block_bytes)))
             for s in range(subs):
                 index = builder.add(builder.mul(b, byte_offset(b, subs)), byte_offset(b, s))
                 scale = _splat(builder, _load_float(builder, scales, index))
                 if has_minimum:
                     minimum = _splat(builder, _load_float(builder, minima, index))
                 for k in range(s * per_sub, (s + 1) * per_sub):
-                    w = builder.fmul(scale, qs[k])
+                    w = builder.fmul(scale, decode(block, k))
                     if has_minimum:
                         w = builder.fadd(w, minimum)
                     ptr = builder.gep(outs, [builder.add(builder.mul(b, byte_offset(b, n_vectors)), byte_offset(b, k))])

@@ -45,14 +45,10 @@ def _lookup(builder, table, index):
     return out
 
 
-def _decode(builder, row, off):
-    table = _table(builder.module)
-    qs = [None] * 4
-    for k in range(2):
-        v = load_bytes(builder, row, off, QS_OFFSET + 8 * k)
-        qs[k] = _lookup(builder, table, bits(builder, v, 0, 0x0F))
-        qs[2 + k] = _lookup(builder, table, bits(builder, v, 4, 0x0F))
-    return qs
+def _decode(block, k):
+    """Weights 8k..8k+7: table values of nibble k // 2 of bytes 8·(k % 2).."""
+    v = block.bytes(QS_OFFSET + 8 * (k % 2))
+    return _lookup(block.builder, _table(block.builder.module), bits(block.builder, v, 4 * (k // 2), 0x0F))
 
 
 KIND = int(GGMLType.IQ4_NL)

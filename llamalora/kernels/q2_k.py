@@ -20,14 +20,10 @@ QS_OFFSET = 16
 D_OFFSET = 80
 
 
-def _decode(builder, row, off):
-    qs = [None] * 32
-    for n in range(2):
-        for k in range(4):
-            v = load_bytes(builder, row, off, QS_OFFSET + 32 * n + 8 * k)
-            for j in range(4):
-                qs[16 * n + 4 * j + k] = to_float(builder, bits(builder, v, 2 * j, 3))
-    return qs
+def _decode(block, k):
+    """Weights 8k..8k+7 = 128n + 32j + 8·lane..: bits 2j of q bytes 32n + 8·lane.."""
+    n, j, lane = k // 16, k // 4 % 4, k % 4
+    return to_float(block.builder, bits(block.builder, block.bytes(QS_OFFSET + 32 * n + 8 * lane), 2 * j, 3))
 
 
 KIND = int(GGMLType.Q2_K)

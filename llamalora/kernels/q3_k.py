@@ -32,16 +32,12 @@ def scale_codes(scales: np.ndarray) -> np.ndarray:
     return (low4 | (high2 << 4)).astype(np.int8) - np.int8(32)
 
 
-def _decode(builder, row, off):
-    hmask = [load_bytes(builder, row, off, 8 * k) for k in range(4)]
-    qs = [None] * 32
-    for n in range(2):
-        for k in range(4):
-            v = load_bytes(builder, row, off, QS_OFFSET + 32 * n + 8 * k)
-            for j in range(4):
-                q = builder.add(bits(builder, v, 2 * j, 3), builder.shl(bits(builder, hmask[k], 4 * n + j, 1), ivec(2)))
-                qs[16 * n + 4 * j + k] = to_float(builder, builder.sub(q, ivec(4)))
-    return qs
+def _decode(block, k):
+    """Weights 8k..8k+7 = 128n + 32j + 8·lane..: bits 2j of the 2-bit parts, bit 4n + j of hmask."""
+    builder, n, j, lane = block.builder, k // 16, k // 4 % 4, k % 4
+    low = bits(builder, block.bytes(QS_OFFSET + 32 * n + 8 * lane), 2 * j, 3)
+    high = builder.shl(bits(builder, block.bytes(8 * lane), 4 * n + j, 1), ivec(2))
+    return to_float(builder, builder.sub(builder.add(low, high), ivec(4)))
 
 
 KIND = int(GGMLType.Q3_K)

@@ -29,14 +29,10 @@ def scale_min_codes(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mn
 
 
-def _decode(builder, row, off):
-    qs = [None] * 32
-    for i in range(4):
-        for k in range(4):
-            v = load_bytes(builder, row, off, QS_OFFSET + 32 * i + 8 * k)
-            qs[8 * i + k] = to_float(builder, bits(builder, v, 0, 0x0F))
-            qs[8 * i + 4 + k] = to_float(builder, bits(builder, v, 4, 0x0F))
-    return qs
+def _decode(block, k):
+    """Weights 8k..8k+7: nibble k // 4 % 2 of bytes 32·(k // 8) + 8·(k % 4).. of q."""
+    v = block.bytes(QS_OFFSET + 32 * (k // 8) + 8 * (k % 4))
+    return to_float(block.builder, bits(block.builder, v, 4 * (k // 4 % 2), 0x0F))
 
 
 KIND = int(GGMLType.Q4_K)

@@ -19,24 +19,19 @@ QH_OFFSET = 2
 QS_OFFSET = 6
 
 
-def decode_5bit(builder, row, off, qh_offset, qs_offset, bias):
-    """The 32 q of a Q5_0 / Q5_1 block: nibble | (bit i of qh) << 4, minus bias."""
-    qh = load_u32_splat(builder, row, off, qh_offset)
-    qs = [None] * 4
-    for k in range(2):
-        v = load_bytes(builder, row, off, qs_offset + 8 * k)
-        for half in range(2):  # low nibbles: weights 8k.., high nibbles: weights 16 + 8k..
-            first = 16 * half + 8 * k
-            high = builder.and_(builder.lshr(qh, ivec(range(first, first + 8))), ivec(1))
-            q = builder.or_(bits(builder, v, 4 * half, 0x0F), builder.shl(high, ivec(4)))
-            if bias:
-                q = builder.sub(q, ivec(bias))
-            qs[2 * half + k] = to_float(builder, q)
-    return qs
+def decode_5bit(block, k, qh_offset, qs_offset, bias):
+    """Weights 8k..8k+7 of a Q5_0 / Q5_1 block: nibble k // 2 of bytes 8·(k % 2).. with bit 8k + lane of
+    qh as 16, minus bias."""
+    builder, first = block.builder, 8 * k
+    high = builder.and_(builder.lshr(block.word(qh_offset), ivec(range(first, first + 8))), ivec(1))
+    q = builder.or_(bits(builder, block.bytes(qs_offset + 8 * (k % 2)), 4 * (k // 2), 0x0F), builder.shl(high, ivec(4)))
+    if bias:
+        q = builder.sub(q, ivec(bias))
+    return to_float(builder, q)
 
 
-def _decode(builder, row, off):
-    return decode_5bit(builder, row, off, QH_OFFSET, QS_OFFSET, 16)
+def _decode(block, k):
+    return decode_5bit(block, k, QH_OFFSET, QS_OFFSET, 16)
 
 
 KIND = int(GGMLType.Q5_0)

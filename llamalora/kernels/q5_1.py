@@ -16,8 +16,8 @@ QH_OFFSET = 4
 QS_OFFSET = 8
 
 
-def _decode(builder, row, off):
-    return decode_5bit(builder, row, off, QH_OFFSET, QS_OFFSET, 0)
+def _decode(block, k):
+    return decode_5bit(block, k, QH_OFFSET, QS_OFFSET, 0)
 
 
 KIND = int(GGMLType.Q5_1)

@@ -21,18 +21,12 @@ QH_OFFSET = 16
 QS_OFFSET = 48
 
 
-def _decode(builder, row, off):
-    high = [load_bytes(builder, row, off, QH_OFFSET + 8 * k) for k in range(4)]
-    qs = [None] * 32
-    for i in range(4):
-        for k in range(4):
-            v = load_bytes(builder, row, off, QS_OFFSET + 32 * i + 8 * k)
-            for half in range(2):  # low nibbles: sub-block 2i, high nibbles: 2i + 1
-                j = 2 * i + half
-                q = builder.or_(bits(builder, v, 4 * half, 0x0F),
-                                builder.shl(bits(builder, high[k], j, 1), blockdot.ivec(4)))
-                qs[8 * i + 4 * half + k] = to_float(builder, q)
-    return qs
+def _decode(block, k):
+    """Weights 8k..8k+7 (sub-block j = k // 4): nibble j % 2 of the q bytes plus bit j of qh as 16."""
+    builder, j, lane = block.builder, k // 4, k % 4
+    v = block.bytes(QS_OFFSET + 32 * (j // 2) + 8 * lane)
+    high = builder.shl(bits(builder, block.bytes(QH_OFFSET + 8 * lane), j, 1), blockdot.ivec(4))
+    return to_float(builder, builder.or_(bits(builder, v, 4 * (j % 2), 0x0F), high))
 
 
 KIND = int(GGMLType.Q5_K)

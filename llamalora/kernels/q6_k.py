@@ -22,17 +22,12 @@ SCALES_OFFSET = 192
 D_OFFSET = 208
 
 
-def _decode(builder, row, off):
-    qs = [None] * 32
-    for n in range(2):
-        for k in range(4):
-            low = [load_bytes(builder, row, off, 64 * n + 32 * half + 8 * k) for half in range(2)]
-            high = load_bytes(builder, row, off, QH_OFFSET + 32 * n + 8 * k)
-            for i in range(4):
-                q = builder.or_(bits(builder, low[i % 2], 4 * (i // 2), 0x0F),
-                                builder.shl(bits(builder, high, 2 * i, 3), ivec(4)))
-                qs[16 * n + 4 * i + k] = to_float(builder, builder.sub(q, ivec(32)))
-    return qs
+def _decode(block, k):
+    """Weights 8k..8k+7: half n = k // 16, quarter i = k // 4 % 4 of it, bytes 8·(k % 4).. of ql and qh."""
+    builder, n, i, lane = block.builder, k // 16, k // 4 % 4, k % 4
+    low = bits(builder, block.bytes(64 * n + 32 * (i % 2) + 8 * lane), 4 * (i // 2), 0x0F)
+    high = builder.shl(bits(builder, block.bytes(QH_OFFSET + 32 * n + 8 * lane), 2 * i, 3), ivec(4))
+    return to_float(builder, builder.sub(builder.or_(low, high), ivec(32)))
 
 
 KIND = int(GGMLType.Q6_K)
