@@ -130,8 +130,9 @@ def linear_fwd(w: BaseWeight, x, lora):
 
 
 def linear_bwd(w: BaseWeight, x, u, dy, lora, name, grads, dx):
-    """dx += dy @ (W + s·B·A); the adapter's gradients added into grads."""
-    add_times_w(w, dy, dx)
+    """dx += dy @ (W + s·B·A) (dx None: not wanted); the adapter's gradients added into grads."""
+    if dx is not None:
+        add_times_w(w, dy, dx)
     if lora is None:
         return
     a, b, s = lora
@@ -139,7 +140,8 @@ def linear_bwd(w: BaseWeight, x, u, dy, lora, name, grads, dx):
     grads[f"{name}.lora_b"] += (dy.T @ u) * s
     du = (dy @ b) * s
     grads[f"{name}.lora_a"] += du.T @ x
-    dx += du @ a
+    if dx is not None:
+        dx += du @ a
 
 
 # ---- attention over [batch, ctx] samples, grouped-query, causal ----
@@ -228,8 +230,9 @@ def block_fwd(layer, loras, x, n_batch, n_ctx, config, tables):
     return x2 + down, saved
 
 
-def block_bwd(layer, loras, names, saved, dx3, n_batch, n_ctx, config, tables, grads):
-    """Gradient of the block's input from that of its output; adapter gradients added into grads."""
+def block_bwd(layer, loras, names, saved, dx3, n_batch, n_ctx, config, tables, grads, need_dx=True):
+    """Gradient of the block's input from that of its output; adapter gradients added into grads.
+    need_dx False (the first block: the embeddings are frozen) skips the products that only serve dx."""
     c = config
     n = dx3.shape[0]
     cos, sin = tables
@@ -247,10 +250,12 @@ def block_bwd(layer, loras, names, saved, dx3, n_batch, n_ctx, config, tables, g
     dq, dk, dv = attention_bwd(do, s["att"], n_batch, n_ctx, c)
     dq = rope(dq.reshape(n, c.n_head, c.head_dim), cos, sin, c.rope_dim, inverse=True).reshape(n, -1)
     dk = rope(dk.reshape(n, c.n_head_kv, c.head_dim), cos, sin, c.rope_dim, inverse=True).reshape(n, -1)
-    dh1 = np.zeros_like(s["h1"])
+    dh1 = np.zeros_like(s["h1"]) if need_dx else None
     linear_bwd(layer["attn_q"], s["h1"], s["uq"], dq, loras["attn_q"], names["attn_q"], grads, dh1)
     linear_bwd(layer["attn_k"], s["h1"], s["uk"], dk, loras["attn_k"], names["attn_k"], grads, dh1)
     linear_bwd(layer["attn_v"], s["h1"], s["uv"], dv, loras["attn_v"], names["attn_v"], grads, dh1)
+    if not need_dx:
+        return None
     return dx2 + rms_norm_bwd(dh1, layer["attn_norm"], s["xn1"], s["rstd1"])
 
 
@@ -316,7 +321,7 @@ def forward_backward(base: BaseModel, params: dict, alpha: float, tokens, target
         saved = kept.pop()
         if checkpointing:
             _, saved = block_fwd(layer, loras, saved, n_batch, n_ctx, c, tables)
-        dx = block_bwd(layer, loras, names, saved, dx, n_batch, n_ctx, c, tables, grads)
+        dx = block_bwd(layer, loras, names, saved, dx, n_batch, n_ctx, c, tables, grads, need_dx=i > 0)
         del saved
     return loss
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from gguf import GGMLQuantizationType as GGMLType
-from numba import njit, prange
+from numba import njit
 
 from .. import kernels
 from ..errors import ModelFileError
@@ -68,24 +68,17 @@ def dequantize_tile(w: BaseWeight, r0: int, r1: int, out: np.ndarray) -> np.ndar
     return tile
 
 
-# Below this many elements a tile is dequantized on one thread: starting the thread team costs more.
-PARALLEL_ELEMENTS = 1 << 15
-ROWS_PER_TASK = 8
+# Tiles are dequantized on the calling thread: the matmuls' BLAS threads do the parallel work, and a second
+# thread team (numba's) spinning beside them slows both down badly on a busy machine.
 
 
 def q4_tile(data, scales, minima, r0, offset, qs_offset, type_size, out):
     """out[i] = row r0 + i of 4-bit blocks: d * (q - offset) + m (q4_0: offset 8, m 0; q4_1: offset 0)."""
-    if out.size >= PARALLEL_ELEMENTS:
-        q4_tile_parallel(data, scales, minima, r0, offset, qs_offset, type_size, out)
-    else:
-        q4_rows(data, scales, minima, r0, offset, qs_offset, type_size, out, 0, out.shape[0])
+    q4_rows(data, scales, minima, r0, offset, qs_offset, type_size, out, 0, out.shape[0])
 
 
 def q8_tile(data, scales, r0, out):
-    if out.size >= PARALLEL_ELEMENTS:
-        q8_tile_parallel(data, scales, r0, out)
-    else:
-        q8_rows(data, scales, r0, out, 0, out.shape[0])
+    q8_rows(data, scales, r0, out, 0, out.shape[0])
 
 
 @njit(nogil=True, cache=True)
@@ -103,14 +96,6 @@ def q4_rows(data, scales, minima, r0, offset, qs_offset, type_size, out, i0, i1)
                 out[i, b * 32 + 16 + j] = d * np.float32((byte >> 4) - offset) + m
 
 
-@njit(parallel=True, nogil=True, cache=True)
-def q4_tile_parallel(data, scales, minima, r0, offset, qs_offset, type_size, out):
-    n = out.shape[0]
-    for task in prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        i0 = task * ROWS_PER_TASK
-        q4_rows(data, scales, minima, r0, offset, qs_offset, type_size, out, i0, min(i0 + ROWS_PER_TASK, n))
-
-
 @njit(nogil=True, cache=True)
 def q8_rows(data, scales, r0, out, i0, i1):
     n_blocks = scales.shape[1]
@@ -124,14 +109,6 @@ def q8_rows(data, scales, r0, out, i0, i1):
                 if q > 127:
                     q -= 256
                 out[i, b * 32 + j] = d * np.float32(q)
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def q8_tile_parallel(data, scales, r0, out):
-    n = out.shape[0]
-    for task in prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        i0 = task * ROWS_PER_TASK
-        q8_rows(data, scales, r0, out, i0, min(i0 + ROWS_PER_TASK, n))
 
 
 def scratch(w: BaseWeight) -> np.ndarray:
