@@ -268,6 +268,9 @@ def export_lora_command(model_path, loras, loras_scaled, lora_base, out_path, ou
                err=True)
 
 
+from .finetune.cli import finetune_command  # noqa: E402
+cli.add_command(finetune_command, "finetune")
+
 
 if __name__ == "__main__":
     cli()
