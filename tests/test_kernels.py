@@ -102,7 +102,7 @@ def test_dequantize_rows_reads_only_chosen_rows():
 
 
 def test_unsupported_type_and_partial_block_are_errors():
-    with pytest.raises(ModelFileError, match="Q6_K is not supported"):
-        kernels.row_nbytes(T.Q6_K, 256)
+    with pytest.raises(ModelFileError, match="IQ2_XXS is not supported"):
+        kernels.row_nbytes(T.IQ2_XXS, 256)
     with pytest.raises(ModelFileError, match="not a whole number of Q4_0 blocks"):
         kernels.row_nbytes(T.Q4_0, 48)
