@@ -43,8 +43,8 @@ def http(url):
 
 @pytest.fixture(scope="module")
 def keyed_url(smollm2):
-    """A second server: API key, no embeddings, no adapters, one slot of 64 tokens."""
-    with running_server(smollm2, [], n_ctx=64, n_parallel=1, api_key="sesame") as base:
+    """A second server: API key, no embeddings, no adapters, one slot of 40 tokens."""
+    with running_server(smollm2, [], n_ctx=40, n_parallel=1, api_key="sesame") as base:
         yield base
 
 
@@ -212,7 +212,7 @@ def test_logit_bias_and_seeds(http):
     assert banned[0] != greedy[0]
     boosted = complete(http, n_predict=1, logit_bias=[[42, 100.0]])["tokens"]
     assert boosted == [42]
-    body = {"n_predict": 8, "temperature": 1.0, "seed": 1234}
+    body = {"n_predict": 4, "temperature": 1.0, "seed": 1234}
     assert complete(http, **body)["tokens"] == complete(http, **body)["tokens"]
     for extra in ({"mirostat": 1}, {"mirostat": 2, "mirostat_tau": 3.0}, {"tfs_z": 0.9}, {"typical_p": 0.8},
                   {"presence_penalty": 0.5, "frequency_penalty": 0.5, "repeat_penalty": 1.2}):
@@ -270,7 +270,7 @@ def test_queue_serves_in_arrival_order(smollm2):
 
 def test_health_answers_fast_during_a_long_completion(http, url):
     with client(url) as other, concurrent.futures.ThreadPoolExecutor(1) as pool:
-        job = pool.submit(complete, other, n_predict=80, ignore_eos=True)
+        job = pool.submit(complete, other, n_predict=40, ignore_eos=True)
         deadline = time.monotonic() + 30
         while http.get("/health").json()["slots_processing"] == 0 and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -281,7 +281,7 @@ def test_health_answers_fast_during_a_long_completion(http, url):
             times.append(time.perf_counter() - start)
             time.sleep(0.05)
         still_running = not job.done()
-        assert job.result()["tokens_predicted"] == 80
+        assert job.result()["tokens_predicted"] == 40
     assert still_running  # the samples were taken while the completion ran
     assert statistics.median(times) < 0.1 and max(times) < 0.25, times
 
@@ -358,7 +358,39 @@ def test_api_key_and_missing_embedding(keyed_url):
         r = c.post("/completion", json={"prompt": "x", "lora": [{"id": 0, "scale": 1}]}, headers=key)
         assert r.status_code == 400 and "does not exist" in r.json()["error"]["message"]
         r = c.post("/completion", json={"prompt": "x", "n_predict": 200}, headers=key)
-        assert r.status_code == 400 and "beyond the context of 64" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "beyond the context of 40" in r.json()["error"]["message"]
+
+
+def test_context_shift_and_context_end(keyed_url, smollm2):
+    """One 40-token slot: a bounded request longer than the room left shifts the context (keeping n_keep);
+    n_predict -1 stops when the context is full."""
+    key = {"Authorization": "Bearer sesame"}
+    prompt = "The quick brown fox jumps over the lazy dog. " * 3
+    n_prompt = len(smollm2.vocab.tokenize(prompt, add_bos=None))
+    with client(keyed_url, headers=key) as c:
+        body = {"prompt": prompt, "temperature": 0, "ignore_eos": True, "n_keep": 4}
+        shifted = c.post("/completion", json={**body, "n_predict": 16}).json()
+        assert n_prompt + 16 > 40 and shifted["tokens_predicted"] == 16 and shifted["stop_type"] == "limit"
+        until_full = c.post("/completion", json={**body, "n_predict": -1}).json()
+        # The context holds the prompt and every generated token but the last, sampled from the last logits.
+        assert until_full["stopped_limit"] and n_prompt + until_full["tokens_predicted"] == 40 + 1
+
+
+def test_tokenize_adds_no_space_on_spm(tmp_path):
+    """/tokenize on a SentencePiece vocabulary: no BOS, no leading space (add_special adds the BOS)."""
+    from tiny_model import make_tiny_llama
+
+    from llamalora.loader import load_model
+
+    loaded = load_model(make_tiny_llama(tmp_path / "tiny.gguf"), progress=False)
+    vocab = loaded.vocab
+    assert vocab.add_space_prefix
+    with running_server(loaded, [], n_ctx=128) as url, client(url) as c:
+        ids = c.post("/tokenize", json={"content": "hello"}).json()["tokens"]
+        with_bos = c.post("/tokenize", json={"content": "hello", "add_special": True}).json()["tokens"]
+    assert not vocab.tokens[ids[0]].startswith("\u2581") and vocab.detokenize(ids) == "hello"
+    assert ids != vocab.tokenize("hello", add_bos=False)  # what the space rule would have given
+    assert with_bos == [vocab.bos_id] + ids
 
 
 # OpenAI-compatible routes

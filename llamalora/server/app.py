@@ -240,7 +240,7 @@ async def embed_text(state: ServerState, content: str) -> list[float]:
     if len(ids) > state.pool.n_ctx:
         raise ApiError(400, f"'content' is {len(ids)} tokens, beyond the context of {state.pool.n_ctx} tokens per slot")
     model = state.loaded.model
-    deltas = model.lora_deltas(state.pool.adapters, state.options.scales) if state.pool.adapters else {}
+    deltas = state.pool.deltas_for(tuple(state.options.scales))
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(state.pool.executor, embedding, model, ids, deltas)
 

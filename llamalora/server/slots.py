@@ -78,6 +78,8 @@ class SlotPool:
         self.waiters: collections.deque = collections.deque()
         self.executor = ThreadPoolExecutor(max_workers=n_parallel + 1, thread_name_prefix="slot")
         self.nl_id = newline_id(self.vocab)
+        self.deltas: dict = {}  # run-time deltas by scales: requests mostly repeat a few settings
+        self.deltas_lock = threading.Lock()
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # scheduling (event loop thread only)
@@ -146,6 +148,16 @@ class SlotPool:
             slot.ctx = SlotContext(self.model, n_ctx=self.n_ctx, n_batch=self.n_batch)
         return slot.ctx
 
+    def deltas_for(self, scales: tuple) -> dict:
+        if not self.adapters:
+            return {}
+        with self.deltas_lock:
+            if scales not in self.deltas:
+                if len(self.deltas) >= 8:
+                    self.deltas.pop(next(iter(self.deltas)))
+                self.deltas[scales] = self.model.lora_deltas(self.adapters, scales)
+            return self.deltas[scales]
+
     def run_job(self, job: Job) -> None:
         slot = job.slot
         try:
@@ -168,7 +180,7 @@ class SlotPool:
             n_cached = min(common_prefix(ctx.tokens, ids), len(ids) - 1)
         ctx.truncate(n_cached)
         slot.lora_key = job.scales
-        ctx.lora = self.model.lora_deltas(self.adapters, job.scales) if self.adapters else {}
+        ctx.lora = self.deltas_for(job.scales)
         ctx.timings = Timings()
         # n_predict -1 runs until the context is full; a bounded request shifts the context (keeping n_keep).
         ctx.context_shift = req.n_predict >= 0
