@@ -45,7 +45,7 @@ def _lookup(builder, table, index):
     return out
 
 
-def _decode(block, k):
+def _decode(block, k, biased):
     """Weights 8k..8k+7: table values of nibble k // 2 of bytes 8·(k % 2).."""
     v = block.bytes(QS_OFFSET + 8 * (k % 2))
     return _lookup(block.builder, _table(block.builder.module), bits(block.builder, v, 4 * (k // 2), 0x0F))

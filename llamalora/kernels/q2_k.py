@@ -20,7 +20,7 @@ QS_OFFSET = 16
 D_OFFSET = 80
 
 
-def _decode(block, k):
+def _decode(block, k, biased):
     """Weights 8k..8k+7 = 128n + 32j + 8·lane..: bits 2j of q bytes 32n + 8·lane.."""
     n, j, lane = k // 16, k // 4 % 4, k % 4
     return to_float(block.builder, bits(block.builder, block.bytes(QS_OFFSET + 32 * n + 8 * lane), 2 * j, 3))

@@ -32,16 +32,17 @@ def scale_codes(scales: np.ndarray) -> np.ndarray:
     return (low4 | (high2 << 4)).astype(np.int8) - np.int8(32)
 
 
-def _decode(block, k):
+def _decode(block, k, biased):
     """Weights 8k..8k+7 = 128n + 32j + 8·lane..: bits 2j of the 2-bit parts, bit 4n + j of hmask."""
     builder, n, j, lane = block.builder, k // 16, k // 4 % 4, k % 4
     low = bits(builder, block.bytes(QS_OFFSET + 32 * n + 8 * lane), 2 * j, 3)
     high = builder.shl(bits(builder, block.bytes(8 * lane), 4 * n + j, 1), ivec(2))
-    return to_float(builder, builder.sub(builder.add(low, high), ivec(4)))
+    q = builder.or_(low, high)
+    return to_float(builder, builder.sub(q, ivec(4)) if biased else q)
 
 
 KIND = int(GGMLType.Q3_K)
-blockdot.register(KIND, _decode, TYPE_SIZE, BLOCK_SIZE, SUB, False)
+blockdot.register(KIND, _decode, TYPE_SIZE, BLOCK_SIZE, SUB, False, dot_bias=4)
 
 
 @njit(nogil=True, cache=True)

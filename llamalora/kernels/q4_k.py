@@ -29,7 +29,7 @@ def scale_min_codes(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mn
 
 
-def _decode(block, k):
+def _decode(block, k, biased):
     """Weights 8k..8k+7: nibble k // 4 % 2 of bytes 32·(k // 8) + 8·(k % 4).. of q."""
     v = block.bytes(QS_OFFSET + 32 * (k // 8) + 8 * (k % 4))
     return to_float(block.builder, bits(block.builder, v, 4 * (k // 4 % 2), 0x0F))

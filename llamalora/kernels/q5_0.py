@@ -30,12 +30,12 @@ def decode_5bit(block, k, qh_offset, qs_offset, bias):
     return to_float(builder, q)
 
 
-def _decode(block, k):
-    return decode_5bit(block, k, QH_OFFSET, QS_OFFSET, 16)
+def _decode(block, k, biased):
+    return decode_5bit(block, k, QH_OFFSET, QS_OFFSET, 16 if biased else 0)
 
 
 KIND = int(GGMLType.Q5_0)
-blockdot.register(KIND, _decode, TYPE_SIZE, BLOCK_SIZE, BLOCK_SIZE, False)
+blockdot.register(KIND, _decode, TYPE_SIZE, BLOCK_SIZE, BLOCK_SIZE, False, dot_bias=16)
 
 
 @njit(nogil=True, cache=True)

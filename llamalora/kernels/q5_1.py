@@ -16,7 +16,7 @@ QH_OFFSET = 4
 QS_OFFSET = 8
 
 
-def _decode(block, k):
+def _decode(block, k, biased):
     return decode_5bit(block, k, QH_OFFSET, QS_OFFSET, 0)
 
 

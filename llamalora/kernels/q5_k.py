@@ -21,7 +21,7 @@ QH_OFFSET = 16
 QS_OFFSET = 48
 
 
-def _decode(block, k):
+def _decode(block, k, biased):
     """Weights 8k..8k+7 (sub-block j = k // 4): nibble j % 2 of the q bytes plus bit j of qh as 16."""
     builder, j, lane = block.builder, k // 4, k % 4
     v = block.bytes(QS_OFFSET + 32 * (j // 2) + 8 * lane)

@@ -22,16 +22,17 @@ SCALES_OFFSET = 192
 D_OFFSET = 208
 
 
-def _decode(block, k):
+def _decode(block, k, biased):
     """Weights 8k..8k+7: half n = k // 16, quarter i = k // 4 % 4 of it, bytes 8·(k % 4).. of ql and qh."""
     builder, n, i, lane = block.builder, k // 16, k // 4 % 4, k % 4
     low = bits(builder, block.bytes(64 * n + 32 * (i % 2) + 8 * lane), 4 * (i // 2), 0x0F)
     high = builder.shl(bits(builder, block.bytes(QH_OFFSET + 32 * n + 8 * lane), 2 * i, 3), ivec(4))
-    return to_float(builder, builder.sub(builder.or_(low, high), ivec(32)))
+    q = builder.or_(low, high)
+    return to_float(builder, builder.sub(q, ivec(32)) if biased else q)
 
 
 KIND = int(GGMLType.Q6_K)
-blockdot.register(KIND, _decode, TYPE_SIZE, BLOCK_SIZE, SUB, False)
+blockdot.register(KIND, _decode, TYPE_SIZE, BLOCK_SIZE, SUB, False, dot_bias=32)
 
 
 @njit(nogil=True, cache=True)
