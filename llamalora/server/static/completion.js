@@ -1,5 +1,6 @@
-// Streams a /completion request: calls onChunk(data) for every server-sent event, returns the final object.
-// Cancel with an AbortController's signal (the server frees the slot as soon as the connection closes).
+// llamaStream: a streamed /completion request, yielding the object of every server-sent event (the last has
+// stop: true). llamaComplete: the same, calling onChunk for each and returning the last. Cancel with an
+// AbortController's signal: the server frees the slot as soon as the connection closes.
 export async function* llamaStream(prompt, params = {}, config = {}) {
   const headers = { "Content-Type": "application/json", "Accept": "text/event-stream" };
   if (config.apiKey) headers["Authorization"] = `Bearer ${config.apiKey}`;
