@@ -43,7 +43,7 @@ def random_blocks(qtype, rng, n_rows: int, n_cols: int) -> np.ndarray:
     return data
 
 
-@pytest.mark.parametrize("qtype", NEW_TYPES)
+@pytest.mark.parametrize("qtype", NEW_TYPES, ids=lambda t: t.name)
 def test_dequantize_random_blocks_equals_gguf(qtype):
     rng = np.random.default_rng(int(qtype))
     n_cols = 768
@@ -62,7 +62,7 @@ def adversarial_rows(rng) -> np.ndarray:
     return np.array(rows, dtype=np.float32)
 
 
-@pytest.mark.parametrize("qtype", GGUF_QUANTIZERS)
+@pytest.mark.parametrize("qtype", GGUF_QUANTIZERS, ids=lambda t: t.name)
 def test_quantize_equals_gguf(qtype):
     rng = np.random.default_rng(50 + int(qtype))
     random = rng.standard_normal((23, 512)).astype(np.float32)
@@ -73,7 +73,7 @@ def test_quantize_equals_gguf(qtype):
         assert ours.tobytes() == np.ascontiguousarray(quants.quantize(x, qtype)).tobytes()
 
 
-@pytest.mark.parametrize("qtype", list(LLAMACPP_QUANTIZERS))
+@pytest.mark.parametrize("qtype", list(LLAMACPP_QUANTIZERS), ids=lambda t: t.name)
 def test_quantize_equals_llamacpp(qtype):
     ref = np.load(data_path("kquants_llamacpp.npz"))
     x, expected = ref["x"], ref[LLAMACPP_QUANTIZERS[qtype]]
@@ -83,7 +83,7 @@ def test_quantize_equals_llamacpp(qtype):
         assert ours[r].tobytes() == expected[r].tobytes(), f"row {r}"
 
 
-@pytest.mark.parametrize("qtype", NEW_TYPES)
+@pytest.mark.parametrize("qtype", NEW_TYPES, ids=lambda t: t.name)
 def test_round_trip_error_within_llamacpp_bounds(qtype):
     """llama.cpp's test-quantize-fns: 0.1 + 2 cos(i) over 4096 values, sqrt(Σ error²) / n under its bound."""
     x = (0.1 + 2 * np.cos(np.arange(4096, dtype=np.float32))).astype(np.float32).reshape(4, 1024)
@@ -113,7 +113,7 @@ def strided_copy(data: np.ndarray) -> np.ndarray:
     return wide[:, 2:2 + data.shape[1]]
 
 
-@pytest.mark.parametrize("qtype", NEW_TYPES)
+@pytest.mark.parametrize("qtype", NEW_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("batch", [1, 3, 40])
 def test_kernels_equal_float64_products(qtype, batch):
     rng = np.random.default_rng(1000 + int(qtype) + batch)
@@ -160,7 +160,7 @@ def test_unsupported_type_is_named_with_the_supported_ones(tmp_path, qtype, n_co
         kernels.type_module(qtype)
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.BF16])
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.BF16], ids=lambda t: t.name)
 def test_tiny_llama_runs_in_the_new_types(tmp_path, qtype):
     """A model stored in the type gives the logits of the same weights dequantized to F32."""
     path = make_tiny_llama(tmp_path / "q.gguf", qtype=qtype, dim=256, n_ff=512, n_head=4, n_head_kv=2)
