@@ -12,7 +12,6 @@ sets; the allowed-token mask is a walk of the vocabulary's byte-sorted token lis
 (numba), and masks are cached per state, so a repeated state costs a lookup.
 """
 
-import gc
 import weakref
 
 import numpy as np
@@ -523,17 +522,19 @@ class Grammar:
 
 class Automaton:
     """The lazily built tables of one grammar. A stack is an interned id (top position, id of the stack below);
-    a state is an interned frozenset of stack ids, each with a byte element on top or empty; trans[state, byte]
-    is the next state, -1 while not computed yet, 0 (the state with no stacks) when the byte is not allowed."""
+    a state is an interned sorted tuple of stack ids, each with a byte element on top or empty; trans[state, byte]
+    is the next state, -1 while not computed yet, 0 (the state with no stacks) when the byte is not allowed.
+    Tuples of ints rather than frozensets because the garbage collector stops tracking them: tables of many
+    thousand sets would otherwise make every full collection of the process slower."""
 
     def __init__(self, grammar: Grammar):
         self.g = grammar
         self.stack_pos, self.stack_below = [-1], [-1]  # stack 0 is the empty stack
         self.stack_ids: dict[tuple[int, int], int] = {}
-        self.advanced: dict[int, frozenset] = {}
-        self.successors: dict[int, tuple[int, frozenset]] = {}
-        self.sets: list[frozenset] = [frozenset()]
-        self.ids: dict[frozenset, int] = {frozenset(): 0}
+        self.advanced: dict[int, tuple] = {}
+        self.successors: dict[int, tuple[int, tuple]] = {}
+        self.sets: list[tuple] = [()]
+        self.ids: dict[tuple, int] = {(): 0}
         self.accepting = [False]
         self.trans = np.full((256, 256), -1, dtype=np.int32)
         self.trans[0] = 0
@@ -554,25 +555,25 @@ class Automaton:
             self.stack_below.append(below)
         return sid
 
-    def advance(self, stack: int) -> frozenset:
+    def advance(self, stack: int) -> tuple:
         """The stacks `stack` stands for once every rule reference on top is expanded (llama.cpp's advance_stack)."""
         done = self.advanced.get(stack)
         if done is None:
             kinds = self.g.kinds
             p = self.stack_pos[stack]
             if stack == EMPTY or kinds[p] == BYTES:
-                done = frozenset((stack,))
+                done = (stack,)
             else:
                 below = self.stack_below[stack]
                 base = below if kinds[p + 1] == END else self.push(below, p + 1)
                 out: set = set()
                 for a in self.g.rule_alts[self.g.values[p]]:
-                    out |= self.advance(base if kinds[a] == END else self.push(base, a))
-                done = frozenset(out)
+                    out.update(self.advance(base if kinds[a] == END else self.push(base, a)))
+                done = tuple(sorted(out))
             self.advanced[stack] = done
         return done
 
-    def successor(self, stack: int) -> tuple[int, frozenset]:
+    def successor(self, stack: int) -> tuple[int, tuple]:
         """For a stack with a byte element on top: (its byte set, the stacks after that byte)."""
         done = self.successors.get(stack)
         if done is None:
@@ -581,7 +582,8 @@ class Automaton:
             done = self.successors[stack] = (self.g.values[p], self.advance(after))
         return done
 
-    def intern(self, stacks: frozenset) -> int:
+    def intern(self, stacks: tuple) -> int:
+        """The id of a state; stacks must be sorted."""
         sid = self.ids.get(stacks)
         if sid is None:
             sid = self.ids[stacks] = len(self.sets)
@@ -595,15 +597,14 @@ class Automaton:
 
     def expand(self, sid: int) -> None:
         """Fill in the transition row of state sid."""
-        by_set: dict[int, frozenset] = {}  # byte set → the stacks after any byte of it
+        by_set: dict[int, list[tuple]] = {}  # byte set → the stacks after any byte of it
         for s in self.sets[sid]:
             if s != EMPTY:
                 set_id, after = self.successor(s)
-                before = by_set.get(set_id)
-                by_set[set_id] = after if before is None else before | after
+                by_set.setdefault(set_id, []).append(after)
         if len(by_set) <= 1:
-            for set_id, after in by_set.items():
-                target = self.intern(after)
+            for set_id, afters in by_set.items():
+                target = self.intern(afters[0] if len(afters) == 1 else union(afters))
                 self.trans[sid] = self.g.byte_rows[set_id] * target
             if not by_set:
                 self.trans[sid] = 0
@@ -611,10 +612,8 @@ class Automaton:
         set_ids = tuple(sorted(by_set))
         row = np.zeros(256, dtype=np.int32)
         for byte_index, members in self.partition(set_ids):
-            after = by_set[set_ids[members[0]]]
-            if len(members) > 1:
-                after = after.union(*(by_set[set_ids[k]] for k in members[1:]))
-            row[byte_index] = self.intern(after)
+            afters = [a for k in members for a in by_set[set_ids[k]]]
+            row[byte_index] = self.intern(afters[0] if len(afters) == 1 else union(afters))
         self.trans[sid] = row
 
     def partition(self, set_ids: tuple) -> list:
@@ -649,20 +648,12 @@ class Automaton:
             states = np.zeros(index.max_len + 1, dtype=np.int32)
             states[0] = sid
             i, depth, dead = 0, -1, 0
-            # The tables only hold ints, tuples and frozensets (no cycles); a collection pass over a process full of
-            # vocabulary strings would cost more than the walk itself.
-            collecting = gc.isenabled()
-            gc.disable()
-            try:
-                while True:
-                    i, depth, dead = _walk(self.trans, index.data, index.offsets, index.lcp, index.order, allowed,
-                                           states, i, depth, dead)
-                    if i >= len(index.order):
-                        break
-                    self.expand(int(states[depth]))  # a transition not known yet: fill it in, then resume
-            finally:
-                if collecting:
-                    gc.enable()
+            while True:
+                i, depth, dead = _walk(self.trans, index.data, index.offsets, index.lcp, index.order, allowed,
+                                       states, i, depth, dead)
+                if i >= len(index.order):
+                    break
+                self.expand(int(states[depth]))  # a transition not known yet: fill it in, then resume
             allowed[index.eog] = self.accepting[sid]
             packed = np.packbits(allowed)
             if len(self.masks) >= MAX_CACHED_MASKS:
@@ -681,7 +672,7 @@ class Automaton:
                                         + self.stack_cost(self.stack_below[stack]))
         return done
 
-    def stacks_as_positions(self, sid: int) -> frozenset:
+    def stacks_as_positions(self, sid: int) -> list:
         """The state's stacks as tuples of element positions (bottom first): what carries over to new tables."""
         out = []
         for s in self.sets[sid]:
@@ -690,16 +681,21 @@ class Automaton:
                 positions.append(self.stack_pos[s])
                 s = self.stack_below[s]
             out.append(tuple(reversed(positions)))
-        return frozenset(out)
+        return out
 
-    def state_from_positions(self, stacks: frozenset) -> int:
+    def state_from_positions(self, stacks: list) -> int:
         ids = []
         for positions in stacks:
             s = EMPTY
             for p in positions:
                 s = self.push(s, p)
             ids.append(s)
-        return self.intern(frozenset(ids))
+        return self.intern(union([ids]))
+
+
+def union(parts) -> tuple:
+    """Sorted tuple of the ids in any of parts."""
+    return tuple(sorted(set().union(*parts)))
 
 
 class GrammarState:
@@ -726,7 +722,7 @@ class GrammarState:
 
     def must_end(self) -> bool:
         """Nothing may follow: only end-of-generation tokens are allowed."""
-        return self.automaton.sets[self.sid] == frozenset((EMPTY,))
+        return self.automaton.sets[self.sid] == (EMPTY,)
 
     def allowed_mask(self, vocab) -> np.ndarray:
         """bool[n_vocab]: the tokens whose bytes keep the output inside the grammar (a prefix of a sentence),
@@ -740,7 +736,7 @@ class GrammarState:
             if not self.can_end():
                 raise GrammarError(f"token {token} ends the output, but the grammar needs more text")
             a = self._tables()
-            self.sid = a.intern(frozenset((EMPTY,)))
+            self.sid = a.intern((EMPTY,))
             return
         self.accept_bytes(vocab.token_bytes(token))
 
