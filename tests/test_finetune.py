@@ -87,3 +87,220 @@ def test_checkpointing_and_float32_agree(tmp_path):
     assert abs(loss64 - loss_plain) < 1e-5 * abs(loss64)
     for name in params:
         assert np.linalg.norm(plain[name] - exact[name]) <= 1e-4 * np.linalg.norm(exact[name]), name
+
+
+# ---- optimizer and schedule ----
+
+def torch_adamw_reference(p, grads, lrs, beta1, beta2, eps, weight_decay):
+    """PyTorch's documented AdamW, in float64: θ ← θ(1 − γλ); m ← β1·m + (1 − β1)·g; v ← β2·v + (1 − β2)·g²;
+    θ ← θ − γ·(m / (1 − β1^t)) / (sqrt(v / (1 − β2^t)) + ε)."""
+    p = p.astype(np.float64)
+    m = np.zeros_like(p)
+    v = np.zeros_like(p)
+    for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+        g = g.astype(np.float64)
+        p = p * (1 - lr * weight_decay)
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        p = p - lr * (m / (1 - beta1 ** t)) / (np.sqrt(v / (1 - beta2 ** t)) + eps)
+    return p
+
+
+def test_adamw_follows_pytorchs_algorithm():
+    from llamalora.finetune.optim import AdamW
+
+    rng = np.random.default_rng(0)
+    start = rng.normal(0, 1, (7, 5)).astype(np.float32)
+    grads = [rng.normal(0, 10.0 ** rng.integers(-4, 1), (7, 5)).astype(np.float32) for _ in range(30)]
+    lrs = [1e-2 * (1 + np.cos(i / 5)) for i in range(30)]
+    for beta1, beta2, decay in ((0.9, 0.999, 0.1), (0.5, 0.9, 0.0), (0.0, 0.99, 1.0)):
+        adam = AdamW(beta1=beta1, beta2=beta2, weight_decay=decay)
+        params = {"w": start.copy()}
+        for g, lr in zip(grads, lrs):
+            adam.update(params, {"w": g.copy()}, lr)
+        want = torch_adamw_reference(start, grads, lrs, beta1, beta2, 1e-8, decay)
+        assert adam.step == 30
+        assert np.abs(params["w"] - want).max() <= 1e-5 * np.abs(want).max(), (beta1, beta2, decay)
+        assert not np.allclose(params["w"], start)
+
+
+def test_clip_grad_norm_as_torch():
+    from llamalora.finetune.optim import clip_grad_norm
+
+    grads = {"a": np.full((2, 2), 3.0, np.float32), "b": np.full(3, 4.0, np.float32)}
+    norm = clip_grad_norm(grads, 1.0)
+    assert norm == pytest.approx(np.sqrt(4 * 9 + 3 * 16))
+    coef = 1.0 / (norm + 1e-6)
+    assert np.allclose(grads["a"], 3.0 * coef) and np.allclose(grads["b"], 4.0 * coef)
+    small = {"a": np.full(2, 0.1, np.float32)}
+    clip_grad_norm(small, 1.0)
+    assert np.array_equal(small["a"], np.full(2, 0.1, np.float32))
+
+
+def test_learning_schedule_warmup_cosine_and_restarts():
+    from llamalora.finetune.optim import learning_schedule, scheduled_lr
+
+    s = dict(warmup=10, cos_decay_steps=100, cos_decay_min=0.1, cos_decay_restart=2.0, enable_restart=False)
+    assert learning_schedule(5, **s) == pytest.approx(0.5)
+    assert learning_schedule(10, **s) == pytest.approx(0.55 + 0.45 * np.cos(np.pi * 0.1))
+    assert learning_schedule(100, **s) == pytest.approx(0.1)
+    assert learning_schedule(500, **s) == pytest.approx(0.1)
+    r = dict(s, enable_restart=True)
+    assert learning_schedule(10 + 100, **r) == pytest.approx(0.1)          # end of the first period
+    assert learning_schedule(10 + 101, **r) == pytest.approx(0.55 + 0.45 * np.cos(np.pi / 200))  # restarted
+    assert learning_schedule(10 + 300, **r) == pytest.approx(0.1)          # end of the second, twice as long
+    assert scheduled_lr(5, 1e-3, 1e-4, **s) == pytest.approx(1e-4 + 0.5 * 9e-4)
+
+
+# ---- samples and batches ----
+
+def test_std_mt19937_stream():
+    from llamalora.finetune.data import seed_state
+
+    generator = np.random.MT19937()
+    generator.state = seed_state(5489)
+    assert list(generator.random_raw(2)) == [3499211612, 581869302]  # std::mt19937's first outputs
+
+
+def char_tokenize(text):
+    return [ord(ch) for ch in text]
+
+
+def test_samples_split_at_sample_start():
+    from llamalora.finetune.data import make_samples
+
+    text = "xx<s>abc<s><s>de"
+    s = make_samples(text, char_tokenize, 8, "<s>")
+    assert [bytes(s.tokens[b:b + n].tolist()).decode() for b, n in zip(s.begins, s.sizes)] == ["abc", "de"]
+    s = make_samples(text, char_tokenize, 8, "<s>", include_sample_start=True)
+    assert [bytes(s.tokens[b:b + n].tolist()).decode() for b, n in zip(s.begins, s.sizes)] == ["<s>abc", "<s>", "<s>de"]
+    s = make_samples("abcdefghij", char_tokenize, 4)
+    assert list(s.begins) == [0, 1, 2, 3, 4, 5] and set(s.sizes) == {4}
+
+
+def test_batches_pad_with_eos_or_fill_with_next_samples():
+    from llamalora.finetune.data import BatchOptions, batch_from
+
+    data = np.array([10, 11, 12, 20, 21, 30], dtype=np.int64)
+    begins, sizes, offsets = np.array([0, 3, 5]), np.array([3, 2, 1]), np.array([2, 1, 0])
+    bos, eos = 1, 2
+    o = BatchOptions(bos, eos, 100)
+    tokens, targets, used = batch_from(data, offsets, begins, sizes, 0, 1, 6, o)
+    assert targets.tolist() == [[10, 11, 12, eos, eos, eos]] and tokens.tolist() == [[bos, 10, 11, 12, eos, eos]]
+    assert used == 1
+    o = BatchOptions(bos, eos, 100, fill_with_next_samples=True)
+    tokens, targets, used = batch_from(data, offsets, begins, sizes, 0, 1, 8, o)
+    assert targets.tolist() == [[10, 11, 12, eos, bos, 20, 21, eos]] and used == 2
+    o = BatchOptions(bos, eos, 100, separate_with_eos=False, separate_with_bos=False, fill_with_next_samples=True,
+                     sample_random_offsets=True)
+    tokens, targets, used = batch_from(data, offsets, begins, sizes, 1, 2, 4, o)
+    # row 1 starts where row 0 left the sample count (example_id + used), with its own random offset
+    assert targets.tolist() == [[21, 30, 10, 11], [21, 30, 10, 11]] and used == 6
+
+
+# ---- whole runs on the tiny model ----
+
+TINY_TEXT = "once upon a time there was a tiny llama. the cat and the dog is a model of the world. " * 3
+
+
+def tiny_run_options(tmp_path, model, **kwargs):
+    from llamalora.finetune.train import FinetuneOptions
+
+    text = tmp_path / "train.txt"
+    text.write_text(TINY_TEXT)
+    base = dict(model=model, train_data=str(text), lora_out=None, checkpoint_out=None, n_ctx=16, n_batch=3,
+                grad_acc=2, adam_iter=6, warmup=2, cos_decay_steps=6, adam_alpha=3e-2, save_every=0, seed=7,
+                threads=1, lora_r=3, lora_alpha=6.0, fill_with_next_samples=True, sample_random_offsets=True,
+                ranks={"wv": 1, "w2": 0})
+    base.update(kwargs)
+    return FinetuneOptions(**base)
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    from llamalora.finetune.train import run_finetune
+
+    path, _, _ = tiny(tmp_path)
+    whole = run_finetune(tiny_run_options(tmp_path, path, sample_start=". "), quiet=True)
+    assert whole["step"] == 6 and whole["epochs"] >= 2  # the sample order was reshuffled along the way
+    ckpt = str(tmp_path / "ckpt.npz")
+    first = run_finetune(tiny_run_options(tmp_path, path, sample_start=". ", checkpoint_out=ckpt), stop_after=2,
+                         quiet=True)
+    assert first["stopped"] and first["step"] == 2
+    rest = run_finetune(tiny_run_options(tmp_path, path, sample_start=". ", checkpoint_in=ckpt, seed=99), quiet=True)
+    assert rest["step"] == 6
+    assert first["losses"] + rest["losses"] == whole["losses"]
+    assert whole["params"].keys() == rest["params"].keys()
+    for name, p in whole["params"].items():
+        assert np.array_equal(p, rest["params"][name]), name
+    assert "blk.0.ffn_down.weight.lora_a" not in whole["params"]
+    assert whole["params"]["blk.1.attn_v.weight.lora_a"].shape == (1, 64)
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    from llamalora.errors import InputError
+    from llamalora.finetune.train import run_finetune
+
+    path, _, _ = tiny(tmp_path)
+    ckpt = str(tmp_path / "ckpt.npz")
+    run_finetune(tiny_run_options(tmp_path, path, checkpoint_out=ckpt, adam_iter=1), quiet=True)
+    with pytest.raises(InputError, match="n_ctx"):
+        run_finetune(tiny_run_options(tmp_path, path, checkpoint_in=ckpt, n_ctx=8), quiet=True)
+    with pytest.raises(InputError, match="ranks"):
+        run_finetune(tiny_run_options(tmp_path, path, checkpoint_in=ckpt, lora_r=2), quiet=True)
+    (tmp_path / "junk.npz").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="junk.npz"):
+        run_finetune(tiny_run_options(tmp_path, path, checkpoint_in=str(tmp_path / "junk.npz")), quiet=True)
+
+
+def test_written_adapters_run_as_trained(tmp_path):
+    """The GGUF adapter and the PEFT folder load through llamalora's adapter readers (PEFT's q/k rows
+    permuted back) and the inference model with the adapter gives the training model's loss."""
+    from llamalora.finetune.model import forward_backward
+    from llamalora.finetune.train import run_finetune
+    from llamalora.loader import load_model
+    from llamalora.lora.adapter import load_adapter
+
+    path, mf, config = tiny(tmp_path, qtype=GGMLType.Q8_0)
+    out = str(tmp_path / "lora-ITERATION.gguf")
+    peft = str(tmp_path / "peft")
+    result = run_finetune(tiny_run_options(tmp_path, path, lora_out=out, peft_out=peft, adam_iter=3), quiet=True)
+    assert sorted(p.name for p in tmp_path.glob("lora-*.gguf")) == ["lora-3.gguf", "lora-LATEST.gguf"]
+    params = result["params"]
+    gguf_adapter = load_adapter(str(tmp_path / "lora-3.gguf"), mf.metadata)
+    peft_adapter = load_adapter(peft, mf.metadata)
+    for adapter in (gguf_adapter, peft_adapter):
+        for name, t in adapter.tensors.items():
+            assert np.array_equal(t.a, params[f"{name}.lora_a"]), name
+            assert np.array_equal(t.b, params[f"{name}.lora_b"]), name
+            assert t.scale == pytest.approx(6.0 / t.a.shape[0])
+    loaded = load_model(path, adapters=[(str(tmp_path / "lora-LATEST.gguf"), 1.0)], lora_mode="runtime",
+                        progress=False)
+    tokens = np.array([[1, 300, 301, 302, 303, 304, 305, 306]])
+    logits = loaded.model.forward(tokens[0], loaded.model.new_cache(16), all_logits=True).astype(np.float64)
+    targets = np.array([[300, 301, 302, 303, 304, 305, 306, 307]])
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    want = float(np.mean(logz - logits[np.arange(8), targets[0]]))
+    base = load_base(config, mf.tensors)
+    assert forward_backward(base, params, 6.0, tokens, targets) == pytest.approx(want, rel=1e-5)
+    assert forward_backward(base, {}, 6.0, tokens, targets) != pytest.approx(want, rel=1e-3)
+
+
+def test_finetune_command_line(tmp_path):
+    from click.testing import CliRunner
+
+    from llamalora.cli import cli
+
+    path, _, _ = tiny(tmp_path)
+    (tmp_path / "t.txt").write_text(TINY_TEXT)
+    out = tmp_path / "a.gguf"
+    args = ["finetune", "-m", path, "--train-data", str(tmp_path / "t.txt"), "--lora-out", str(out),
+            "--checkpoint-out", str(tmp_path / "c.npz"), "--ctx", "8", "--batch", "2", "--adam-iter", "2",
+            "--seed", "1", "-t", "1", "--rank-wq", "0"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "iter     2/2" in result.output and "tok/s" in result.output and "eta" in result.output
+    assert out.exists() and (tmp_path / "c.npz").exists()
+    result = CliRunner().invoke(cli, args[:-2] + ["--lora-r", "0"])
+    assert result.exit_code == 1 and "--lora-r must be at least 1" in result.output
+    result = CliRunner().invoke(cli, ["finetune", "-m", path, "--train-data", str(tmp_path / "missing.txt")])
+    assert result.exit_code == 1 and "missing.txt" in result.output
