@@ -319,8 +319,8 @@ def unknown_tensor_type(src):
 
 def unsupported_tensor_type(src):
     data, _, tensors = gguf_layout(src)
-    return patched(data, tensors["blk.0.attn_v.weight"][0], struct.pack("<I", int(GGMLType.Q6_K))), \
-        "tensor blk.0.attn_v.weight has type Q6_K, which is not supported"
+    return patched(data, tensors["blk.0.attn_v.weight"][0], struct.pack("<I", int(GGMLType.IQ2_XXS))), \
+        "tensor blk.0.attn_v.weight has type IQ2_XXS, which is not supported"
 
 
 def missing_hyperparameter(src):
