@@ -1,6 +1,6 @@
 """Tensor types and the kernels that compute with them: the only package that knows block layouts.
 
-One module per ggml type (f32, f16, q4_0, q4_1, q8_0) holds its block layout, an exact dequantizer and
+One module per ggml type (f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0, the K-quants, iq4_nl) holds its block layout, an exact dequantizer and
 quantizer (byte for byte those of ggml's reference code, as the `gguf` package implements them) and,
 for types a model computes with, `prepare` (raw rows → what its kernels read) and `matvec` / `matmul`.
 Everything else goes through the functions below, by type.
