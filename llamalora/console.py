@@ -35,6 +35,7 @@ class MainOptions:
     in_suffix: str = ""
     ignore_eos: bool = False
     sampler: SamplerParams = field(default_factory=SamplerParams)
+    grammar: object = None  # a parsed Grammar: every turn's output must match it
 
 
 class Interrupts:
@@ -128,7 +129,8 @@ def stream_turn(ctx, vocab, sampler, ids, opts, reverse_prompts, interrupts, out
     """Generate one turn, streaming text to out; returns (why it stopped, the text generated)."""
     pieces = []
     gen = generate(ctx, vocab, sampler, ids, n_predict=opts.n_predict, stop=tuple(reverse_prompts),
-                   ignore_eos=opts.ignore_eos, should_stop=interrupts.take)
+                   ignore_eos=opts.ignore_eos, should_stop=interrupts.take,
+                   grammar=opts.grammar.start() if opts.grammar is not None else None)
     reason = "limit"
     try:
         while True:

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import InputError
+from .errors import GrammarError, InputError
+from .grammar import mask_logits
 from .llama import LlamaModel
 from .sampling import Sampler
 from .vocab import StreamDecoder, Vocab
@@ -115,12 +116,15 @@ def generate(
     stop: tuple = (),
     ignore_eos: bool = False,
     should_stop=lambda: False,
+    grammar=None,
 ):
     """Evaluate the prompt, then yield (token_id, text_piece) until EOS, a stop string, n_predict or a full context.
 
     Text pieces are whole UTF-8 characters. On a stop string the generator returns after yielding the token that
     completed it; the caller decides whether to show the stop string (the server strips it, `main` shows it).
     The generator's return value (StopIteration.value) says why it stopped: "eos", "stop", "limit", "context", "abort".
+    grammar: a GrammarState; only tokens that keep the output inside the grammar are sampled, and generation ends
+    when the grammar is complete and an end-of-generation token is chosen.
     """
     logits = ctx.eval(prompt_ids) if len(prompt_ids) else None
     if logits is None:
@@ -132,12 +136,20 @@ def generate(
     while n_predict < 0 or n_done < n_predict:
         if should_stop():
             return "abort"
-        token = sampler.sample(logits, history)
+        if grammar is not None:
+            mask = grammar.allowed_mask(vocab)
+            if not mask.any():
+                raise GrammarError("the grammar allows no token of this vocabulary here")
+            token = sampler.sample(mask_logits(logits, mask), history)
+        else:
+            token = sampler.sample(logits, history)
         sampler.accept(token)
         history.append(token)
         n_done += 1
-        if vocab.is_eog(token) and not ignore_eos:
+        if vocab.is_eog(token) and (not ignore_eos or grammar is not None):
             return "eos"
+        if grammar is not None:
+            grammar.accept(token, vocab)
         piece = decoder.push(token)
         yield token, piece
         tail = (tail + piece)[-256:]

@@ -67,3 +67,20 @@ def test_bad_options_are_one_line_errors(tmp_path):
         r = main(*args)
         assert r.returncode == 1
         assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_grammar_and_json_schema_constrain_the_output(tmp_path):
+    import json
+
+    r = main("-p", "Is the sky blue? Answer:", "-n", "8", "--temp", "0", "--grammar", 'root ::= " yes" | " no"')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip("\n")[len("Is the sky blue? Answer:"):] in (" yes", " no")
+    schema = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"],
+              "additionalProperties": False}
+    prompt = "A cat, as JSON: "
+    r = main("-p", prompt, "-n", "40", "--temp", "0", "--json-schema", json.dumps(schema))
+    assert r.returncode == 0, r.stderr
+    value = json.loads(r.stdout[len(prompt):])
+    assert set(value) == {"age"} and isinstance(value["age"], int)
+    r = main("-p", "x", "--grammar", "root ::= undefined-rule")
+    assert r.returncode == 1 and "undefined-rule" in r.stderr and "Traceback" not in r.stderr

@@ -2,7 +2,7 @@
 
 import click
 
-from ..cli import load_from_options, model_options
+from ..options import load_from_options, model_options
 from ..errors import InputError
 
 
