@@ -6,7 +6,10 @@
 
 Needs torch, transformers and peft (the test suite does not: it reads the stored result). The Hugging Face
 model is built from the GGUF's own weights dequantized to float32, q/k rows put back in Hugging Face's order,
-so both sides train exactly the same float32 model. From the same initial A and B (B nonzero, so that every
+so both sides train exactly the same model. torch computes in float64 here: its float32 gradients of this
+model differ from the exact ones by up to 6e-4 (relative, in the first layers, round-off gathered over 30
+layers), more than the 1e-4 the comparison asks for, so the reference is the exact result and the test holds
+llamalora's float32 training to it. Results are stored as float32. From the same initial A and B (B nonzero, so that every
 gradient is alive from the first step), the same batches and hyperparameters, the script runs
 torch.optim.AdamW with gradient accumulation, torch.nn.utils.clip_grad_norm_ and a per-step learning rate,
 and stores A and B after step 1 and step 5, and the gradients of step 1, in GGUF order (keys as in a GGUF
@@ -139,10 +142,10 @@ def main(argv=None):
         batches.append((tokens, targets))
     lrs = [scheduled_lr(step, LR, 0.0, **SCHEDULE) for step in range(1, STEPS + 1)]
 
-    model = hf_model(model_file, config)
+    model = hf_model(model_file, config).double()
     targets_hf = sorted(set(HF_MODULES.values()))
     peft_model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, bias="none",
-                                                  target_modules=targets_hf))
+                                                  target_modules=targets_hf)).double()
     modules = dict(peft_model.named_modules())
     trained = {}
     with torch.no_grad():
@@ -152,7 +155,7 @@ def main(argv=None):
             p = (layer.lora_A if half == "A" else layer.lora_B)["default"].weight
             if half == "B" and heads:
                 value = unpermute_rows(value, heads)
-            p.copy_(torch.from_numpy(np.ascontiguousarray(value)))
+            p.copy_(torch.from_numpy(np.ascontiguousarray(value, dtype=np.float64)))
             trained[name] = (p, heads if half == "B" else 0)
     params = [p for p, _ in trained.values()]
     print(f"rope: {getattr(model.config, 'rope_parameters', None) or model.config.rope_theta}", flush=True)
@@ -173,7 +176,7 @@ def main(argv=None):
                 print(f"transformers loss of micro-batch 1: {float(loss.detach()):.6f}", flush=True)
         if step == 0:
             for name, (p, heads) in trained.items():
-                value = p.grad.detach().numpy().copy()
+                value = p.grad.detach().numpy().astype(np.float32)
                 snapshots[f"grad1/{name}"] = permute_rows(value, heads, heads) if heads else value
         norm = torch.nn.utils.clip_grad_norm_(params, GCLIP)
         for group in optimizer.param_groups:
@@ -183,7 +186,7 @@ def main(argv=None):
         print(f"step {step + 1}: loss {total:.6f} grad norm {float(norm):.6f} lr {lrs[step]:.3e}", flush=True)
         if step + 1 in (1, STEPS):
             for name, (p, heads) in trained.items():
-                value = p.detach().numpy().copy()
+                value = p.detach().numpy().astype(np.float32)
                 snapshots[f"step{step + 1}/{name}"] = permute_rows(value, heads, heads) if heads else value
 
     np.savez_compressed(

@@ -13,6 +13,23 @@ from llamalora.llama import LlamaConfig
 from llamalora.model_file import load_model_file
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test here computes on one thread (a busy machine makes thread teams wait on each other) and leaves
+    the thread counts as it found them."""
+    import numba
+
+    from llamalora.finetune.train import blas_threads, set_blas_threads
+
+    numba_before, blas_before = numba.get_num_threads(), blas_threads()
+    numba.set_num_threads(1)
+    set_blas_threads(1)
+    yield
+    numba.set_num_threads(numba_before)
+    if blas_before is not None:
+        set_blas_threads(blas_before)
+
+
 def tiny(tmp_path, qtype=GGMLType.Q4_1, **kwargs):
     path = make_tiny_llama(tmp_path / f"tiny-{qtype.name}.gguf", qtype=qtype, **kwargs)
     mf = load_model_file(path)
@@ -304,3 +321,77 @@ def test_finetune_command_line(tmp_path):
     assert result.exit_code == 1 and "--lora-r must be at least 1" in result.output
     result = CliRunner().invoke(cli, ["finetune", "-m", path, "--train-data", str(tmp_path / "missing.txt")])
     assert result.exit_code == 1 and "missing.txt" in result.output
+
+
+# ---- SmolLM2 ----
+
+@pytest.fixture(scope="module")
+def smollm2_base(smollm2_path):
+    from llamalora.finetune.model import load_base
+    from llamalora.vocab import Vocab
+
+    mf = load_model_file(smollm2_path)
+    vocab = Vocab.from_metadata(mf.metadata)
+    config = LlamaConfig.from_metadata(mf.metadata, smollm2_path, vocab.n_vocab)
+    return load_base(config, mf.tensors), vocab
+
+
+def test_smollm2_short_run_lowers_heldout_loss(tmp_path, smollm2_path, smollm2_base):
+    """A few steps on the first half of the fortunes lower the loss on a batch of the second half."""
+    from conftest import data_path
+
+    from llamalora.finetune.data import BatchOptions, make_samples, next_batch, start_order
+    from llamalora.finetune.train import run_finetune, FinetuneOptions
+
+    base, vocab = smollm2_base
+    with open(data_path("fortunes_heldout.txt"), encoding="utf-8") as f:
+        text = f.read()
+    half = len(text) // 2
+    (tmp_path / "first.txt").write_text(text[:half], encoding="utf-8")
+    samples = make_samples(text[half:], lambda s: vocab.tokenize(s, add_bos=False, parse_special=False), 32)
+    tokens, targets, _ = next_batch(samples, start_order(3, samples), 4, 32, BatchOptions(vocab.bos_id, vocab.eos_id,
+                                                                                          vocab.n_vocab))
+    before = forward_backward(base, {}, 8.0, tokens, targets)
+    opts = FinetuneOptions(model=smollm2_path, train_data=str(tmp_path / "first.txt"), lora_out=None,
+                           checkpoint_out=None, n_ctx=32, n_batch=2, adam_iter=5, warmup=0, adam_alpha=2e-3,
+                           lora_r=4, lora_alpha=8.0, save_every=0, seed=1, threads=1)
+    result = run_finetune(opts, quiet=True)
+    after = forward_backward(base, result["params"], 8.0, tokens, targets)
+    assert after < before - 0.02, (before, after, result["losses"])
+
+
+def test_smollm2_steps_equal_transformers_peft(smollm2_base):
+    """One and five steps (gradient accumulation, clipping, scheduled AdamW) from the same A and B on the same
+    batches equal transformers + PEFT + torch.optim.AdamW (scripts/make_finetune_reference.py)."""
+    from conftest import data_path
+
+    from llamalora.finetune.optim import AdamW, clip_grad_norm
+
+    base, _ = smollm2_base
+    ref = np.load(data_path("finetune_reference.npz"))
+    rank, alpha, n_ctx, n_batch, grad_acc, steps, lr, beta1, beta2, decay, gclip, eps = ref["settings"]
+    grad_acc, steps = int(grad_acc), int(steps)
+    params = {k[len("initial/"):]: ref[k].copy() for k in ref.files if k.startswith("initial/")}
+    assert len(params) == 2 * 7 * base.config.n_layer
+    adam = AdamW(beta1=float(beta1), beta2=float(beta2), eps=float(eps), weight_decay=float(decay))
+
+    def close(name, got, want, what):
+        rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert rel <= 1e-4, (what, name, rel)
+
+    for step in range(1, steps + 1):
+        grads = zeros_like_params(params)
+        loss = 0.0
+        for micro in range(grad_acc):
+            i = (step - 1) * grad_acc + micro
+            loss += forward_backward(base, params, float(alpha), ref["tokens"][i], ref["targets"][i], grads,
+                                     grad_scale=1.0 / grad_acc) / grad_acc
+        assert loss == pytest.approx(float(ref["losses"][step - 1]), rel=1e-5)
+        if step == 1:
+            for name in params:
+                close(name, grads[name], ref[f"grad1/{name}"], "gradient")
+        clip_grad_norm(grads, float(gclip))
+        adam.update(params, grads, float(ref["lrs"][step - 1]))
+        if step in (1, steps):
+            for name, p in params.items():
+                close(name, p, ref[f"step{step}/{name}"], f"after step {step}")

@@ -68,21 +68,33 @@ RESUME_MUST_MATCH = ("n_ctx", "n_batch", "grad_acc", "lora_alpha", "sample_start
                      "fill_with_next_samples", "sample_random_offsets", "separate_with_eos", "separate_with_bos")
 
 
-def set_blas_threads(n: int) -> bool:
-    """Tell numpy's OpenBLAS to use n threads (numpy offers no call for it); False when no OpenBLAS is found."""
-    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs", "*openblas*"))
-    for path in libs:
+def openblas_function(suffix: str):
+    """A function of the OpenBLAS numpy ships with (openblas_<suffix> under its prefixed names), or None."""
+    for path in glob.glob(os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs", "*openblas*")):
         try:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for symbol in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                       "openblas_set_num_threads64_", "openblas_set_num_threads"):
-            setter = getattr(lib, symbol, None)
-            if setter is not None:
-                setter(ctypes.c_int(n))
-                return True
-    return False
+        for prefix in ("scipy_openblas_", "openblas_"):
+            for tail in ("64_", ""):
+                function = getattr(lib, f"{prefix}{suffix}{tail}", None)
+                if function is not None:
+                    return function
+    return None
+
+
+def set_blas_threads(n: int) -> bool:
+    """Tell numpy's OpenBLAS to use n threads (numpy offers no call for it); False when no OpenBLAS is found."""
+    setter = openblas_function("set_num_threads")
+    if setter is None:
+        return False
+    setter(ctypes.c_int(n))
+    return True
+
+
+def blas_threads() -> int | None:
+    getter = openblas_function("get_num_threads")
+    return int(getter()) if getter is not None else None
 
 
 def effective_ranks(opts: FinetuneOptions) -> dict:
