@@ -395,3 +395,34 @@ def test_smollm2_steps_equal_transformers_peft(smollm2_base):
         if step in (1, steps):
             for name, p in params.items():
                 close(name, p, ref[f"step{step}/{name}"], f"after step {step}")
+
+
+def test_ctrl_c_finishes_the_step_and_saves_a_checkpoint(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from llamalora.finetune.output import load_checkpoint
+
+    path, _, _ = tiny(tmp_path)
+    (tmp_path / "t.txt").write_text(TINY_TEXT)
+    ckpt = tmp_path / "c.npz"
+    args = [sys.executable, "-m", "llamalora.cli", "finetune", "-m", path, "--train-data", str(tmp_path / "t.txt"),
+            "--lora-out", str(tmp_path / "a.gguf"), "--checkpoint-out", str(ckpt), "--ctx", "8", "--batch", "2",
+            "--adam-iter", "100000", "--save-every", "0", "--seed", "1", "-t", "1"]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
+    seen = []
+    deadline = time.time() + 120
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith("iter") and len([s for s in seen if s.startswith("iter")]) >= 2:
+            break
+        assert time.time() < deadline, "".join(seen)
+    os.kill(proc.pid, signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, "".join(seen) + rest
+    assert "saving a checkpoint" in rest and str(ckpt) in rest
+    _, _, _, header, _ = load_checkpoint(str(ckpt))
+    assert header["step"] >= 2 and (tmp_path / "a.gguf").exists()
