@@ -63,7 +63,9 @@ class Interrupts:
         return was
 
 
-def run_main(loaded: LoadedModel, opts: MainOptions, out=sys.stdout, inp=sys.stdin, err=sys.stderr) -> None:
+def run_main(loaded: LoadedModel, opts: MainOptions, out=None, inp=None, err=None) -> None:
+    # the streams are looked up per call, not bound at import, so a caller that swaps sys.stdout is followed
+    out, inp, err = out or sys.stdout, inp or sys.stdin, err or sys.stderr
     vocab, model = loaded.vocab, loaded.model
     interactive = opts.interactive or opts.interactive_first or opts.instruct or opts.conversation
     ctx = Context(model, n_ctx=opts.n_ctx, n_batch=opts.n_batch, context_shift=opts.context_shift)
