@@ -32,7 +32,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step, per round")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="rounds of (ours, theirs), alternating; each side's median step time is compared")
     p.add_argument("--torch-path", default=None, help="directory holding torch, transformers and peft")
     p.add_argument("--memory", action="store_true", help="peak allocations with and without checkpointing")
     p.add_argument("--out", default=None, help="append the result line to this markdown file")
@@ -57,6 +59,15 @@ def batches(config, args, n):
     return [rng.integers(0, config.n_vocab, (2, args.batch, args.ctx)) for _ in range(n)]
 
 
+def timed_steps(step, data) -> list:
+    seconds = []
+    for tokens, targets in data:
+        start = time.perf_counter()
+        step(tokens, targets)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
 def ours(args) -> dict:
     from llamalora.finetune.model import PROJECTIONS, forward_backward, init_lora, load_base, zeros_like_params
     from llamalora.finetune.optim import AdamW, clip_grad_norm
@@ -78,11 +89,7 @@ def ours(args) -> dict:
         return loss
 
     step(*data[0])
-    start = time.perf_counter()
-    for tokens, targets in data[1:]:
-        step(tokens, targets)
-    seconds = time.perf_counter() - start
-    result = {"tokens_per_s": args.steps * args.batch * args.ctx / seconds}
+    result = {"step_seconds": timed_steps(step, data[1:])}
     if args.memory:
         import tracemalloc
 
@@ -121,11 +128,7 @@ def transformers_side(args) -> dict:
         optimizer.step()
 
     step(*data[0])
-    start = time.perf_counter()
-    for tokens, targets in data[1:]:
-        step(tokens, targets)
-    seconds = time.perf_counter() - start
-    return {"tokens_per_s": args.steps * args.batch * args.ctx / seconds, "torch": torch.__version__}
+    return {"step_seconds": timed_steps(step, data[1:]), "torch": torch.__version__}
 
 
 def main(argv=None):
@@ -141,12 +144,24 @@ def main(argv=None):
     env = dict(os.environ)
     if args.torch_path:
         env["PYTHONPATH"] = os.pathsep.join([args.torch_path, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    # Each side in its own process, one after the other, so neither competes with the other for the cores.
-    mine = json.loads(subprocess.run([sys.executable, __file__, "--side", "ours"] + common +
-                                     (["--memory"] if args.memory else []),
-                                     check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-    theirs = json.loads(subprocess.run([sys.executable, __file__, "--side", "torch"] + common, env=env, check=True,
-                                       capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    # Each side in its own process, one after the other so that neither competes with the other for the cores,
+    # alternating over rounds so that a busy spell of the machine falls on both.
+    def run(side, extra, environment=None):
+        out = subprocess.run([sys.executable, __file__, "--side", side] + common + extra, env=environment,
+                             check=True, capture_output=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    mine, theirs = {"step_seconds": []}, {"step_seconds": []}
+    for round_ in range(args.rounds):
+        got = run("ours", ["--memory"] if args.memory and round_ == 0 else [])
+        mine["step_seconds"] += got.pop("step_seconds")
+        mine.update(got)
+        got = run("torch", [], env)
+        theirs["step_seconds"] += got.pop("step_seconds")
+        theirs.update(got)
+    tokens = args.batch * args.ctx
+    mine["tokens_per_s"] = tokens / float(np.median(mine["step_seconds"]))
+    theirs["tokens_per_s"] = tokens / float(np.median(theirs["step_seconds"]))
     ratio = mine["tokens_per_s"] / theirs["tokens_per_s"]
     line = (f"| ctx {args.ctx} × batch {args.batch}, rank {args.rank}, {args.threads} threads | "
             f"{mine['tokens_per_s']:.1f} tok/s | {theirs['tokens_per_s']:.1f} tok/s (torch {theirs['torch']}) | "
