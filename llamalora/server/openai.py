@@ -68,6 +68,11 @@ async def openai_generation(request: Request, chat: bool):
     state = state_of(request)
     body = await read_body(request)
     check_n(body)
+    schema = schemas.schema_of_response_format(body)
+    if schema is not None:
+        if body.get("grammar") or body.get("json_schema") is not None:
+            raise ApiError(400, "give either 'response_format' or 'grammar' / 'json_schema', not both")
+        body = {**body, "json_schema": schema}
     if chat:
         prompt = chat_prompt(state, body)
         req = state.parse_completion({**body, "prompt": prompt}, n_predict_name="max_tokens", n_predict_default=-1)

@@ -9,6 +9,10 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from ..errors import GrammarError
+from ..grammar import parse_grammar
+from ..json_schema import schema_to_grammar
+
 INVALID = "invalid_request_error"
 
 
@@ -185,6 +189,59 @@ def get_lora(body: dict, n_adapters: int):
     return scales
 
 
+def get_grammar(body: dict):
+    """The output constraint: 'grammar' (GBNF text) or 'json_schema' (a schema object), not both.
+    Returns (GBNF text, the parsed Grammar), or ("", None) when neither is given. A grammar that does not
+    parse, or a schema feature that is not supported, is a 400 before anything is generated."""
+    text = get_str(body, "grammar", "")
+    schema = body.get("json_schema")
+    if schema is not None:
+        if text:
+            raise ApiError(400, "give either 'grammar' or 'json_schema', not both")
+        if not isinstance(schema, (dict, bool)):
+            raise ApiError(400, f"'json_schema' must be a JSON schema (an object), got {json.dumps(schema)[:60]}")
+        try:
+            text = schema_to_grammar(schema)
+        except GrammarError as e:
+            raise ApiError(400, f"'json_schema': {e}") from None
+    if not text.strip():
+        return "", None
+    try:
+        return text, parse_grammar(text, source="grammar" if schema is None else "json schema grammar")
+    except GrammarError as e:
+        raise ApiError(400, f"'grammar': {e}" if schema is None else f"'json_schema': {e}") from None
+
+
+def schema_of_response_format(body: dict):
+    """OpenAI's response_format as a JSON schema, or None for plain text:
+    {"type": "json_object"} → any JSON object; {"type": "json_object", "schema": {...}} (llama.cpp's form) and
+    {"type": "json_schema", "json_schema": {"schema": {...}}} (OpenAI's) → that schema."""
+    fmt = body.get("response_format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
+        raise ApiError(400, "'response_format' must be an object with a 'type'")
+    kind = fmt["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema = fmt.get("schema", {"type": "object"})
+    elif kind == "json_schema":
+        inner = fmt.get("json_schema")
+        if inner is None and "schema" in fmt:
+            schema = fmt["schema"]
+        elif isinstance(inner, dict) and "schema" in inner:
+            schema = inner["schema"]
+        else:
+            raise ApiError(400, "'response_format': type json_schema needs {\"json_schema\": {\"schema\": {...}}}")
+    else:
+        raise ApiError(400, f"'response_format'.type must be 'text', 'json_object' or 'json_schema', "
+                            f"got {json.dumps(kind)[:40]}")
+    if not isinstance(schema, (dict, bool)):
+        raise ApiError(400, "'response_format': the schema must be a JSON schema (an object)")
+    return schema
+
+
 @dataclass
 class CompletionRequest:
     parts: list  # prompt parts: str or token id
@@ -212,10 +269,12 @@ class CompletionRequest:
     cache_prompt: bool = False
     id_slot: int = -1
     lora: dict | None = None  # {adapter id: scale} for this request alone
+    grammar: str = ""  # GBNF text (from 'grammar' or 'json_schema'); "" for none
+    parsed_grammar: object = None  # its llamalora.grammar.Grammar, parsed when the request was checked
 
     def settings(self) -> dict:
         """The generation settings as llama.cpp reports them back."""
-        out = {k: v for k, v in self.__dict__.items() if k not in ("parts", "logit_bias", "lora")}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("parts", "logit_bias", "lora", "parsed_grammar")}
         out["logit_bias"] = [[k, v if math.isfinite(v) else False] for k, v in self.logit_bias.items()]
         return out
 
@@ -227,6 +286,7 @@ def parse_completion(body: dict, n_vocab: int, n_ctx: int, n_adapters: int, toke
     n_predict = get_int(body, n_predict_name, n_predict_default, low=-1)
     if n_predict > n_ctx:
         raise ApiError(400, f"'{n_predict_name}' = {n_predict} is beyond the context of {n_ctx} tokens per slot")
+    grammar_text, grammar = get_grammar(body)
     return CompletionRequest(
         parts=parts,
         n_predict=n_predict,
@@ -253,6 +313,8 @@ def parse_completion(body: dict, n_vocab: int, n_ctx: int, n_adapters: int, toke
         cache_prompt=get_bool(body, "cache_prompt", False),
         id_slot=get_int(body, "id_slot", get_int(body, "slot_id", -1), low=-1),
         lora=get_lora(body, n_adapters),
+        grammar=grammar_text,
+        parsed_grammar=grammar,
     )
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as GGMLType
 
 from .. import kernels
+from ..errors import LlamaLoraError
 from ..generate import Context, Timings, generate
 from ..tensor import Tensor
 from .extra_sampling import RequestSampler
@@ -164,6 +165,8 @@ class SlotPool:
             self.generate_into(job, slot)
         except ApiError as e:
             self.emit(job, "error", e)
+        except LlamaLoraError as e:  # e.g. a grammar that allows no token of this vocabulary at some point
+            self.emit(job, "error", ApiError(400, str(e)))
         except Exception as e:  # a bug must not kill the slot: the request gets a 500, the server goes on
             self.emit(job, "error", ApiError(500, f"generation failed: {type(e).__name__}: {e}", "server_error"))
             if slot.ctx is not None:
@@ -187,16 +190,19 @@ class SlotPool:
         ctx.n_keep = len(ids) if req.n_keep < 0 else min(req.n_keep, len(ids))
         sampler = RequestSampler(req, self.vocab.n_vocab, self.nl_id)
         stops = tuple(req.stop)
+        grammar = req.parsed_grammar.start() if req.parsed_grammar is not None else None
         gen = generate(ctx, self.vocab, sampler, ids[n_cached:], n_predict=req.n_predict, stop=stops,
-                       ignore_eos=req.ignore_eos, should_stop=job.cancel.is_set)
+                       ignore_eos=req.ignore_eos, should_stop=job.cancel.is_set, grammar=grammar)
         text, sent, n_tokens = "", 0, 0
         started = time.perf_counter()
         reason = "limit"
         try:
             while True:
                 token, piece = next(gen)
-                n_tokens += 1
                 text += piece
+                if token is None:  # the end of an incomplete character, flushed after the last token
+                    continue
+                n_tokens += 1
                 ready = held_back_start(text, sent, stops)
                 self.emit(job, "token", token, text[sent:ready])
                 sent = ready
