@@ -118,6 +118,41 @@ def add_low_rank(w: np.ndarray, a: np.ndarray, scaled_b: np.ndarray) -> None:
     dense.add_low_rank(w, np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(scaled_b, dtype=np.float32))
 
 
+MERGE_SOURCES = {GGMLType.F16: dense.SOURCE_F16, GGMLType.F32: dense.SOURCE_F32}
+MERGE_TARGETS = {GGMLType.Q4_0: dense.TARGET_Q4_0, GGMLType.Q4_1: dense.TARGET_Q4_1, GGMLType.Q8_0: dense.TARGET_Q8_0,
+                 GGMLType.F16: dense.TARGET_F16, GGMLType.F32: dense.TARGET_F32}
+MERGE_TILE_ROWS, MERGE_PIECE = 32, 512  # a 16-rank piece of A (32 KiB) stays in L1 across a tile's rows
+
+
+def merge_low_rank(base_type, base_data: np.ndarray, target_type, a: np.ndarray, b: np.ndarray, scale: float,
+                   scratch: np.ndarray | None = None) -> np.ndarray:
+    """uint8[n_rows, row_nbytes] of W + scale·(b @ a) in target_type, W the raw rows base_data of base_type.
+
+    a float32[r, n_cols], b float32[n_rows, r]. Quantized bases are widened to float32 first (into `scratch`
+    when given); F16 and F32 bases are read directly. Q4_0, Q4_1, Q8_0, F16 and F32 targets are formed tile by
+    tile in one pass; other types go through dequantize, add_low_rank and quantize.
+    """
+    n_rows, n_cols = b.shape[0], a.shape[1]
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    scaled_b = np.ascontiguousarray(np.float32(scale) * np.asarray(b, dtype=np.float32), dtype=np.float32)
+    base_type, target_type = GGMLType(base_type), GGMLType(target_type)
+    fused = target_type in MERGE_TARGETS and n_cols % 32 == 0
+    if fused and base_type in MERGE_SOURCES:
+        source, kind = np.ascontiguousarray(base_data), MERGE_SOURCES[base_type]
+    else:
+        if scratch is None or scratch.size < n_rows * n_cols:
+            scratch = np.empty(n_rows * n_cols, dtype=np.float32)
+        w = dequantize(base_type, base_data, n_cols, out=scratch[:n_rows * n_cols].reshape(n_rows, n_cols))
+        if not fused:
+            dense.add_low_rank(w, a, scaled_b)
+            return quantize(target_type, w)
+        source, kind = w.view(np.uint8), dense.SOURCE_F32
+    out = np.empty((n_rows, row_nbytes(target_type, n_cols)), dtype=np.uint8)
+    dense.merge_low_rank_rows(source, kind, a, scaled_b, MERGE_TARGETS[target_type], out, MERGE_TILE_ROWS,
+                              min(MERGE_PIECE, n_cols))
+    return out
+
+
 def matvec(weight: Weight, x: np.ndarray, out: np.ndarray) -> None:
     """out float32[n_rows] = W · x for x float32[n_cols] (decode: one token)."""
     if weight.type in (GGMLType.F32, GGMLType.F16):

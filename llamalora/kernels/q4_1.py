@@ -35,32 +35,38 @@ def quantize(x: np.ndarray) -> np.ndarray:
 
 @njit(parallel=True, nogil=True, cache=True)
 def quantize_rows(x, out):
-    nb = x.shape[1] // 32
     for r in prange(x.shape[0]):
-        d = np.empty(nb, dtype=np.float32)
-        lo = np.empty(nb, dtype=np.float32)
-        for b in range(nb):
-            vmin = x[r, b * 32]
-            vmax = x[r, b * 32]
-            for j in range(1, 32):
-                v = x[r, b * 32 + j]
-                vmin = min(vmin, v)
-                vmax = max(vmax, v)
-            d[b] = (vmax - vmin) / np.float32(15.0)
-            lo[b] = vmin
-        half_d = float_to_half_bits(d)
-        half_m = float_to_half_bits(lo)
-        for b in range(nb):
-            inv_d = np.float32(1.0) / d[b] if d[b] != 0 else np.float32(0.0)
-            base = b * TYPE_SIZE
-            out[r, base] = half_d[b] & 0xFF
-            out[r, base + 1] = half_d[b] >> 8
-            out[r, base + 2] = half_m[b] & 0xFF
-            out[r, base + 3] = half_m[b] >> 8
-            for j in range(16):
-                q0 = min(np.int32((x[r, b * 32 + j] - lo[b]) * inv_d + np.float32(0.5)), 15)
-                q1 = min(np.int32((x[r, b * 32 + 16 + j] - lo[b]) * inv_d + np.float32(0.5)), 15)
-                out[r, base + QS_OFFSET + j] = q0 | (q1 << 4)
+        quantize_row(x[r], out[r])
+
+
+@njit(nogil=True, cache=True)
+def quantize_row(x, out):
+    """One row (or any whole number of its blocks: the LoRA merge quantizes rows piece by piece)."""
+    nb = x.shape[0] // 32
+    d = np.empty(nb, dtype=np.float32)
+    lo = np.empty(nb, dtype=np.float32)
+    for b in range(nb):
+        vmin = x[b * 32]
+        vmax = x[b * 32]
+        for j in range(1, 32):
+            v = x[b * 32 + j]
+            vmin = min(vmin, v)
+            vmax = max(vmax, v)
+        d[b] = (vmax - vmin) / np.float32(15.0)
+        lo[b] = vmin
+    half_d = float_to_half_bits(d)
+    half_m = float_to_half_bits(lo)
+    for b in range(nb):
+        inv_d = np.float32(1.0) / d[b] if d[b] != 0 else np.float32(0.0)
+        base = b * TYPE_SIZE
+        out[base] = half_d[b] & 0xFF
+        out[base + 1] = half_d[b] >> 8
+        out[base + 2] = half_m[b] & 0xFF
+        out[base + 3] = half_m[b] >> 8
+        for j in range(16):
+            q0 = min(np.int32((x[b * 32 + j] - lo[b]) * inv_d + np.float32(0.5)), 15)
+            q1 = min(np.int32((x[b * 32 + 16 + j] - lo[b]) * inv_d + np.float32(0.5)), 15)
+            out[base + QS_OFFSET + j] = q0 | (q1 << 4)
 
 
 def prepare(data: np.ndarray, n_cols: int) -> tuple:

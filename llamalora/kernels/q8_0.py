@@ -29,27 +29,33 @@ def quantize(x: np.ndarray) -> np.ndarray:
 
 @njit(parallel=True, nogil=True, cache=True)
 def quantize_rows(x, out):
-    nb = x.shape[1] // 32
     for r in prange(x.shape[0]):
-        d = np.empty(nb, dtype=np.float32)
-        for b in range(nb):
-            amax = np.float32(0.0)
-            for j in range(32):
-                amax = max(amax, abs(x[r, b * 32 + j]))
-            d[b] = amax / np.float32(127.0)
-        half = float_to_half_bits(d)
-        for b in range(nb):
-            inv_d = np.float32(1.0) / d[b] if d[b] != 0 else np.float32(0.0)
-            base = b * TYPE_SIZE
-            out[r, base] = half[b] & 0xFF
-            out[r, base + 1] = half[b] >> 8
-            for j in range(32):
-                v = x[r, b * 32 + j] * inv_d
-                # C's roundf (half away from zero) without adding 0.5, which rounds 0.49999997 up
-                a = abs(v)
-                whole = np.floor(a)
-                q = np.int32(whole + np.floor(np.float32(2.0) * (a - whole)))
-                out[r, base + QS_OFFSET + j] = np.uint8((q if v >= 0 else -q) & 0xFF)
+        quantize_row(x[r], out[r])
+
+
+@njit(nogil=True, cache=True)
+def quantize_row(x, out):
+    """One row (or any whole number of its blocks: the LoRA merge quantizes rows piece by piece)."""
+    nb = x.shape[0] // 32
+    d = np.empty(nb, dtype=np.float32)
+    for b in range(nb):
+        amax = np.float32(0.0)
+        for j in range(32):
+            amax = max(amax, abs(x[b * 32 + j]))
+        d[b] = amax / np.float32(127.0)
+    half = float_to_half_bits(d)
+    for b in range(nb):
+        inv_d = np.float32(1.0) / d[b] if d[b] != 0 else np.float32(0.0)
+        base = b * TYPE_SIZE
+        out[base] = half[b] & 0xFF
+        out[base + 1] = half[b] >> 8
+        for j in range(32):
+            v = x[b * 32 + j] * inv_d
+            # C's roundf (half away from zero) without adding 0.5, which rounds 0.49999997 up
+            a = abs(v)
+            whole = np.floor(a)
+            q = np.int32(whole + np.floor(np.float32(2.0) * (a - whole)))
+            out[base + QS_OFFSET + j] = np.uint8((q if v >= 0 else -q) & 0xFF)
 
 
 def prepare(data: np.ndarray, n_cols: int) -> tuple:

@@ -44,6 +44,18 @@ def lora_delta(adapters, name: str) -> np.ndarray | None:
     return delta
 
 
+def stacked_factors(adapters, name: str) -> tuple:
+    """A and s·B of every adapter that patches `name`, stacked along the rank: Σ s·(B·A) is then one product
+    (None, None) if none does."""
+    parts = [(t.a, np.float32(t.scale) * t.b) for t in (adapter.tensors.get(name) for adapter in adapters)
+             if t is not None and t.scale != 0]
+    if not parts:
+        return None, None
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate([a for a, _ in parts], axis=0), np.concatenate([b for _, b in parts], axis=1)
+
+
 def merge_adapters(tensors: dict, adapters: list, base_tensors: dict | None = None, base_path: str = "",
                    progress: bool = True) -> dict[str, Tensor]:
     """New Tensors for every weight an adapter patches, each in the type of tensors[name]."""
@@ -54,18 +66,19 @@ def merge_adapters(tensors: dict, adapters: list, base_tensors: dict | None = No
     if base_tensors is not None:
         check_base(base_tensors, tensors, names, base_path)
     merged = {}
-    largest = max((tensors[n].n_rows * tensors[n].n_cols for n in names), default=0)
-    scratch = np.empty(largest, dtype=np.float32)  # one buffer for every tensor: fresh memory costs page faults
+    # one float32 buffer for every tensor whose W must be widened first (fresh memory costs page faults)
+    needs_scratch = [n for n in names if (base_tensors or tensors)[n].type not in kernels.MERGE_SOURCES
+                     or tensors[n].type not in kernels.MERGE_TARGETS]
+    largest = max((tensors[n].n_rows * tensors[n].n_cols for n in needs_scratch), default=0)
+    scratch = np.empty(largest, dtype=np.float32)
     for name in tqdm(names, desc="merging adapters", unit="tensor", disable=not progress, file=sys.stderr):
         target = tensors[name]
         source = base_tensors[name] if base_tensors is not None else target
-        w = scratch[: target.n_rows * target.n_cols].reshape(target.n_rows, target.n_cols)
-        kernels.dequantize(source.type, source.data, source.n_cols, out=w)
-        for adapter in adapters:
-            t = adapter.tensors.get(name)
-            if t is not None and t.scale != 0:
-                kernels.add_low_rank(w, t.a, np.float32(t.scale) * t.b)
-        data = kernels.quantize(target.type, w)
+        a, scaled_b = stacked_factors(adapters, name)
+        if a is None:
+            data = kernels.quantize(target.type, kernels.dequantize(source.type, source.data, source.n_cols))
+        else:
+            data = kernels.merge_low_rank(source.type, source.data, target.type, a, scaled_b, 1.0, scratch=scratch)
         merged[name] = Tensor(name, target.type, target.shape, data)
     if progress:
         for adapter in adapters:
