@@ -180,7 +180,9 @@ def perplexity_command(model_path, threads, no_mmap, loras, loras_scaled, lora_b
 @click.argument("type_name", metavar="TYPE")
 @click.option("-t", "--threads", type=int, default=None)
 def quantize_command(in_path, out_path, type_name, threads):
-    """Rewrite IN.gguf as OUT.gguf with its weights in TYPE (f32, f16, q8_0, q4_0, q4_1)."""
+    """Rewrite IN.gguf as OUT.gguf with its weights in TYPE, one of llama.cpp's file types: f32, f16, q8_0,
+    q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k (any case).
+    The K mixes choose each tensor's type by llama.cpp's rules; one line per tensor shows the choice."""
     from .loader import set_threads
     from .model_file import load_model_file
     from .quantize import rewrite_model, target_type
@@ -192,6 +194,8 @@ def quantize_command(in_path, out_path, type_name, threads):
     stats = rewrite_model(load_model_file(in_path), out_path, target)
     click.echo(f"quantize: {in_path} ({stats['in_bytes'] / 2**20:.2f} MiB) -> {out_path} "
                f"({stats['out_bytes'] / 2**20:.2f} MiB, {type_name}) in {stats['seconds']:.2f} s", err=True)
+    click.echo("quantize: tensors per type: " + ", ".join(f"{name} {n}" for name, n in stats["type_counts"].items()),
+               err=True)
 
 
 @cli.command("export-lora")
