@@ -121,7 +121,7 @@ def add_low_rank(w: np.ndarray, a: np.ndarray, scaled_b: np.ndarray) -> None:
 MERGE_SOURCES = {GGMLType.F16: dense.SOURCE_F16, GGMLType.F32: dense.SOURCE_F32}
 MERGE_TARGETS = {GGMLType.Q4_0: dense.TARGET_Q4_0, GGMLType.Q4_1: dense.TARGET_Q4_1, GGMLType.Q8_0: dense.TARGET_Q8_0,
                  GGMLType.F16: dense.TARGET_F16, GGMLType.F32: dense.TARGET_F32}
-MERGE_TILE_ROWS, MERGE_PIECE = 32, 512  # a 16-rank piece of A (32 KiB) stays in L1 across a tile's rows
+MERGE_TILE_ROWS = 16  # rows per work item of the fused merge
 
 
 def merge_low_rank(base_type, base_data: np.ndarray, target_type, a: np.ndarray, b: np.ndarray, scale: float,
@@ -148,8 +148,8 @@ def merge_low_rank(base_type, base_data: np.ndarray, target_type, a: np.ndarray,
             return quantize(target_type, w)
         source, kind = w.view(np.uint8), dense.SOURCE_F32
     out = np.empty((n_rows, row_nbytes(target_type, n_cols)), dtype=np.uint8)
-    dense.merge_low_rank_rows(source, kind, a, scaled_b, MERGE_TARGETS[target_type], out, MERGE_TILE_ROWS,
-                              min(MERGE_PIECE, n_cols))
+    dense.merge_low_rank_rows(source, kind, dense.pack_rank_columns(a), scaled_b, MERGE_TARGETS[target_type], out,
+                              MERGE_TILE_ROWS)
     return out
 
 

@@ -5,8 +5,10 @@ weight = d * (q - 8), which the kernels read as d * q + m with m = -8d (exact in
 """
 
 import numpy as np
-
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .f16 import float_to_half_bits, half_bits_to_float
 from . import simd
@@ -40,28 +42,80 @@ def quantize_rows(x, out):
 
 @njit(nogil=True, cache=True)
 def quantize_row(x, out):
-    """One row (or any whole number of its blocks: the LoRA merge quantizes rows piece by piece)."""
+    """One contiguous row (or any whole number of its blocks: the LoRA merge quantizes rows piece by piece)."""
     nb = x.shape[0] // 32
     d = np.empty(nb, dtype=np.float32)
     for b in range(nb):
-        amax = np.float32(0.0)
-        vmax = np.float32(0.0)
-        for j in range(32):
-            v = x[b * 32 + j]
-            if abs(v) > amax:
-                amax = abs(v)
-                vmax = v
-        d[b] = vmax / np.float32(-8.0)
+        d[b] = block_first_absmax(x.ctypes.data + 128 * b) / np.float32(-8.0)
     half = float_to_half_bits(d)
     for b in range(nb):
         inv_d = np.float32(1.0) / d[b] if d[b] != 0 else np.float32(0.0)
         base = b * TYPE_SIZE
         out[base] = half[b] & 0xFF
         out[base + 1] = half[b] >> 8
-        for j in range(16):
-            lo = min(np.int32(x[b * 32 + j] * inv_d + np.float32(8.5)), 15)
-            hi = min(np.int32(x[b * 32 + 16 + j] * inv_d + np.float32(8.5)), 15)
-            out[base + QS_OFFSET + j] = lo | (hi << 4)
+        block_pack_nibbles(x.ctypes.data + 128 * b, np.float32(0.0), inv_d, np.float32(8.5),
+                           out.ctypes.data + base + QS_OFFSET)
+
+
+# The two halves of a block's quantization as LLVM vector code (numba leaves the scalar loops unvectorised):
+# the same IEEE operations as ggml's scalar loop, value for value, so the bytes are the same.
+_f32, _i32 = ir.FloatType(), ir.IntType(32)
+_v32f, _v32i = ir.VectorType(_f32, 32), ir.VectorType(_i32, 32)
+
+
+def _splat32(builder, value):
+    vtype = ir.VectorType(value.type, 32)
+    one = builder.insert_element(ir.Constant(vtype, ir.Undefined), value, ir.Constant(_i32, 0))
+    return builder.shuffle_vector(one, ir.Constant(vtype, ir.Undefined), ir.Constant(_v32i, [0] * 32))
+
+
+@intrinsic
+def block_first_absmax(typingctx, x_addr):
+    """The first of the 32 float32 values at x_addr whose magnitude is the largest, ignoring NaN (0.0 when all
+    are zero or NaN): what ggml's `if (fabsf(v) > amax) { amax = fabsf(v); max = v; }` keeps. Magnitudes are
+    compared as integer bits, which order non-negative floats as their values."""
+    sig = types.float32(types.intp)
+
+    def codegen(context, builder, signature, args):
+        addr = args[0]
+        bits = builder.load(builder.inttoptr(addr, _v32i.as_pointer()), align=4)
+        mag = builder.and_(bits, _splat32(builder, ir.Constant(_i32, 0x7FFFFFFF)))
+        is_nan = builder.icmp_unsigned(">", mag, _splat32(builder, ir.Constant(_i32, 0x7F800000)))
+        mag = builder.select(is_nan, ir.Constant(_v32i, [0] * 32), mag)
+        umax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_i32, [_v32i]),
+                                              "llvm.vector.reduce.umax.v32i32")
+        amax = builder.call(umax, [mag])
+        hits = builder.bitcast(builder.icmp_unsigned("==", mag, _splat32(builder, amax)), _i32)
+        first = builder.cttz(hits, ir.Constant(ir.IntType(1), 0))
+        value = builder.load(builder.gep(builder.inttoptr(addr, _f32.as_pointer()), [first]), align=4)
+        return builder.select(builder.icmp_unsigned("!=", amax, ir.Constant(_i32, 0)), value, ir.Constant(_f32, 0.0))
+
+    return sig, codegen
+
+
+@intrinsic
+def block_pack_nibbles(typingctx, x_addr, lo, inv_d, bias, out_addr):
+    """16 bytes at out_addr from the 32 float32 values v at x_addr: q = min(int32((v - lo)·inv_d + bias), 15),
+    byte j = q[j] | q[j + 16] << 4 (Q4_0 passes lo = 0, exact for every v; Q4_1 its block minimum)."""
+    sig = types.none(types.intp, types.float32, types.float32, types.float32, types.intp)
+
+    def codegen(context, builder, signature, args):
+        x_addr, lo, inv_d, bias, out_addr = args
+        v = builder.load(builder.inttoptr(x_addr, _v32f.as_pointer()), align=4)
+        t = builder.fadd(builder.fmul(builder.fsub(v, _splat32(builder, lo)), _splat32(builder, inv_d)),
+                         _splat32(builder, bias))
+        q = builder.fptosi(t, _v32i)
+        fifteen = _splat32(builder, ir.Constant(_i32, 15))
+        q = builder.select(builder.icmp_signed("<", q, fifteen), q, fifteen)
+        v16 = ir.VectorType(_i32, 16)
+        low = builder.shuffle_vector(q, ir.Constant(_v32i, ir.Undefined), ir.Constant(v16, list(range(16))))
+        high = builder.shuffle_vector(q, ir.Constant(_v32i, ir.Undefined), ir.Constant(v16, list(range(16, 32))))
+        packed = builder.or_(low, builder.shl(high, ir.Constant(v16, [4] * 16)))
+        out_type = ir.VectorType(ir.IntType(8), 16)
+        builder.store(builder.trunc(packed, out_type), builder.inttoptr(out_addr, out_type.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 def prepare(data: np.ndarray, n_cols: int) -> tuple:
