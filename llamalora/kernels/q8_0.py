@@ -33,7 +33,9 @@ def quantize_rows(x, out):
         quantize_row(x[r], out[r])
 
 
-@njit(nogil=True, cache=True)
+# fastmath=False stated, not defaulted: numba hands a caller's fastmath to callees that leave it unset, and a
+# fused multiply-add here would change the bytes
+@njit(nogil=True, cache=True, fastmath=False)
 def quantize_row(x, out):
     """One row (or any whole number of its blocks: the LoRA merge quantizes rows piece by piece)."""
     nb = x.shape[0] // 32
