@@ -188,3 +188,83 @@ def test_lora_base_must_match_the_model(tmp_path):
     folder = write_peft(tmp_path / "a", np.random.default_rng(5), ["gate_proj"])
     r = CliRunner().invoke(cli, ["main", "-m", model, "--lora", folder, "--lora-base", other, "-p", "hi", "-n", "1"])
     assert r.exit_code == 1 and "blk.0.ffn_gate.weight has shape (256, 64) in --lora-base but (128, 64)" in r.output
+
+
+# --- the fused merge kernel (kernels.merge_low_rank): one pass widening W, adding s·B·A and quantizing ---
+
+FUSED_TARGETS = [T.Q4_0, T.Q4_1, T.Q8_0, T.F16, T.F32]
+
+
+def exact_merge_case(rng, n_rows=37, n_cols=96, r=16):
+    """W, A, B and a scale whose float32 sum W + s·B·A is exact in any summation order (small multiples of
+    powers of two), so the merge must give quantize(W + s·B·A) byte for byte. 37 rows: not a whole number of
+    row groups or tiles."""
+    w = rng.integers(-1024, 1025, (n_rows, n_cols)) / 1024.0  # exact in f16
+    a = rng.integers(-4, 5, (r, n_cols)) / 8.0
+    b = rng.integers(-4, 5, (n_rows, r)) / 8.0
+    scale = 0.5
+    return w.astype(np.float32), a.astype(np.float32), b.astype(np.float32), scale, w + scale * (b @ a)
+
+
+@pytest.mark.parametrize("base_type", [T.F16, T.F32, T.Q8_0])
+@pytest.mark.parametrize("target", FUSED_TARGETS + [T.Q5_0])  # Q5_0: the unfused path
+def test_merge_low_rank_bytes_equal_quantize_of_the_sum(base_type, target):
+    rng = np.random.default_rng(int(base_type) * 100 + int(target))
+    w, a, b, scale, _ = exact_merge_case(rng)
+    base = kernels.quantize(base_type, w)
+    exact = kernels.dequantize(base_type, base, w.shape[1]).astype(np.float64) + scale * (b.astype(np.float64) @ a)
+    assert np.array_equal(exact.astype(np.float32), exact)  # the premise: the sum is exact in float32
+    got = kernels.merge_low_rank(base_type, base, target, a, b, scale)
+    want = kernels.quantize(target, exact.astype(np.float32))
+    assert got.dtype == np.uint8 and got.shape == want.shape
+    assert got.tobytes() == want.tobytes()
+
+
+def block_step(target, x: np.ndarray) -> np.ndarray:
+    """Per value, one quantization step of its 32-value block in ggml's scheme (1 ulp of float32 for F32,
+    of float16 for F16): the most a correct quantization of x may move it (Q4_0 moves the value opposite
+    its block's extreme by one whole step: 8 clamps to 7), rounding included."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    if target == T.Q4_0:
+        step = np.abs(blocks).max(axis=2, keepdims=True) / 8
+    elif target == T.Q4_1:
+        step = (blocks.max(axis=2, keepdims=True) - blocks.min(axis=2, keepdims=True)) / 15
+    elif target == T.Q8_0:
+        step = np.abs(blocks).max(axis=2, keepdims=True) / 127
+    else:
+        eps = np.finfo(np.float32 if target == T.F32 else np.float16).eps
+        return np.abs(x) * eps
+    return np.broadcast_to(step * 1.01, blocks.shape).reshape(x.shape)  # 1 %: the scale's own f16 rounding
+
+
+@pytest.mark.parametrize("target", FUSED_TARGETS)
+def test_merge_low_rank_matches_the_float64_sum(target):
+    """Random weights and a full-size-scale adapter: every merged value lies within one quantization step
+    of W + s·B·A formed in float64 (plus a few float32 ulps of the delta's terms), and nearly every row is
+    byte for byte quantize() of that sum rounded to float32 (rows may differ only where the delta's float32
+    rounding crosses a rounding boundary; for F16 and F32 the bound is ulps, so it alone decides). A wrong
+    scale, a transposed A or rows of B out of order fail both."""
+    rng = np.random.default_rng(7 + int(target))
+    n, r, scale = 256, 16, 2.0
+    w = (rng.standard_normal((n, n)) * 0.02).astype(np.float32)
+    a = (rng.standard_normal((r, n)) * 0.1).astype(np.float32)
+    b = (rng.standard_normal((n, r)) * 0.1).astype(np.float32)
+    base = kernels.quantize(T.F16, w)
+    w64 = kernels.dequantize(T.F16, base, n).astype(np.float64)
+    terms = scale * np.abs(b.astype(np.float64)) @ np.abs(a.astype(np.float64))
+    delta_tol = 4 * r * np.finfo(np.float32).eps * terms
+
+    def check(a_used, b_used, scale_used):
+        got = kernels.dequantize(target, kernels.merge_low_rank(T.F16, base, target, a_used, b_used, scale_used), n)
+        want = w64 + scale * (b.astype(np.float64) @ a)
+        within = np.abs(got - want) <= block_step(target, want) + delta_tol + np.abs(want) * np.finfo(np.float32).eps
+        same = (kernels.merge_low_rank(T.F16, base, target, a_used, b_used, scale_used)
+                == kernels.quantize(target, want.astype(np.float32))).all(axis=1)
+        return within.all(), same.mean()
+
+    quantized = target not in (T.F16, T.F32)  # float targets: the delta's last bits differ in most rows
+    within, same = check(a, b, scale)
+    assert within and (same >= 0.95 or not quantized), (within, same)
+    for wrong in ((a, b, 1.0), (np.ascontiguousarray(a.reshape(n, r).T), b, scale), (a, b[::-1], scale)):
+        within, same = check(*wrong)
+        assert not within and (same < 0.5 or not quantized)
