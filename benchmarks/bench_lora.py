@@ -1,7 +1,10 @@
 """Merge time of an all-linear r=16 adapter: SmolLM2 and the random 1B-shaped llama, f16 and q4_0, with and
 without --lora-base, and how long a run-time (hot) swap takes on each.
 
-    python benchmarks/bench_lora.py [-t 2]
+    python benchmarks/bench_lora.py [-t 2] [--repeat 5]
+
+"merge alone" times merge_adapters by itself (files mapped and the adapter read beforehand), --repeat times,
+best and median, with the 1-minute load average beside it (the machine may be shared).
 
 The adapters are random PEFT folders (every q/k/v/o/gate/up/down projection, r=16, alpha=32) written to
 benchmarks/models/. The table goes to stdout and benchmarks/results/lora.md.
@@ -10,6 +13,7 @@ benchmarks/models/. The table goes to stdout and benchmarks/results/lora.md.
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -61,6 +65,23 @@ def time_load(path, adapter, **kwargs) -> tuple[float, float]:
     return plain, time.perf_counter() - t
 
 
+def time_merge(path, adapter, lora_base=None, repeat=3) -> list[float]:
+    """Seconds of merge_adapters alone, `repeat` times (time_load has already compiled the kernels)."""
+    from llamalora.loader import load_adapters
+    from llamalora.lora.merge import merge_adapters
+    from llamalora.model_file import load_model_file
+
+    model_file = load_model_file(path)
+    adapters = load_adapters(model_file, [(adapter, 1.0)])
+    base = load_model_file(lora_base).tensors if lora_base else None
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        merge_adapters(model_file.tensors, adapters, base_tensors=base, base_path=lora_base or "", progress=False)
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def time_swap(path, adapter) -> float:
     """Seconds to switch a loaded model to the adapter at run time (read the adapter, build its deltas)."""
     from llamalora.loader import load_adapters, load_model
@@ -74,6 +95,7 @@ def time_swap(path, adapter) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-t", "--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of the merge alone (best and median are kept)")
     parser.add_argument("--output", default=os.path.join(HERE, "results", "lora.md"))
     args = parser.parse_args()
     from llamalora.loader import set_threads
@@ -81,7 +103,8 @@ def main():
 
     set_threads(args.threads)
     rows = [f"threads: {args.threads}", "",
-            "| model | merge | load without adapter (s) | load with adapter (s) | adapter cost (s) |", "|---|---|---|---|---|"]
+            "| model | merge | load without adapter (s) | load with adapter (s) | adapter cost (s) "
+            "| merge alone best / median (s) | load average |", "|---|---|---|---|---|---|---|"]
     for name, make in (("SmolLM2", models.smollm2), ("1B-shaped", models.one_b)):
         f16, q4_0 = make("f16"), make("q4_0")
         adapter = all_linear_adapter(os.path.join(models.MODELS, f"lora-all-linear-{name}"), load_model_file(f16).metadata)
@@ -90,11 +113,16 @@ def main():
         for label, path, kwargs in cases:
             time_load(path, adapter, **kwargs)  # warm the page cache and the compiled kernels
             plain, with_adapter = time_load(path, adapter, **kwargs)
-            row = f"| {name} {label} | {kwargs} | {plain:.2f} | {with_adapter:.2f} | {with_adapter - plain:.2f} |"
+            merge = "-"
+            if kwargs.get("lora_mode") != "runtime":
+                times = time_merge(path, adapter, kwargs.get("lora_base"), args.repeat)
+                merge = f"{min(times):.2f} / {statistics.median(times):.2f}"
+            row = (f"| {name} {label} | {kwargs} | {plain:.2f} | {with_adapter:.2f} | {with_adapter - plain:.2f} "
+                   f"| {merge} | {os.getloadavg()[0]:.2f} |")
             rows.append(row)
             print(row, flush=True)
         swap = time_swap(q4_0, adapter)
-        rows.append(f"| {name} q4_0 hot swap (set_lora) | - | - | - | {swap:.2f} |")
+        rows.append(f"| {name} q4_0 hot swap (set_lora) | - | - | - | {swap:.2f} | - | {os.getloadavg()[0]:.2f} |")
         print(rows[-1], flush=True)
     text = "\n".join(rows) + "\n"
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
