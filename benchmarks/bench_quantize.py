@@ -29,6 +29,15 @@ HELDOUT = os.path.join(HERE, "..", "tests", "data", "fortunes_heldout.txt")
 LLAMA_FTYPES = {"q8_0": 7, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18}
 
 
+def quiet_llama_cpp():
+    """llama.cpp logs every tensor to stderr; keep the table readable."""
+    import llama_cpp
+
+    global _LOG_CALLBACK
+    _LOG_CALLBACK = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+
+
 def llama_cpp_quantize(src: str, dst: str, mix: str, threads: int) -> float:
     import llama_cpp
 
@@ -84,6 +93,7 @@ def main():
     from models import smollm2
 
     f16 = smollm2("f16")
+    quiet_llama_cpp()
     folder = args.keep or tempfile.mkdtemp(prefix="bench_quantize_")
     os.makedirs(folder, exist_ok=True)
     print(f"source: {f16}; load average {os.getloadavg()[0]:.2f}; {args.threads} threads\n")
