@@ -48,4 +48,5 @@ def sse_events(response) -> list:
 
 
 def client(url: str, **kw) -> httpx.Client:
-    return httpx.Client(base_url=url, timeout=60, **kw)
+    kw.setdefault("timeout", 60)
+    return httpx.Client(base_url=url, **kw)

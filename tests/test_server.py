@@ -2,8 +2,10 @@
 
 import asyncio
 import concurrent.futures
+import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -64,7 +66,8 @@ def reference_tokens(loaded, adapters, scale, prompt, n):
     model, vocab = loaded.model, loaded.vocab
     ctx = Context(model, n_ctx=256, lora=model.lora_deltas(adapters, [scale]) if scale else {})
     ids = vocab.tokenize(prompt, add_bos=None, parse_special=True)
-    return [t for t, _ in generate(ctx, vocab, Sampler(SamplerParams(temp=0), vocab.n_vocab), ids, n_predict=n)]
+    gen = generate(ctx, vocab, Sampler(SamplerParams(temp=0), vocab.n_vocab), ids, n_predict=n)
+    return [t for t, _ in gen if t is not None]
 
 
 # llama.cpp's endpoints
@@ -322,6 +325,22 @@ ERROR_CASES = [
     ("/tokenize", {"content": 12}, 400, "'content'"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "'messages'"),
     ("/v1/completions", {"prompt": "x", "n": 2}, 400, "'n'"),
+    ("/completion", {"prompt": "x", "grammar": "root ::= answer"}, 400, "'grammar': grammar:1:"),
+    ("/completion", {"prompt": "x", "grammar": 'root ::= "a'}, 400, "'grammar'"),
+    ("/completion", {"prompt": "x", "json_schema": {"type": "string", "pattern": "^a+$"}}, 400,
+     "'pattern' is not supported"),
+    ("/completion", {"prompt": "x", "json_schema": "object"}, 400, "'json_schema' must be"),
+    ("/completion", {"prompt": "x", "json_schema": {}, "grammar": 'root ::= "a"'}, 400, "not both"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "yaml"}}, 400, "'response_format'.type"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400,
+     "needs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {
+        "type": "json_schema", "json_schema": {"schema": {"type": "object", "patternProperties": {}}}}}, 400,
+     "'patternProperties' is not supported"),
+    ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_object", "schema": {"not": {}}}}, 400,
+     "'not' is not supported"),
 ]
 
 
@@ -391,6 +410,181 @@ def test_tokenize_adds_no_space_on_spm(tmp_path):
     assert not vocab.tokens[ids[0]].startswith("\u2581") and vocab.detokenize(ids) == "hello"
     assert ids != vocab.tokenize("hello", add_bos=False)  # what the space rule would have given
     assert with_bos == [vocab.bos_id] + ids
+
+
+# grammars and JSON schemas
+
+TWO_FIELDS = {"type": "object", "properties": {"ok": {"type": "boolean"},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["ok", "n"], "additionalProperties": False}
+COLOURS = {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 1, "maxItems": 3}
+SEEDS = (1, 2, 3)
+
+
+def check_json(text: str, schema: dict):
+    import jsonschema
+
+    value = json.loads(text)
+    jsonschema.validate(value, schema)
+    return value
+
+
+# Few-shot prompts keep the JSON compact; the schema grammar's trailing white space (up to 22 bytes, as
+# llama.cpp's) still takes tokens, so n_predict leaves room for it.
+OBJECT_PROMPT = 'Examples: {"ok": true, "n": 3} {"ok": false, "n": 7}\nOne more:'
+ARRAY_PROMPT = 'Examples: ["red"] ["blue", "green"]\nOne more:'
+CHAT_JSON = [{"role": "system", "content": 'Reply with one line of compact JSON, such as {"ok": true, "n": 3}.'},
+             {"role": "user", "content": "Is the sky blue, and how many colours has a rainbow?"}]
+
+
+def test_json_schema_outputs_validate(http):
+    pytest.importorskip("jsonschema")
+    for schema, prompt in ((TWO_FIELDS, OBJECT_PROMPT), (COLOURS, ARRAY_PROMPT)):
+        for seed in SEEDS:
+            out = complete(http, prompt=prompt, json_schema=schema, n_predict=40, temperature=1.0, seed=seed)
+            check_json(out["content"], schema)
+            assert out["generation_settings"]["grammar"].startswith("root ::=")
+
+
+def test_response_format_outputs_validate(http):
+    """OpenAI's json_schema shape on the chat route, llama.cpp's json_object + schema shape on /v1/completions."""
+    pytest.importorskip("jsonschema")
+    for seed in SEEDS:
+        body = {"messages": CHAT_JSON, "max_tokens": 40, "temperature": 1.0, "seed": seed,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": TWO_FIELDS}}}
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        check_json(r.json()["choices"][0]["message"]["content"], TWO_FIELDS)
+        body = {"prompt": ARRAY_PROMPT, "max_tokens": 40, "temperature": 1.0, "seed": seed,
+                "response_format": {"type": "json_object", "schema": COLOURS}}
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        check_json(r.json()["choices"][0]["text"], COLOURS)
+
+
+def test_response_format_json_object(http):
+    """{"type": "json_object"} alone: any JSON object. A free-form object may outrun max_tokens at temperature 1;
+    what was generated is then a prefix the JSON grammar accepts, and every finished output parses to an object."""
+    from llamalora.grammar import parse_grammar
+    from llamalora.json_schema import schema_to_grammar
+
+    messages = [{"role": "system", "content": 'Answer with a JSON object like {"answer": "yes"}.'},
+                {"role": "user", "content": "Is the sky blue?"}]
+    object_grammar = parse_grammar(schema_to_grammar({"type": "object"}))
+    for seed in (0, *SEEDS):
+        body = {"messages": messages, "max_tokens": 32, "temperature": 1.0, "seed": seed,
+                "response_format": {"type": "json_object"}}
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        text = choice["message"]["content"]
+        assert text.lstrip().startswith("{")
+        if choice["finish_reason"] == "stop":
+            assert isinstance(json.loads(text), dict)
+        else:
+            object_grammar.start().accept_bytes(text.encode())  # raises if the text left the grammar
+    greedy = http.post("/v1/chat/completions", json={**body, "temperature": 0}).json()["choices"][0]
+    assert greedy["finish_reason"] == "stop" and isinstance(json.loads(greedy["message"]["content"]), dict)
+
+
+def test_grammar_through_the_openai_client(url):
+    openai = pytest.importorskip("openai")
+    ai = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+    yes_no = {"grammar": 'root ::= "yes" | "no"'}
+    messages = [{"role": "user", "content": "Is water wet?"}]
+    for seed in SEEDS:
+        chat = ai.chat.completions.create(model="smol", messages=messages, max_tokens=4, temperature=1.0,
+                                          seed=seed, extra_body=yes_no)
+        assert chat.choices[0].message.content in ("yes", "no") and chat.choices[0].finish_reason == "stop"
+    digits = ai.completions.create(model="smol", prompt="Three digits:", max_tokens=6, temperature=1.0, seed=1,
+                                   extra_body={"grammar": "root ::= [0-9]{3}"})
+    assert re.fullmatch("[0-9]{3}", digits.choices[0].text)
+    streamed = ai.completions.create(model="smol", prompt="Three digits:", max_tokens=6, temperature=1.0, seed=1,
+                                     extra_body={"grammar": "root ::= [0-9]{3}"}, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == digits.choices[0].text
+    with pytest.raises(openai.BadRequestError) as bad:
+        ai.completions.create(model="smol", prompt="x", max_tokens=2, extra_body={"grammar": "root ::= [0-9"})
+    assert "'grammar'" in str(bad.value)
+    # The bad grammar refused, the server goes on with the next request.
+    again = ai.chat.completions.create(model="smol", messages=messages, max_tokens=4, temperature=0,
+                                       extra_body=yes_no)
+    assert again.choices[0].message.content in ("yes", "no")
+
+
+def test_grammar_streams_on_completion(http):
+    body = {"prompt": "Colour:", "n_predict": 16, "temperature": 1.0, "seed": 5, "stream": True,
+            "grammar": 'root ::= ("red" | "green" | "blue") ("," " "? ("red" | "green" | "blue"))?'}
+    with http.stream("POST", "/completion", json=body) as r:
+        assert r.status_code == 200
+        events = sse_events(r)
+    text = "".join(e["content"] for e in events)
+    assert re.fullmatch(r"(red|green|blue)(, ?(red|green|blue))?", text) and events[-1]["stop_type"] == "eos"
+
+
+# a character cut off at the end of generation
+
+
+class ScriptedSampler:
+    """Returns the given ids in order, whatever the logits."""
+
+    def __init__(self, ids):
+        self.ids = list(ids)
+
+    def sample(self, logits, history):
+        return self.ids.pop(0)
+
+    def accept(self, token):
+        pass
+
+
+def byte_token(vocab, data: bytes) -> int:
+    return next(t for t in range(vocab.n_vocab) if vocab.token_bytes(t) == data)
+
+
+def test_generate_flushes_an_incomplete_last_character(smollm2):
+    """Generation that ends after the first byte of "€" (E2 82 AC) still hands that byte on, as U+FFFD."""
+    from llamalora.generate import Context, generate
+
+    model, vocab = smollm2.model, smollm2.vocab
+    a, e2, b82 = vocab.tokenize("a", add_bos=False)[0], byte_token(vocab, b"\xe2"), byte_token(vocab, b"\x82")
+    ids = vocab.tokenize(PROMPT, add_bos=None)
+    cases = [([a, e2], 2, "a\ufffd", "limit"), ([e2, b82, vocab.eos_id], -1, "\ufffd", "eos"),
+             ([a, e2, b82, byte_token(vocab, b"\xac")], 4, "a\u20ac", "limit")]
+    for script, n_predict, text, why in cases:
+        gen = generate(Context(model, n_ctx=64), vocab, ScriptedSampler(script), ids, n_predict=n_predict)
+        pieces = []
+        try:
+            while True:
+                pieces.append(next(gen))
+        except StopIteration as stop:
+            reason = stop.value
+        assert "".join(p for _, p in pieces) == text and reason == why
+        assert [t for t, _ in pieces if t is not None] == [t for t in script if not vocab.is_eog(t)]
+
+
+def test_server_sends_an_incomplete_last_character(http, smollm2):
+    e2 = byte_token(smollm2.vocab, b"\xe2")
+    body = {"n_predict": 1, "logit_bias": [[e2, 100.0]]}
+    out = complete(http, **body)
+    assert out["tokens"] == [e2] and out["content"] == "\ufffd"
+    with http.stream("POST", "/completion", json={"prompt": PROMPT, "temperature": 0, "stream": True, **body}) as r:
+        events = sse_events(r)
+    assert "".join(e["content"] for e in events) == "\ufffd" and len(events) == 2
+
+
+# the web page's files
+
+
+def test_completion_js_module(url, keyed_url):
+    for base in (url, keyed_url):  # the module is part of the page: no API key needed
+        r = httpx.get(base + "/completion.js")
+        assert r.status_code == 200 and "javascript" in r.headers["content-type"]
+        assert "export async function* llama(" in r.text and "export const llamaPromise" in r.text
+    page = httpx.get(url + "/").text
+    assert 'id="grammar"' in page and "p.grammar = grammar" in page
+    with client(keyed_url) as c:  # the API routes under the same prefix still need it
+        assert c.post("/completions", json={"prompt": "x", "n_predict": 1}).status_code == 401
+        assert c.post("/chat/completions", json={"messages": []}).status_code == 401
 
 
 # OpenAI-compatible routes

@@ -23,8 +23,13 @@ from .slots import Job, SlotPool, embedding
 
 STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
 PUBLIC_PATHS = {"/health", "/v1/health", "/v1/models", "/models"}
-API_PREFIXES = ("/completion", "/tokenize", "/detokenize", "/embedding", "/props", "/lora-adapters", "/slots",
-                "/v1/", "/infill")
+# Paths (and what lies below them) that need the API key; the web page's files (/completion.js) do not.
+API_PATHS = ("/completion", "/completions", "/tokenize", "/detokenize", "/embedding", "/embeddings", "/props",
+             "/lora-adapters", "/slots", "/v1", "/infill", "/chat", "/models")
+
+
+def is_api_path(path: str) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in API_PATHS)
 
 
 @dataclass
@@ -312,7 +317,7 @@ class ApiKeyMiddleware:
         if scope["type"] != "http" or not self.api_key:
             return await self.app(scope, receive, send)
         path = scope["path"]
-        if path in PUBLIC_PATHS or not path.startswith(API_PREFIXES) or scope["method"] == "OPTIONS":
+        if path in PUBLIC_PATHS or not is_api_path(path) or scope["method"] == "OPTIONS":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         given = headers.get("authorization", "")
