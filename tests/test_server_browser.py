@@ -94,3 +94,49 @@ def test_stop_button_ends_a_long_answer(browser, url):
     assert browser.find_element("id", "send").is_enabled()
     with client(url) as http:
         wait.until(lambda d: http.get("/health").json()["slots_idle"] == 1)
+
+
+def test_grammar_box_constrains_the_answer(browser, url):
+    import re
+
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(url + "/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda d: d.find_elements("id", "lora-0"))
+    set_field(browser, "prompt", "Pick three digits:")
+    set_field(browser, "n_predict", 8)
+    set_field(browser, "temperature", 1)
+    set_field(browser, "grammar", "root ::= [0-9] [0-9] [0-9]")
+    browser.find_element("id", "send").click()
+    wait.until(lambda d: d.find_element("id", "stats").text)
+    assert browser.find_element("id", "error").text == ""
+    assert re.fullmatch("[0-9]{3}", browser.find_element("id", "answer").text.strip())
+    # A grammar that does not parse: the page shows the server's 400 message.
+    set_field(browser, "grammar", "root ::= [0-9")
+    browser.find_element("id", "send").click()
+    wait.until(lambda d: d.find_element("id", "error").text)
+    assert "grammar" in browser.find_element("id", "error").text
+
+
+def test_completion_js_module_in_the_browser(browser, url):
+    """The README's usage, run by the browser: import { llama } from '/completion.js', iterate the chunks."""
+    browser.get(url + "/")
+    browser.set_script_timeout(60)
+    result = browser.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        import('/completion.js').then(async ({ llama, llamaPromise }) => {
+          const chunks = [];
+          for await (const chunk of llama('The capital of France is', { n_predict: 6, temperature: 0 })) {
+            chunks.push(chunk.data);
+          }
+          const whole = await llamaPromise('The capital of France is', { n_predict: 6, temperature: 0 });
+          done({ n: chunks.length, text: chunks.map((c) => c.content).join(''), last: chunks.at(-1).stop, whole });
+        }).catch((e) => done({ error: String(e) }));
+    """)
+    assert "error" not in result, result
+    with client(url) as http:
+        expected = http.post("/completion", json={"prompt": "The capital of France is", "n_predict": 6,
+                                                  "temperature": 0, "stop": ["</s>"]}).json()["content"]
+    assert result["last"] is True and result["n"] >= 2
+    assert result["text"] == expected == result["whole"] and expected
