@@ -9,7 +9,7 @@ import numpy as np
 from numba import njit, prange
 
 from .f16 import float_to_half_bits, half_bits_to_float
-from . import simd
+from . import simd, vnni
 
 BLOCK_SIZE = 32
 TYPE_SIZE = 20
@@ -79,7 +79,8 @@ def prepare(data: np.ndarray, n_cols: int) -> tuple:
 
 def matvec(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
     data, d, m = prepared
-    simd.q4_matvec(data, d, m, QS_OFFSET, TYPE_SIZE, x, out)
+    if not (vnni.ENABLED and vnni.q4_1_matvec(data, x, out)):  # the integer kernel declines extreme x
+        simd.q4_matvec(data, d, m, QS_OFFSET, TYPE_SIZE, x, out)
 
 
 def matmul(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:

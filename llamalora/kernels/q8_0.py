@@ -5,7 +5,7 @@ import numpy as np
 from numba import njit, prange
 
 from .f16 import float_to_half_bits, half_bits_to_float
-from . import simd
+from . import simd, vnni
 
 BLOCK_SIZE = 32
 TYPE_SIZE = 34
@@ -67,7 +67,8 @@ def prepare(data: np.ndarray, n_cols: int) -> tuple:
 
 def matvec(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
     data, d = prepared
-    simd.q8_matvec(data, d, x, out)
+    if not (vnni.ENABLED and vnni.q8_0_matvec(data, x, out)):  # the integer kernel declines extreme x
+        simd.q8_matvec(data, d, x, out)
 
 
 def matmul(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:

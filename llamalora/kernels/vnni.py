@@ -1,0 +1,376 @@
+"""Matrix × vector for Q4_0, Q4_1 and Q8_0 with AVX-512 VNNI integer dot products, exact to float32 rounding.
+
+The portable kernels (simd.py) convert every weight to float; here the weights stay bytes and the activation
+becomes integers instead, once per call, finely enough that nothing is lost beyond float32 rounding:
+
+- Activation: each block of 32 values x_j gets a float32 scale s = max|x_j| / X_MAX and integers
+  X_j = round(x_j / s), |X_j| ≤ X_MAX = 8355000 < 2^23, kept as three balanced base-256 digits (limbs)
+  X = l0·65536 + l1·256 + l2, every l in [-128, 127]. So x_j = s·X_j + δ_j with |δ_j| ≤ s/2 ≈ 2^-24·max|x|
+  of the block: the float32 rounding of the block's largest value. (llama.cpp rounds x to 8 bits instead,
+  an error 2^16 times larger, which is why its logits drift from a float computation.)
+- Weights stay the file's bytes, and so do the scales: d (and Q4_1's m) are read as halves from each block,
+  so a row is one stream of memory. The unsigned operand of vpdpbusd (u8 × s8, four products added per
+  32-bit lane) is the nibble q ∈ [0, 15] or, for Q8_0, the signed byte + 128 (an xor). An offset k on the
+  weights (Q4_0's 8, Q8_0's 128) is taken out exactly: each limb's dot product starts from -k·Σ(the
+  lane's four limbs), so the lane holds Σ (q - k)·l.
+- Per block pair (64 weights in one 512-bit register, 16 lanes of 4 weights; an odd last block is paired
+  with zero limbs): the 4-bit types chain the limbs in one integer, t = ((Σq·l0)·256 + Σq·l1)·256 + Σq·l2,
+  |t| ≤ 4·15·128·65793 < 2^29, exact in int32, converted to float once. Q8_0's lanes reach 4·128·128 per
+  limb, so its top two limbs are chained (< 2^25) and the last one added in float. A float32 accumulator
+  per lane takes t·(d·s) by FMA; Q4_1 adds m·(the lane's Σx) the same way.
+
+Error: besides δ, each output sees a few float32 roundings per block pair (t → float, d·s, the FMA, and
+for Q4_1 the lane sums of x and their FMA) and the final 16-lane reduction: tests/test_simd.py states the
+bound it holds.
+
+A block whose largest |x| is not finite or outside [TINY, HUGE] makes the kernels return False without
+writing anything; the caller then takes the portable kernel, so NaN, inf and extreme activations behave
+exactly as there.
+
+Selection: ENABLED when LLVM reports AVX-512 F, BW and VNNI on the host, unless LLAMALORA_KERNELS=portable.
+The type modules call these kernels when ENABLED and fall back to simd.py's otherwise.
+"""
+
+import os
+
+import numpy as np
+from llvmlite import binding as llvm_binding
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from . import simd
+
+N_LIMBS = 3
+X_MAX = 8355000          # |X| ≤ X_MAX keeps the top limb in [-127, 127] (127·65793 = 8355711)
+DIGIT_BIAS = 128 * 65793  # X + DIGIT_BIAS ≥ 0 has base-256 digits u; X's balanced digits are u - 128
+TINY, HUGE = 2.0 ** -100, 2.0 ** 100   # block magnitudes the integer path takes
+LAYOUT_Q4, LAYOUT_Q8 = 0, 1
+# (block bytes, offset of q, weight offset k, layout) per type
+GEOMETRY = {"q4_0": (18, 2, 8, LAYOUT_Q4), "q4_1": (20, 4, 0, LAYOUT_Q4), "q8_0": (34, 2, 128, LAYOUT_Q8)}
+# A block pair's record: limbs int8[N_LIMBS][64], lane scales float32[16], lane corrections int32[N_LIMBS][16]
+# (-k·Σ of the lane's limbs; k = 8 in the Q4 layout, 128 in the Q8 one), lane sums of x float32[16]
+SCALES_AT = 64 * N_LIMBS
+CORRECTIONS_AT = SCALES_AT + 64
+SUMS_AT = CORRECTIONS_AT + 64 * N_LIMBS
+PAIR_BYTES = SUMS_AT + 64
+
+_f32, _i8, _i16, _i32 = ir.FloatType(), ir.IntType(8), ir.IntType(16), ir.IntType(32)
+_v16f, _v16i, _v64b = ir.VectorType(_f32, 16), ir.VectorType(_i32, 16), ir.VectorType(_i8, 64)
+
+
+def host_has_vnni() -> bool:
+    features = llvm_binding.get_host_cpu_features()
+    return all(features.get(name, False) for name in ("avx512f", "avx512bw", "avx512vnni"))
+
+
+ENABLED = os.environ.get("LLAMALORA_KERNELS", "auto") != "portable" and host_has_vnni()
+
+
+def _register_order(layout):
+    """For each byte of a pair register, its index among the pair's 64 activations (block 0's 32, then
+    block 1's). Q4: [weights 0-15 of block 0, of block 1, weights 16-31 of block 0, of block 1] (the low
+    nibbles of both blocks' 16 bytes, then the high ones); Q8: block 0's 32 weights, then block 1's."""
+    if layout == LAYOUT_Q4:
+        return [(t // 16) % 2 * 32 + (t // 32) * 16 + t % 16 for t in range(64)]
+    return list(range(64))
+
+
+def _lane_blocks(layout):
+    """Which block of the pair each 32-bit lane (four bytes) of a pair register belongs to."""
+    return [_register_order(layout)[4 * lane] // 32 for lane in range(16)]
+
+
+# --- IR helpers -------------------------------------------------------------------------------------
+
+def _dpbusd(builder, acc, unsigned_bytes, signed_bytes):
+    """acc + Σ of four u8·s8 products per 32-bit lane (vpdpbusd, no saturation)."""
+    fnty = ir.FunctionType(_v16i, [_v16i, _v64b, _v64b])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
+    return builder.call(fn, [acc, unsigned_bytes, signed_bytes])
+
+
+def _at(builder, base, byte_offset, vtype, align):
+    ptr = builder.gep(base, [byte_offset])
+    return builder.load(builder.bitcast(ptr, vtype.as_pointer()), align=align)
+
+
+def _splat_i32(value):
+    return ir.Constant(_v16i, [value] * 16)
+
+
+TIMES_256_MASK = [-128 if t % 4 == 0 else t % 16 - 1 for t in range(64)]  # vpshufb: each byte one up in its lane
+
+
+def _times_256(builder, t, mask):
+    """t·256 of int32 lanes (no overflow here) as a byte shuffle inside each lane: vpshufb runs on the
+    shuffle port, beside the multiply-adds, where a shift would compete with them. The mask (TIMES_256_MASK)
+    is read from memory, or LLVM turns the shuffle back into a shift."""
+    fnty = ir.FunctionType(_v64b, [_v64b, _v64b])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.pshuf.b.512")
+    return builder.bitcast(builder.call(fn, [builder.bitcast(t, _v64b), mask]), _v16i)
+
+
+def _lane_sums(builder, v):
+    """<16 x T> sums of each four consecutive elements of a <64 x T> vector (lanes of a pair register)."""
+    total = None
+    for k in range(4):
+        part = builder.shuffle_vector(v, v, ir.Constant(_v16i, list(range(k, 64, 4))))
+        total = part if total is None else (builder.fadd(total, part) if isinstance(v.type.element, ir.FloatType)
+                                            else builder.add(total, part))
+    return total
+
+
+# --- the activation as limbs --------------------------------------------------------------------------
+
+@intrinsic
+def _block_top_bits(typingctx, x_addr):
+    """The largest of the 32 float32 magnitudes at x_addr, as int32 bits (bits order non-negative floats as
+    their values; inf and NaN are above every finite value)."""
+    sig = types.int32(types.intp)
+
+    def codegen(context, builder, signature, args):
+        v32i = ir.VectorType(_i32, 32)
+        bits = builder.load(builder.inttoptr(args[0], v32i.as_pointer()), align=4)
+        mag = builder.and_(bits, ir.Constant(v32i, [0x7FFFFFFF] * 32))
+        umax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_i32, [v32i]),
+                                              "llvm.vector.reduce.umax.v32i32")
+        return builder.call(umax, [mag])
+
+    return sig, codegen
+
+
+def _make_quantize_pair(layout):
+    """Intrinsic (x0_addr, x1_addr, inv0, inv1, s0, s1, record_addr) -> None: one pair record from the two
+    blocks of 32 float32 at x0_addr and x1_addr (inv = 1/s; inv = 0 makes a block zero)."""
+    k_offset = 8 if layout == LAYOUT_Q4 else 128
+
+    @intrinsic
+    def quantize_pair(typingctx, x0_addr, x1_addr, inv0, inv1, s0, s1, record_addr):
+        sig = types.none(types.intp, types.intp, types.float64, types.float64, types.float32, types.float32,
+                         types.intp)
+
+        def codegen(context, builder, signature, args):
+            x0_addr, x1_addr, inv0, inv1, s0, s1, record_addr = args
+            v32f, v32d, v32i = ir.VectorType(_f32, 32), ir.VectorType(ir.DoubleType(), 32), ir.VectorType(_i32, 32)
+            v64i, v64f = ir.VectorType(_i32, 64), ir.VectorType(_f32, 64)
+            rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32d, [v32d]), "llvm.rint.v32f64")
+            ys, xs = [], []
+            for addr, inv in ((x0_addr, inv0), (x1_addr, inv1)):
+                x = builder.load(builder.inttoptr(addr, v32f.as_pointer()), align=4)
+                zero = builder.fcmp_ordered("==", inv, ir.Constant(inv.type, 0.0))
+                xs.append(builder.select(zero, ir.Constant(v32f, [0.0] * 32), x))
+                q = builder.fptosi(builder.call(rint, [builder.fmul(builder.fpext(x, v32d),
+                                                                    simd._splat(builder, inv, 32))]), v32i)
+                ys.append(builder.add(q, ir.Constant(v32i, [DIGIT_BIAS] * 32)))
+            order = ir.Constant(v64i, _register_order(layout))
+            y = builder.shuffle_vector(ys[0], ys[1], order)
+            rec = builder.inttoptr(record_addr, _i8.as_pointer())
+
+            def store(value, offset):
+                ptr = builder.gep(rec, [ir.Constant(_i32, offset)])
+                builder.store(value, builder.bitcast(ptr, value.type.as_pointer()), align=64)
+
+            for i in range(N_LIMBS):
+                u = builder.and_(builder.lshr(y, ir.Constant(v64i, [8 * (N_LIMBS - 1 - i)] * 64)),
+                                 ir.Constant(v64i, [255] * 64))
+                store(builder.trunc(builder.xor(u, ir.Constant(v64i, [128] * 64)), _v64b), 64 * i)
+                limb_sums = _lane_sums(builder, builder.sub(u, ir.Constant(v64i, [128] * 64)))
+                store(builder.mul(limb_sums, _splat_i32(-k_offset)), CORRECTIONS_AT + 64 * i)
+            v2f = ir.VectorType(_f32, 2)
+            ss = builder.insert_element(ir.Constant(v2f, ir.Undefined), s0, ir.Constant(_i32, 0))
+            ss = builder.insert_element(ss, s1, ir.Constant(_i32, 1))
+            store(builder.shuffle_vector(ss, ss, ir.Constant(_v16i, _lane_blocks(layout))), SCALES_AT)
+            store(_lane_sums(builder, builder.shuffle_vector(xs[0], xs[1], order)), SUMS_AT)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return quantize_pair
+
+
+MASK_BYTES = np.array(TIMES_256_MASK, dtype=np.int8).view(np.uint8)
+_quantize_pair_q4 = _make_quantize_pair(LAYOUT_Q4)
+_quantize_pair_q8 = _make_quantize_pair(LAYOUT_Q8)
+
+
+@njit(nogil=True, cache=True)
+def quantize_activation(x, layout):
+    """(buffer, address of the first record, ok): per block pair a record of PAIR_BYTES, 64-byte aligned,
+    in the layout's register order (see the record description above GEOMETRY), then TIMES_256_MASK.
+    A missing last block is zero.
+    ok is False when a block's largest |x| is not finite or outside [TINY, HUGE]."""
+    nb = x.shape[0] // 32
+    n_pairs = (nb + 1) // 2
+    buf = np.empty(n_pairs * PAIR_BYTES + 128 + 16 * n_pairs, dtype=np.uint8)
+    start = (-buf.ctypes.data) % 64
+    end = start + n_pairs * PAIR_BYTES
+    buf[end:end + 64] = MASK_BYTES
+    scratch = buf[end + 64:end + 64 + 16 * n_pairs]
+    scale = scratch[:8 * n_pairs].view(np.float32)  # 2 per pair
+    top = scratch[8 * n_pairs:12 * n_pairs].view(np.int32)
+    top_as_float = scratch[8 * n_pairs:12 * n_pairs].view(np.float32)
+    scale[:] = 0
+    for b in range(nb):
+        top[0] = _block_top_bits(x.ctypes.data + 128 * b)
+        if top[0] == 0:
+            continue
+        amax = np.float64(top_as_float[0])
+        if not (TINY <= amax <= HUGE):  # also inf and NaN
+            return buf, 0, False
+        scale[b] = np.float32(amax / X_MAX)
+    for p in range(n_pairs):
+        x0 = x.ctypes.data + 256 * p
+        x1 = x0 + 128 if 2 * p + 1 < nb else x0
+        s0, s1 = scale[2 * p], scale[2 * p + 1]
+        inv0 = 1.0 / np.float64(s0) if s0 != 0 else 0.0
+        inv1 = 1.0 / np.float64(s1) if s1 != 0 else 0.0
+        record = buf.ctypes.data + start + p * PAIR_BYTES
+        if layout == LAYOUT_Q4:
+            _quantize_pair_q4(x0, x1, inv0, inv1, s0, s1, record)
+        else:
+            _quantize_pair_q8(x0, x1, inv0, inv1, s0, s1, record)
+    return buf, buf.ctypes.data + start, True
+
+
+# --- the row kernel -------------------------------------------------------------------------------------
+
+def _make_row_dot(kind):
+    """Intrinsic (row_addr, records_addr, nb) -> float32: row · x over one row's nb blocks of `kind`, from
+    quantize_activation's records."""
+    block_bytes, qs_offset, k_offset, layout = GEOMETRY[kind]
+
+    @intrinsic
+    def row_dot(typingctx, row_addr, records_addr, nb):
+        sig = types.float32(types.intp, types.intp, types.intp)
+
+        def codegen(context, builder, signature, args):
+            row_addr, records_addr, nb = args
+            rows, records = (builder.inttoptr(a, _i8.as_pointer()) for a in (row_addr, records_addr))
+            intp = nb.type
+            c = lambda v: ir.Constant(intp, v)  # noqa: E731
+            acc = cgutils.alloca_once_value(builder, ir.Constant(_v16f, [0.0] * 16))
+            acc_m = cgutils.alloca_once_value(builder, ir.Constant(_v16f, [0.0] * 16))
+            pattern = _lane_blocks(layout)
+            n_pairs = builder.lshr(builder.add(nb, c(1)), c(1))
+            mask = _at(builder, records, builder.mul(n_pairs, c(PAIR_BYTES)), _v64b, 64)
+
+            def pair(p, b0, b1):
+                start0, start1 = builder.mul(b0, c(block_bytes)), builder.mul(b1, c(block_bytes))
+                rec = builder.mul(p, c(PAIR_BYTES))
+                limb = [_at(builder, records, builder.add(rec, c(64 * i)), _v64b, 64) for i in range(N_LIMBS)]
+                corr = [_at(builder, records, builder.add(rec, c(CORRECTIONS_AT + 64 * i)), _v16i, 64)
+                        if k_offset else _splat_i32(0) for i in range(N_LIMBS)]
+                if layout == LAYOUT_Q4:
+                    v16b = ir.VectorType(_i8, 16)
+                    both = builder.shuffle_vector(_at(builder, rows, builder.add(start0, c(qs_offset)), v16b, 1),
+                                                  _at(builder, rows, builder.add(start1, c(qs_offset)), v16b, 1),
+                                                  ir.Constant(ir.VectorType(_i32, 32), list(range(32))))
+                    low = builder.and_(both, ir.Constant(both.type, [15] * 32))
+                    high = builder.lshr(both, ir.Constant(both.type, [4] * 32))
+                    w = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(_i32, 64), list(range(64))))
+                    t = _dpbusd(builder, corr[0], w, limb[0])
+                    for i in range(1, N_LIMBS):
+                        t = _dpbusd(builder, builder.add(_times_256(builder, t, mask), corr[i]), w, limb[i])
+                    v = builder.sitofp(t, _v16f)
+                else:
+                    v32b = ir.VectorType(_i8, 32)
+                    w = builder.shuffle_vector(_at(builder, rows, builder.add(start0, c(qs_offset)), v32b, 1),
+                                               _at(builder, rows, builder.add(start1, c(qs_offset)), v32b, 1),
+                                               ir.Constant(ir.VectorType(_i32, 64), list(range(64))))
+                    w = builder.xor(w, ir.Constant(_v64b, [-128] * 64))
+                    t = _dpbusd(builder, corr[0], w, limb[0])
+                    t = _dpbusd(builder, builder.add(_times_256(builder, t, mask), corr[1]), w, limb[1])
+                    u = _dpbusd(builder, corr[2], w, limb[2])
+                    v = simd._fmuladd(builder, builder.sitofp(t, _v16f), ir.Constant(_v16f, [256.0] * 16),
+                                      builder.sitofp(u, _v16f))
+                # the blocks' leading halves: d, or d and m for Q4_1
+                n_halves = 2 if kind == "q4_1" else 1
+                head_type = ir.IntType(16 * n_halves)
+                heads = ir.Constant(ir.VectorType(head_type, 2), ir.Undefined)
+                for k, start in enumerate((start0, start1)):
+                    heads = builder.insert_element(heads, _at(builder, rows, start, head_type, 1), ir.Constant(_i32, k))
+                halves = builder.bitcast(heads, ir.VectorType(ir.HalfType(), 2 * n_halves))
+                floats = builder.fpext(halves, ir.VectorType(_f32, 2 * n_halves))
+                d_lanes = builder.shuffle_vector(floats, floats, ir.Constant(_v16i, [n_halves * b for b in pattern]))
+                s_lanes = _at(builder, records, builder.add(rec, c(SCALES_AT)), _v16f, 64)
+                builder.store(simd._fmuladd(builder, v, builder.fmul(d_lanes, s_lanes), builder.load(acc)), acc)
+                if kind == "q4_1":  # a second accumulator: one FMA latency per pair on each chain
+                    m_lanes = builder.shuffle_vector(floats, floats, ir.Constant(_v16i, [2 * b + 1 for b in pattern]))
+                    sums = _at(builder, records, builder.add(rec, c(SUMS_AT)), _v16f, 64)
+                    builder.store(simd._fmuladd(builder, m_lanes, sums, builder.load(acc_m)), acc_m)
+
+            with cgutils.for_range(builder, builder.lshr(nb, c(1))) as loop:
+                p = loop.index
+                pair(p, builder.mul(p, c(2)), builder.add(builder.mul(p, c(2)), c(1)))
+            with builder.if_then(builder.icmp_unsigned("!=", builder.and_(nb, c(1)), c(0))):
+                last = builder.sub(nb, c(1))   # its partner's limbs and sums are zero: read the block twice
+                pair(builder.lshr(nb, c(1)), last, last)
+            return simd._reduce(builder, builder.fadd(builder.load(acc), builder.load(acc_m)))
+
+        return sig, codegen
+
+    return row_dot
+
+
+_row_dot_q4_0 = _make_row_dot("q4_0")
+_row_dot_q4_1 = _make_row_dot("q4_1")
+_row_dot_q8_0 = _make_row_dot("q8_0")
+
+
+# --- matrix × vector ----------------------------------------------------------------------------------
+
+@njit(nogil=True, cache=True)
+def _check(data, block_bytes, x, out):
+    if data.strides[1] != 1 or x.strides[0] != 4:
+        raise ValueError("kernel arrays need contiguous rows (data uint8, x float32)")
+    if x.shape[0] % 32 != 0 or data.shape[1] < x.shape[0] // 32 * block_bytes:
+        raise ValueError("kernel arrays disagree in shape (data rows, x length)")
+    if out.shape[0] != data.shape[0]:
+        raise ValueError("kernel output has the wrong shape")
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def q4_0_matvec(data, x, out):
+    """out = W·x for Q4_0 rows data uint8[n_rows, ≥ nb·18]; False (out untouched) for an x the integer path
+    does not take."""
+    _check(data, 18, x, out)
+    nb = x.shape[0] // 32
+    buf, records, ok = quantize_activation(x, LAYOUT_Q4)
+    if not ok:
+        return False
+    row_addr, row_stride = data.ctypes.data, data.strides[0]
+    for r in prange(data.shape[0]):
+        out[r] = _row_dot_q4_0(row_addr + r * row_stride, records, nb)
+    return buf.size > 0  # True; buf is used here so that it outlives the loop that reads it by address
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def q4_1_matvec(data, x, out):
+    """out = W·x for Q4_1 rows data uint8[n_rows, ≥ nb·20]; False (out untouched) for an x the integer path
+    does not take."""
+    _check(data, 20, x, out)
+    nb = x.shape[0] // 32
+    buf, records, ok = quantize_activation(x, LAYOUT_Q4)
+    if not ok:
+        return False
+    row_addr, row_stride = data.ctypes.data, data.strides[0]
+    for r in prange(data.shape[0]):
+        out[r] = _row_dot_q4_1(row_addr + r * row_stride, records, nb)
+    return buf.size > 0  # True; buf is used here so that it outlives the loop that reads it by address
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def q8_0_matvec(data, x, out):
+    """out = W·x for Q8_0 rows data uint8[n_rows, ≥ nb·34]; False (out untouched) for an x the integer path
+    does not take."""
+    _check(data, 34, x, out)
+    nb = x.shape[0] // 32
+    buf, records, ok = quantize_activation(x, LAYOUT_Q8)
+    if not ok:
+        return False
+    row_addr, row_stride = data.ctypes.data, data.strides[0]
+    for r in prange(data.shape[0]):
+        out[r] = _row_dot_q8_0(row_addr + r * row_stride, records, nb)
+    return buf.size > 0  # True; buf is used here so that it outlives the loop that reads it by address
