@@ -15,9 +15,10 @@ becomes integers instead, once per call, finely enough that nothing is lost beyo
   lane's four limbs), so the lane holds Σ (q - k)·l.
 - Per block pair (64 weights in one 512-bit register, 16 lanes of 4 weights; an odd last block is paired
   with zero limbs): the 4-bit types chain the limbs in one integer, t = ((Σq·l0)·256 + Σq·l1)·256 + Σq·l2,
-  |t| ≤ 4·15·128·65793 < 2^29, exact in int32, converted to float once. Q8_0's lanes reach 4·128·128 per
-  limb, so its top two limbs are chained (< 2^25) and the last one added in float. A float32 accumulator
-  per lane takes t·(d·s) by FMA; Q4_1 adds m·(the lane's Σx) the same way.
+  |t| ≤ 4·15·128·65793 < 2^29, exact in int32 (·256 is a byte shuffle, off the multiply port), converted
+  to float once. Q8_0's lanes reach 4·128·128 per limb, so its top two limbs are chained (< 2^25) and the
+  last one added in float. A float32 accumulator per lane takes t·(d·s) by FMA; Q4_1 adds m·(the lane's
+  Σx) the same way.
 
 Error: besides δ, each output sees a few float32 roundings per block pair (t → float, d·s, the FMA, and
 for Q4_1 the lane sums of x and their FMA) and the final 16-lane reduction: tests/test_vnni.py states the
@@ -60,7 +61,7 @@ CORRECTIONS_AT = SCALES_AT + 64
 SUMS_AT = CORRECTIONS_AT + 64 * N_LIMBS
 PAIR_BYTES = SUMS_AT + 64
 
-_f32, _i8, _i16, _i32 = ir.FloatType(), ir.IntType(8), ir.IntType(16), ir.IntType(32)
+_f32, _i8, _i32 = ir.FloatType(), ir.IntType(8), ir.IntType(32)
 _v16f, _v16i, _v64b = ir.VectorType(_f32, 16), ir.VectorType(_i32, 16), ir.VectorType(_i8, 64)
 
 
@@ -161,7 +162,7 @@ def _make_quantize_pair(layout):
         def codegen(context, builder, signature, args):
             x0_addr, x1_addr, inv0, inv1, s0, s1, record_addr = args
             v32f, v32d, v32i = ir.VectorType(_f32, 32), ir.VectorType(ir.DoubleType(), 32), ir.VectorType(_i32, 32)
-            v64i, v64f = ir.VectorType(_i32, 64), ir.VectorType(_f32, 64)
+            v64i = ir.VectorType(_i32, 64)
             rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32d, [v32d]), "llvm.rint.v32f64")
             ys, xs = [], []
             for addr, inv in ((x0_addr, inv0), (x1_addr, inv1)):
