@@ -166,6 +166,8 @@ class LlamaModel:
                 raise ModelFileError(f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {want}")
         self.tensors = tensors
         self.lora: dict = {}  # run-time adapter deltas by weight name (set_lora)
+        self._rope_rows: dict = {}  # position -> its rope tables (rope_row)
+        self._decode_plan, self._decode_plan_layers = None, None
         self.token_embd = tensors["token_embd.weight"]
         # Tied embeddings: a model without output.weight projects with token_embd.
         self.output = kernels.prepare(tensors.get("output.weight", self.token_embd))
@@ -200,8 +202,10 @@ class LlamaModel:
         n_past = cache.n
         if n_past + b > cache.n_ctx:
             raise ValueError(f"{b} tokens at position {n_past} overflow the context of {cache.n_ctx}")
-        positions = np.arange(n_past, n_past + b, dtype=np.int64)
-        cos, sin = rope_tables(positions, c.rope_dim, c.rope_base)
+        if b == 1:
+            cos, sin = self.rope_row(n_past)
+        else:
+            cos, sin = rope_tables(np.arange(n_past, n_past + b, dtype=np.int64), c.rope_dim, c.rope_base)
         x = np.ascontiguousarray(self.embed(tokens), dtype=np.float32)
         if b == 1:
             decode.run_layers(self.decode_plan(), x[0], cache, cos, sin, c, deltas)
@@ -233,9 +237,17 @@ class LlamaModel:
             up = self.linear(layer.ffn_up, h, deltas, layer.bias.get("ffn_up"))
             x += self.linear(layer.ffn_down, swiglu(gate, up), deltas, layer.bias.get("ffn_down"))
 
+    def rope_row(self, position: int) -> tuple[np.ndarray, np.ndarray]:
+        """rope_tables of one position, kept (a decode step would otherwise spend more on them than on its norms)."""
+        row = self._rope_rows.get(position)
+        if row is None:
+            c = self.config
+            row = self._rope_rows[position] = rope_tables(np.full(1, position, dtype=np.int64), c.rope_dim, c.rope_base)
+        return row
+
     def decode_plan(self) -> decode.LayerPlan:
-        """The layers as the one-token step reads them, built on first use."""
-        if getattr(self, "_decode_plan", None) is None or self._decode_plan_layers is not self.layers:
+        """The layers as the one-token step reads them, built on first use (and again if the layers change)."""
+        if self._decode_plan is None or self._decode_plan_layers is not self.layers:
             self._decode_plan, self._decode_plan_layers = decode.LayerPlan(self.layers), self.layers
         return self._decode_plan
 
