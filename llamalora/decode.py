@@ -31,24 +31,35 @@ class LayerPlan:
     def __init__(self, layers):
         weights = [getattr(layer, slot) for layer in layers for slot in SLOTS]
         self.names = [w.name for w in weights]
+        self.shapes = [(w.n_rows, w.n_cols) for w in weights]
         self.weights, self.keep = dispatch.weight_table(weights)
         self.norms = np.ascontiguousarray(np.stack([np.stack([layer.attn_norm, layer.ffn_norm]) for layer in layers]),
                                           dtype=np.float32)
         biases = [np.ascontiguousarray(layer.bias[slot], dtype=np.float32) if slot in layer.bias else None
                   for layer in layers for slot in SLOTS]
+        for b, (n_rows, _), name in zip(biases, self.shapes, self.names):
+            if b is not None and b.shape != (n_rows,):
+                raise ValueError(f"bias of {name} has shape {b.shape}, expected ({n_rows},)")
         self.biases = float_table([[b] for b in biases])
         self.keep += [b for b in biases if b is not None]
         self.no_lora = np.zeros((len(weights), 6), dtype=np.int64)
         self.lora_tables = {}  # id(deltas) -> (deltas, table): the dict is kept so that its id stays its own
 
     def lora_table(self, deltas: dict | None) -> np.ndarray:
-        """int64[n_slots, 6]: (address, rows, cols) of A and of s·B per layer weight, zeros where no delta.
-        The arrays are those of `deltas`, which the caller keeps alive while it runs the step."""
+        """int64[n_slots, 6]: (address, rows, cols) of A and of s·Bᵀ per layer weight, zeros where no delta.
+        The arrays are those of `deltas` (checked here: the step reads them by address, without bounds), which the
+        caller keeps alive and unchanged while it uses them."""
         if not deltas:
             return self.no_lora
         found = self.lora_tables.get(id(deltas))
         if found is not None and found[0] is deltas:
             return found[1]
+        for name, (n_rows, n_cols) in zip(self.names, self.shapes):
+            if name in deltas:
+                a, scaled_bt = deltas[name]
+                if a.ndim != 2 or a.shape[1] != n_cols or scaled_bt.shape != (a.shape[0], n_rows):
+                    raise ValueError(f"LoRA delta of {name}: A {a.shape} and s·Bᵀ {scaled_bt.shape} do not fit "
+                                     f"a {n_rows} × {n_cols} weight")
         table = float_table([list(deltas[name]) if name in deltas else [None, None] for name in self.names])
         while len(self.lora_tables) >= LORA_TABLES_KEPT:
             self.lora_tables.pop(next(iter(self.lora_tables)))

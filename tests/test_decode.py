@@ -111,3 +111,13 @@ def test_cache_follows_the_files_it_is_told(tmp_path):
     dispatch.cache_follows(_cached_twice, [str(source)])
     assert _cached_twice._cache._cache_file._source_stamp != before
     assert _cached_twice(3) == 6
+
+
+def test_deltas_of_the_wrong_shape_are_refused(tmp_path):
+    """The step reads deltas by address: a misfit must be an error, not a read past an array."""
+    model = load_model(make_tiny_llama(tmp_path / "m.gguf"), progress=False).model
+    deltas = random_deltas(model, 4)
+    a, scaled_bt = deltas["blk.1.ffn_down.weight"]
+    deltas["blk.1.ffn_down.weight"] = (a, np.ascontiguousarray(scaled_bt[:, :-1]))
+    with pytest.raises(ValueError, match="ffn_down"):
+        model.forward([3], model.new_cache(8), lora=deltas)
