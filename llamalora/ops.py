@@ -63,6 +63,15 @@ def swiglu(gate, up):
     return out
 
 
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _dot(a, b):
+    """a · b in float32, summed in whatever order vectorizes (a query-key score: head_dim products)."""
+    s = np.float32(0.0)
+    for d in range(a.shape[0]):
+        s += a[d] * b[d]
+    return s
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def attention(q, k_cache, v_cache, n_past, out):
     """Causal grouped-query attention of b new queries over the cache (which already holds them).
@@ -81,10 +90,7 @@ def attention(q, k_cache, v_cache, n_past, out):
         scores = np.empty(n_keys, dtype=np.float32)
         best = -np.inf
         for j in range(n_keys):
-            s = np.float32(0.0)
-            for d in range(head_dim):
-                s += q[t, h, d] * k_cache[j, kv, d]
-            s *= scale
+            s = _dot(q[t, h], k_cache[j, kv]) * scale
             scores[j] = s
             best = max(best, s)
         total = np.float32(0.0)
