@@ -5,14 +5,13 @@ for it), grouped-query attention and a SwiGLU feed-forward. Activations stay in 
 the weights stay in their file type and are read by llamalora.kernels block by block.
 """
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
-from numba import njit, prange
 
-from . import kernels
+from . import decode, kernels
 from .errors import ModelFileError
+from .ops import attention, rms_norm, rope_inplace, rope_tables, swiglu  # noqa: F401 (rope_tables: finetune)
 from .tensor import Tensor
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -120,6 +119,7 @@ class LayerWeights:
     ffn_gate: kernels.Weight
     ffn_up: kernels.Weight
     ffn_down: kernels.Weight
+    bias: dict = field(default_factory=dict)  # part name -> float32[n_rows] added after that linear (none for llama)
 
 
 LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
@@ -166,6 +166,8 @@ class LlamaModel:
                 raise ModelFileError(f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {want}")
         self.tensors = tensors
         self.lora: dict = {}  # run-time adapter deltas by weight name (set_lora)
+        self._rope_rows: dict = {}  # position -> its rope tables (rope_row)
+        self._decode_plan, self._decode_plan_layers = None, None
         self.token_embd = tensors["token_embd.weight"]
         # Tied embeddings: a model without output.weight projects with token_embd.
         self.output = kernels.prepare(tensors.get("output.weight", self.token_embd))
@@ -200,47 +202,78 @@ class LlamaModel:
         n_past = cache.n
         if n_past + b > cache.n_ctx:
             raise ValueError(f"{b} tokens at position {n_past} overflow the context of {cache.n_ctx}")
-        positions = np.arange(n_past, n_past + b, dtype=np.int64)
-        cos, sin = rope_tables(positions, c.rope_dim, c.rope_base)
-        x = self.embed(tokens)
-        attn_out = np.empty((b, c.n_head, c.head_dim), dtype=np.float32)
-        for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.attn_norm, c.rms_eps)
-            q = self.linear(layer.attn_q, h, deltas).reshape(b, c.n_head, c.head_dim)
-            k = self.linear(layer.attn_k, h, deltas).reshape(b, c.n_head_kv, c.head_dim)
-            v = self.linear(layer.attn_v, h, deltas).reshape(b, c.n_head_kv, c.head_dim)
-            rope_inplace(q, cos, sin)
-            rope_inplace(k, cos, sin)
-            cache.k[i, n_past : n_past + b] = k
-            cache.v[i, n_past : n_past + b] = v
-            attention(q, cache.k[i], cache.v[i], n_past, attn_out)
-            x += self.linear(layer.attn_output, attn_out.reshape(b, c.dim), deltas)
-            h = rms_norm(x, layer.ffn_norm, c.rms_eps)
-            gate = self.linear(layer.ffn_gate, h, deltas)
-            up = self.linear(layer.ffn_up, h, deltas)
-            x += self.linear(layer.ffn_down, swiglu(gate, up), deltas)
+        if b == 1:
+            cos, sin = self.rope_row(n_past)
+        else:
+            cos, sin = rope_tables(np.arange(n_past, n_past + b, dtype=np.int64), c.rope_dim, c.rope_base)
+        x = np.ascontiguousarray(self.embed(tokens), dtype=np.float32)
+        if b == 1:
+            decode.run_layers(self.decode_plan(), x[0], cache, cos, sin, c, deltas)
+        else:
+            self.forward_batch(x, cache, cos, sin, deltas)
         cache.n = n_past + b
         if not all_logits:
             x = x[-1:]
         return self.linear(self.output, rms_norm(x, self.output_norm, c.rms_eps), deltas)
 
-    def linear(self, weight: kernels.Weight, x: np.ndarray, deltas: dict) -> np.ndarray:
-        """y = x @ W.T (+ Σ s·(x @ A.T) @ B.T for run-time adapters); W stays in its file type."""
+    def forward_batch(self, x: np.ndarray, cache: KVCache, cos, sin, deltas: dict) -> None:
+        """x float32[b, dim] ← the hidden states after every layer, op by op (a prompt batch)."""
+        c = self.config
+        b, n_past = x.shape[0], cache.n
+        attn_out = np.empty((b, c.n_head, c.head_dim), dtype=np.float32)
+        for i, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.attn_norm, c.rms_eps)
+            q = self.linear(layer.attn_q, h, deltas, layer.bias.get("attn_q")).reshape(b, c.n_head, c.head_dim)
+            k = self.linear(layer.attn_k, h, deltas, layer.bias.get("attn_k")).reshape(b, c.n_head_kv, c.head_dim)
+            v = self.linear(layer.attn_v, h, deltas, layer.bias.get("attn_v")).reshape(b, c.n_head_kv, c.head_dim)
+            rope_inplace(q, cos, sin)
+            rope_inplace(k, cos, sin)
+            cache.k[i, n_past : n_past + b] = k
+            cache.v[i, n_past : n_past + b] = v
+            attention(q, cache.k[i], cache.v[i], n_past, attn_out)
+            x += self.linear(layer.attn_output, attn_out.reshape(b, c.dim), deltas, layer.bias.get("attn_output"))
+            h = rms_norm(x, layer.ffn_norm, c.rms_eps)
+            gate = self.linear(layer.ffn_gate, h, deltas, layer.bias.get("ffn_gate"))
+            up = self.linear(layer.ffn_up, h, deltas, layer.bias.get("ffn_up"))
+            x += self.linear(layer.ffn_down, swiglu(gate, up), deltas, layer.bias.get("ffn_down"))
+
+    def rope_row(self, position: int) -> tuple[np.ndarray, np.ndarray]:
+        """rope_tables of one position, kept (a decode step would otherwise spend more on them than on its norms)."""
+        row = self._rope_rows.get(position)
+        if row is None:
+            c = self.config
+            row = self._rope_rows[position] = rope_tables(np.full(1, position, dtype=np.int64), c.rope_dim, c.rope_base)
+        return row
+
+    def decode_plan(self) -> decode.LayerPlan:
+        """The layers as the one-token step reads them, built on first use (and again if the layers change)."""
+        if self._decode_plan is None or self._decode_plan_layers is not self.layers:
+            self._decode_plan, self._decode_plan_layers = decode.LayerPlan(self.layers), self.layers
+        return self._decode_plan
+
+    def linear(self, weight: kernels.Weight, x: np.ndarray, deltas: dict, bias: np.ndarray | None = None) -> np.ndarray:
+        """y = x @ W.T (+ bias) (+ Σ s·(x @ A.T) @ B.T for run-time adapters); W stays in its file type."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], weight.n_rows), dtype=np.float32)
         if x.shape[0] == 1:
             kernels.matvec(weight, x[0], out[0])
         else:
             kernels.matmul(weight, x, out)
+        if bias is not None:
+            out += bias
         delta = deltas.get(weight.name) if deltas else None
         if delta is not None:
-            a, scaled_b = delta
-            out += (x @ a.T) @ scaled_b.T
+            a, scaled_bt = delta
+            if x.shape[0] == 1:
+                kernels.add_low_rank_matvec(a, scaled_bt, x[0], out[0])
+            else:
+                out += (x @ a.T) @ scaled_bt
         return out
 
     def lora_deltas(self, adapters, scales=None) -> dict:
-        """Run-time deltas {weight name: (A stacked over adapters, s·B stacked)} for adapters at scales
-        (default: each adapter's own). Cheap: no weight is touched, so any request may have its own."""
+        """Run-time deltas {weight name: (A stacked over adapters, s·B stacked and transposed: [r, n_rows])} for
+        adapters at scales (default: each adapter's own). Cheap: no weight is touched, so any request may have
+        its own."""
         scales = [1.0] * len(adapters) if scales is None else list(scales)
         deltas = {}
         names = {name for adapter in adapters for name in adapter.tensors}
@@ -249,7 +282,7 @@ class LlamaModel:
                      for t in [adapter.tensors.get(name)] if t is not None and t.scale * user != 0]
             if pairs:
                 deltas[name] = (np.ascontiguousarray(np.concatenate([a for a, _ in pairs]), dtype=np.float32),
-                                np.ascontiguousarray(np.concatenate([b for _, b in pairs], axis=1), dtype=np.float32))
+                                np.ascontiguousarray(np.concatenate([b for _, b in pairs], axis=1).T, dtype=np.float32))
         return deltas
 
     def set_lora(self, adapters, scales=None) -> None:
@@ -259,94 +292,3 @@ class LlamaModel:
 
 def as_f32_vector(t: Tensor) -> np.ndarray:
     return np.ascontiguousarray(kernels.dequantize(t.type, t.data, t.n_cols).reshape(-1), dtype=np.float32)
-
-
-def rope_tables(positions: np.ndarray, rope_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin float32[len(positions), rope_dim // 2] of angle pos * base^(-2i/rope_dim).
-
-    The frequencies are formed in float32 as transformers forms them, so that our angles match its angles.
-    """
-    inv_freq = (1.0 / (np.float32(base) ** (np.arange(0, rope_dim, 2, dtype=np.float32) / np.float32(rope_dim)))).astype(
-        np.float32
-    )
-    angles = positions.astype(np.float32)[:, None] * inv_freq[None, :]
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-
-
-@njit(cache=True, nogil=True)
-def rope_inplace(x, cos, sin):
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of every head of x float32[b, heads, head_dim] by the angle of row t."""
-    b, n_heads, _ = x.shape
-    half = cos.shape[1]
-    for t in range(b):
-        for h in range(n_heads):
-            for i in range(half):
-                x0 = x[t, h, 2 * i]
-                x1 = x[t, h, 2 * i + 1]
-                c = cos[t, i]
-                s = sin[t, i]
-                x[t, h, 2 * i] = x0 * c - x1 * s
-                x[t, h, 2 * i + 1] = x0 * s + x1 * c
-
-
-@njit(cache=True, nogil=True)
-def rms_norm(x, weight, eps):
-    b, n = x.shape
-    out = np.empty_like(x)
-    for t in range(b):
-        acc = 0.0
-        for j in range(n):
-            acc += np.float64(x[t, j]) * x[t, j]
-        scale = np.float32(1.0 / math.sqrt(acc / n + eps))
-        for j in range(n):
-            out[t, j] = weight[j] * (x[t, j] * scale)
-    return out
-
-
-@njit(cache=True, nogil=True)
-def swiglu(gate, up):
-    out = np.empty_like(gate)
-    b, n = gate.shape
-    for t in range(b):
-        for j in range(n):
-            g = gate[t, j]
-            out[t, j] = g / (np.float32(1.0) + np.exp(-g)) * up[t, j]
-    return out
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def attention(q, k_cache, v_cache, n_past, out):
-    """Causal grouped-query attention of b new queries over the cache (which already holds them).
-
-    q, out: float32[b, n_head, head_dim]; k_cache, v_cache: float32[n_ctx, n_head_kv, head_dim].
-    Query t sits at position n_past + t and sees keys 0..n_past + t.
-    """
-    b, n_head, head_dim = q.shape
-    group = n_head // k_cache.shape[1]
-    scale = np.float32(1.0 / math.sqrt(head_dim))
-    for task in prange(b * n_head):
-        t = task // n_head
-        h = task % n_head
-        kv = h // group
-        n_keys = n_past + t + 1
-        scores = np.empty(n_keys, dtype=np.float32)
-        best = -np.inf
-        for j in range(n_keys):
-            s = np.float32(0.0)
-            for d in range(head_dim):
-                s += q[t, h, d] * k_cache[j, kv, d]
-            s *= scale
-            scores[j] = s
-            best = max(best, s)
-        total = np.float32(0.0)
-        for j in range(n_keys):
-            e = np.float32(math.exp(scores[j] - best))
-            scores[j] = e
-            total += e
-        acc = np.zeros(head_dim, dtype=np.float32)
-        for j in range(n_keys):
-            w = scores[j] / total
-            for d in range(head_dim):
-                acc[d] += w * v_cache[j, kv, d]
-        for d in range(head_dim):
-            out[t, h, d] = acc[d]

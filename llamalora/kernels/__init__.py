@@ -118,6 +118,12 @@ def add_low_rank(w: np.ndarray, a: np.ndarray, scaled_b: np.ndarray) -> None:
     dense.add_low_rank(w, np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(scaled_b, dtype=np.float32))
 
 
+def add_low_rank_matvec(a: np.ndarray, scaled_bt: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    """out += (a @ x) @ scaled_bt in place for one token x float32[n_cols] (a run-time LoRA delta;
+    scaled_bt is s·B transposed, float32[r, n_rows])."""
+    dense.add_low_rank_matvec(a, scaled_bt, x, out)
+
+
 MERGE_SOURCES = {GGMLType.F16: dense.SOURCE_F16, GGMLType.F32: dense.SOURCE_F32}
 MERGE_TARGETS = {GGMLType.Q4_0: dense.TARGET_Q4_0, GGMLType.Q4_1: dense.TARGET_Q4_1, GGMLType.Q8_0: dense.TARGET_Q8_0,
                  GGMLType.F16: dense.TARGET_F16, GGMLType.F32: dense.TARGET_F32}

@@ -141,3 +141,44 @@ def merge_low_rank_rows(src, src_kind, a_packed, scaled_b, target_kind, out, til
                     out[i] = float_to_half_bits(w[h]).view(np.uint8)
                 else:
                     out[i] = w[h].view(np.uint8)
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def _low_rank_product(a, scaled_bt, x, delta):
+    """delta = (a @ x) @ scaled_bt, four ranks at a time: four rows of a share each load of x and four rows of
+    scaled_bt each pass over delta (four streams from memory at once keep more loads in flight)."""
+    r, n_cols = a.shape
+    t = np.zeros(r + 3, dtype=np.float32)
+    for k in range(0, r - 3, 4):
+        s0 = s1 = s2 = s3 = np.float32(0.0)
+        for j in range(n_cols):
+            xj = x[j]
+            s0 += a[k, j] * xj
+            s1 += a[k + 1, j] * xj
+            s2 += a[k + 2, j] * xj
+            s3 += a[k + 3, j] * xj
+        t[k], t[k + 1], t[k + 2], t[k + 3] = s0, s1, s2, s3
+    for k in range(r - r % 4, r):
+        s = np.float32(0.0)
+        for j in range(n_cols):
+            s += a[k, j] * x[j]
+        t[k] = s
+    delta[:] = 0
+    for k in range(0, r - 3, 4):
+        t0, t1, t2, t3 = t[k], t[k + 1], t[k + 2], t[k + 3]
+        for i in range(delta.shape[0]):
+            delta[i] += (t0 * scaled_bt[k, i] + t1 * scaled_bt[k + 1, i]) + (t2 * scaled_bt[k + 2, i]
+                                                                             + t3 * scaled_bt[k + 3, i])
+    for k in range(r - r % 4, r):
+        for i in range(delta.shape[0]):
+            delta[i] += t[k] * scaled_bt[k, i]
+
+
+@njit(nogil=True, cache=True)
+def add_low_rank_matvec(a, scaled_bt, x, out):
+    """out += (a @ x) @ scaled_bt for one token x float32[n_cols]: a run-time LoRA delta, a [r, n_cols] and
+    scaled_bt [r, n_rows] (s·B transposed, so that both factors are read row by row, once). One thread: a
+    delta is small (r·(n_rows + n_cols) values) and a parallel launch per delta would cost more than it saves."""
+    delta = np.empty(out.shape[0], dtype=np.float32)
+    _low_rank_product(a, scaled_bt, x, delta)
+    out += delta

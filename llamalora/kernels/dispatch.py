@@ -1,0 +1,176 @@
+"""W·x for a weight of any type from compiled code: the type as an integer, its arrays in one uniform form.
+
+Compiled callers (the one-token decode step) hold many weights of different types side by side. numba's typed
+lists would do, but building them compiles their methods in every new process (about a second), so weights
+are rows of an int64 table instead (`weight_table`): the arrays' addresses and shapes, turned back into
+arrays inside compiled code (`matvec_entry`). The caller keeps the arrays alive (the table's `keep`).
+Every weight is described by the same five things (`uniform_arrays`):
+
+    kind     the ggml type id
+    data     uint8[n_rows, row_nbytes]: the raw rows (an empty array for F32/F16, widened at load)
+    scale    float32[n_rows, n_scales]: the type's widened block scales (empty where the type has none)
+    minimum  float32[n_rows, n_scales]: its minima (what the type's prepare passes; empty where it has none)
+    dense    float32[n_rows, n_cols]: F32/F16 weights widened once (empty for the other types)
+
+`matvec` branches on kind and calls the type's own kernel, so the kernels stay those of the type modules.
+"""
+
+import glob
+import os
+
+import numpy as np
+from gguf import GGMLQuantizationType as GGMLType
+from numba import carray, njit, types
+from numba.core.caching import NullCache
+from numba.extending import intrinsic
+
+from . import bf16, dense, iq4_nl, q2_k, q3_k, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0, simd, vnni
+
+# A compile-time constant: numba prunes the untaken branch, so the AVX-512 VNNI kernels are compiled only on
+# hosts that run them (and LLAMALORA_KERNELS=portable takes them out); cache_follows keys the cache on it.
+INTEGER_KERNELS = vnni.ENABLED
+
+F32, F16, BF16 = int(GGMLType.F32), int(GGMLType.F16), int(GGMLType.BF16)
+Q4_0, Q4_1, Q8_0 = int(GGMLType.Q4_0), int(GGMLType.Q4_1), int(GGMLType.Q8_0)
+Q5_0, Q5_1, IQ4_NL = int(GGMLType.Q5_0), int(GGMLType.Q5_1), int(GGMLType.IQ4_NL)
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = (int(GGMLType.Q2_K), int(GGMLType.Q3_K), int(GGMLType.Q4_K), int(GGMLType.Q5_K),
+                                int(GGMLType.Q6_K))
+# Types whose prepared arrays are (data, scale, minimum) read by the type module's compiled `_matvec`
+SCALED_BLOCKS = {Q2_K: q2_k, Q3_K: q3_k, Q4_K: q4_k, Q5_K: q5_k, Q6_K: q6_k, Q5_0: q5_0, Q5_1: q5_1, IQ4_NL: iq4_nl}
+
+KERNEL_SOURCES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "*.py")))
+
+
+def cache_follows(dispatcher, source_files) -> None:
+    """Make a cached compiled function stale whenever one of source_files changes.
+
+    numba checks a cached function against its own file only, and the machine code of the functions it calls is
+    saved with it: a compiled caller of kernels in other files would go on running their old code after they
+    change (with other prepared arrays, wrong results). Its cache stamp gets the files' stamps added; where
+    numba's cache does not look as expected, the function is simply not cached."""
+    cache_file = getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
+    if cache_file is None or not hasattr(cache_file, "_source_stamp"):
+        dispatcher._cache = NullCache()
+        return
+    stamps = tuple((st.st_mtime, st.st_size) for st in map(os.stat, source_files)) + (("vnni", INTEGER_KERNELS),)
+    cache_file._source_stamp = (cache_file._source_stamp, stamps)
+
+
+NO_BYTES = np.empty((0, 0), dtype=np.uint8)
+NO_FLOATS = np.empty((0, 0), dtype=np.float32)
+
+
+def uniform_arrays(weight) -> tuple:
+    """(kind, data, scale, minimum, dense) of a kernels.Weight, every array C-contiguous (no copy for the
+    prepared arrays, which already are)."""
+    kind, prepared = int(weight.type), weight.prepared
+    if kind in (F32, F16):
+        arrays = (NO_BYTES, NO_FLOATS, NO_FLOATS, prepared[0])
+    elif kind == BF16:
+        arrays = (prepared[0].view(np.uint8), NO_FLOATS, NO_FLOATS, NO_FLOATS)
+    elif kind == Q8_0:
+        arrays = (prepared[0], prepared[1], NO_FLOATS, NO_FLOATS)
+    elif kind in (Q4_0, Q4_1) or kind in SCALED_BLOCKS:
+        arrays = (prepared[0], prepared[1], prepared[2], NO_FLOATS)
+    else:
+        raise ValueError(f"no compiled matvec for {weight.type.name}")
+    data, scale, minimum, widened = (np.ascontiguousarray(a) for a in arrays)
+    return kind, data, scale, minimum, widened
+
+
+@njit(nogil=True, cache=True)
+def matvec(kind, data, scale, minimum, widened, x, out):
+    """out float32[n_rows] = W · x, W given as uniform_arrays gives it."""
+    if kind == Q4_1:
+        if not (INTEGER_KERNELS and vnni.q4_1_matvec(data, x, out)):  # the integer kernel declines extreme x
+            simd.q4_matvec(data, scale, minimum, q4_1.QS_OFFSET, q4_1.TYPE_SIZE, x, out)
+    elif kind == Q4_0:
+        if not (INTEGER_KERNELS and vnni.q4_0_matvec(data, x, out)):
+            simd.q4_matvec(data, scale, minimum, q4_0.QS_OFFSET, q4_0.TYPE_SIZE, x, out)
+    elif kind == Q8_0:
+        if not (INTEGER_KERNELS and vnni.q8_0_matvec(data, x, out)):
+            simd.q8_matvec(data, scale, x, out)
+    elif kind == F32 or kind == F16:
+        dense.matvec(widened, x, out)
+    elif kind == Q4_K:
+        q4_k._matvec(data, scale, minimum, x, out)
+    elif kind == Q6_K:
+        q6_k._matvec(data, scale, minimum, x, out)
+    elif kind == Q5_K:
+        q5_k._matvec(data, scale, minimum, x, out)
+    elif kind == Q3_K:
+        q3_k._matvec(data, scale, minimum, x, out)
+    elif kind == Q2_K:
+        q2_k._matvec(data, scale, minimum, x, out)
+    elif kind == Q5_0:
+        q5_0._matvec(data, scale, minimum, x, out)
+    elif kind == Q5_1:
+        q5_1._matvec(data, scale, minimum, x, out)
+    elif kind == IQ4_NL:
+        iq4_nl._matvec(data, scale, minimum, x, out)
+    elif kind == BF16:
+        bf16.bf16_matvec(data.view(np.uint16), x, out)
+    else:
+        raise ValueError("no compiled matvec for this weight type")
+
+
+# --- weights and float matrices by address ----------------------------------------------------------------
+
+ENTRY_FIELDS = 13  # kind, then (address, rows, cols) of data, scale, minimum, dense
+
+
+def matrix_entry(a: np.ndarray) -> list[int]:
+    """(address, rows, cols) of a C-contiguous 2-D array (a 1-D one counts as one row)."""
+    if not a.flags.c_contiguous:
+        raise ValueError("table arrays must be C-contiguous")
+    rows, cols = (1, a.shape[0]) if a.ndim == 1 else a.shape
+    return [a.ctypes.data, rows, cols]
+
+
+def weight_table(weights) -> tuple[np.ndarray, list]:
+    """int64[len(weights), ENTRY_FIELDS] describing kernels.Weight objects for matvec_entry, and the arrays
+    it points into (they must outlive every use of the table)."""
+    table = np.zeros((len(weights), ENTRY_FIELDS), dtype=np.int64)
+    keep = []
+    for i, weight in enumerate(weights):
+        kind, *arrays = uniform_arrays(weight)
+        table[i, 0] = kind
+        for j, a in enumerate(arrays):
+            table[i, 1 + 3 * j:4 + 3 * j] = matrix_entry(a)
+        keep += arrays
+    return table, keep
+
+
+@intrinsic
+def _pointer(typingctx, address, dtype):
+    """A typed pointer to `address` (intp), element type the numba type `dtype`."""
+    target = dtype.dtype if isinstance(dtype, types.DTypeSpec) else dtype.key
+    sig = types.CPointer(target)(types.intp, dtype)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True)
+def float_matrix(address, rows, cols):
+    """The float32[rows, cols] C array at address (no copy, no ownership)."""
+    return carray(_pointer(address, np.float32), (rows, cols))
+
+
+@njit(nogil=True, cache=True)
+def byte_matrix(address, rows, cols):
+    return carray(_pointer(address, np.uint8), (rows, cols))
+
+
+@njit(nogil=True, cache=True)
+def matvec_entry(table, i, x, out):
+    """out = W · x for the weight in row i of a weight_table."""
+    e = table[i]
+    matvec(e[0], byte_matrix(e[1], e[2], e[3]), float_matrix(e[4], e[5], e[6]), float_matrix(e[7], e[8], e[9]),
+           float_matrix(e[10], e[11], e[12]), x, out)
+
+
+for _function in (matvec, matvec_entry):
+    cache_follows(_function, KERNEL_SOURCES)

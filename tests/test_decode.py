@@ -1,0 +1,123 @@
+"""The one-token step (decode.py) against the op-by-op forward pass it replaces for single tokens."""
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from numba import njit
+from tiny_model import make_tiny_llama
+
+from llamalora.kernels import dispatch
+from llamalora.loader import load_model
+from llamalora.llama import rms_norm, rope_tables
+
+TOKENS = [5, 17, 42, 99, 7, 130]
+
+
+def op_by_op(model, token, cache, deltas):
+    """Logits of one token through LlamaModel.forward_batch (the path prompt batches take)."""
+    c = model.config
+    x = np.ascontiguousarray(model.embed(np.array([token])), dtype=np.float32)
+    cos, sin = rope_tables(np.arange(cache.n, cache.n + 1), c.rope_dim, c.rope_base)
+    model.forward_batch(x, cache, cos, sin, deltas)
+    cache.n += 1
+    return model.linear(model.output, rms_norm(x, model.output_norm, c.rms_eps), deltas)
+
+
+def both_paths(model, deltas):
+    """(decode logits, op-by-op logits, decode cache, op-by-op cache) over TOKENS after a 3-token prompt."""
+    fused, plain = model.new_cache(32), model.new_cache(32)
+    model.forward([1, 2, 3], fused, lora=deltas)
+    model.forward([1, 2, 3], plain, lora=deltas)
+    got = np.concatenate([model.forward([t], fused, lora=deltas) for t in TOKENS])
+    want = np.concatenate([op_by_op(model, t, plain, deltas) for t in TOKENS])
+    return got, want, fused, plain
+
+
+def random_deltas(model, rank, seed=0):
+    """Run-time deltas in lora_deltas' form on every layer weight: (A [r, n_cols], s·Bᵀ [r, n_rows])."""
+    rng = np.random.default_rng(seed)
+    deltas = {}
+    for layer in model.layers:
+        for w in (layer.attn_q, layer.attn_k, layer.attn_v, layer.attn_output, layer.ffn_gate, layer.ffn_up,
+                  layer.ffn_down):
+            deltas[w.name] = ((rng.standard_normal((rank, w.n_cols)) * 0.1).astype(np.float32),
+                              (rng.standard_normal((rank, w.n_rows)) * 0.1).astype(np.float32))
+    return deltas
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0, T.F16, T.Q4_K, T.Q6_K, T.Q5_0, T.BF16])
+def test_one_token_step_equals_op_by_op(tmp_path, qtype):
+    model = load_model(make_tiny_llama(tmp_path / "m.gguf", qtype=qtype, dim=256, n_ff=512), progress=False).model
+    got, want, fused, plain = both_paths(model, {})
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(fused.k[:, :fused.n], plain.k[:, :plain.n])
+    np.testing.assert_array_equal(fused.v[:, :fused.n], plain.v[:, :plain.n])
+
+
+@pytest.mark.parametrize("rank", [16, 5])
+def test_runtime_lora_in_the_step(tmp_path, rank):
+    model = load_model(make_tiny_llama(tmp_path / "m.gguf"), progress=False).model
+    deltas = random_deltas(model, rank)
+    got, want, _, _ = both_paths(model, deltas)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    without, _, _, _ = both_paths(model, {})
+    assert np.abs(got - without).max() > 0.01  # the deltas did change the logits
+
+
+def test_step_deltas_are_per_call(tmp_path):
+    """Two contexts with different deltas, interleaved token by token, each get what they get alone."""
+    model = load_model(make_tiny_llama(tmp_path / "m.gguf"), progress=False).model
+    sets = [random_deltas(model, 4, seed=1), {}, random_deltas(model, 8, seed=2)]
+    alone = [both_paths(model, d)[0] for d in sets]
+    caches = [model.new_cache(32) for _ in sets]
+    for cache, d in zip(caches, sets):
+        model.forward([1, 2, 3], cache, lora=d)
+    mixed = [[] for _ in sets]
+    for t in TOKENS:
+        for i, (cache, d) in enumerate(zip(caches, sets)):
+            mixed[i].append(model.forward([t], cache, lora=d))
+    for i in range(len(sets)):
+        np.testing.assert_array_equal(np.concatenate(mixed[i]), alone[i])
+
+
+def test_biases_are_added_in_the_step(tmp_path):
+    model = load_model(make_tiny_llama(tmp_path / "m.gguf"), progress=False).model
+    rng = np.random.default_rng(3)
+    for layer in model.layers:
+        layer.bias = {part: rng.standard_normal(getattr(layer, part).n_rows).astype(np.float32)
+                      for part in ("attn_q", "attn_k", "attn_v")}
+    model.layers = list(model.layers)  # a new plan is built for the changed layers
+    got, want, _, _ = both_paths(model, {})
+    np.testing.assert_array_equal(got, want)
+    for layer in model.layers:
+        layer.bias = {}
+    model.layers = list(model.layers)
+    assert np.abs(both_paths(model, {})[0] - got).max() > 0.01
+
+
+@njit(cache=True)
+def _cached_twice(x):
+    return 2 * x
+
+
+def test_cache_follows_the_files_it_is_told(tmp_path):
+    """A compiled caller's cache stamp changes when a file it depends on changes (else it would keep old code)."""
+    source = tmp_path / "kernel.py"
+    source.write_text("a = 1\n")
+    dispatch.cache_follows(_cached_twice, [str(source)])
+    before = _cached_twice._cache._cache_file._source_stamp
+    source.write_text("a = 1  # changed\n")
+    _cached_twice.enable_caching()
+    dispatch.cache_follows(_cached_twice, [str(source)])
+    assert _cached_twice._cache._cache_file._source_stamp != before
+    assert _cached_twice(3) == 6
+
+
+def test_deltas_of_the_wrong_shape_are_refused(tmp_path):
+    """The step reads deltas by address: a misfit must be an error, not a read past an array."""
+    model = load_model(make_tiny_llama(tmp_path / "m.gguf"), progress=False).model
+    deltas = random_deltas(model, 4)
+    a, scaled_bt = deltas["blk.1.ffn_down.weight"]
+    deltas["blk.1.ffn_down.weight"] = (a, np.ascontiguousarray(scaled_bt[:, :-1]))
+    with pytest.raises(ValueError, match="ffn_down"):
+        model.forward([3], model.new_cache(8), lora=deltas)
