@@ -3,6 +3,9 @@
 RMSNorm, RoPE in GGUF's layout (adjacent pairs rotate together: the converter permuted the q/k rows
 for it), grouped-query attention and a SwiGLU feed-forward. Activations stay in float32 throughout;
 the weights stay in their file type and are read by llamalora.kernels block by block.
+
+Qwen2 is the same network with biases on the q, k and v projections and llama.cpp's NEOX RoPE: its
+converter leaves q/k rows in Hugging Face's order, so feature i pairs with feature i + rope_dim/2.
 """
 
 import math
@@ -15,7 +18,12 @@ from . import kernels
 from .errors import ModelFileError
 from .tensor import Tensor
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+# Architectures whose q/k rows are in Hugging Face's order (llama.cpp's LLAMA_ROPE_TYPE_NEOX).
+NEOX_ROPE_ARCHITECTURES = ("qwen2",)
+# Biases an architecture must have (llama.cpp requires them for qwen2; a llama file may carry them too).
+REQUIRED_BIASES = {"qwen2": ("attn_q", "attn_k", "attn_v")}
+BIAS_PARTS = ("attn_q", "attn_k", "attn_v")
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,8 @@ class LlamaConfig:
     rope_base: float
     rope_dim: int
     rms_eps: float
+    architecture: str = "llama"
+    rope_neox: bool = False  # rotate pairs (i, i + rope_dim/2) instead of (2i, 2i + 1)
 
     @property
     def head_dim(self) -> int:
@@ -65,6 +75,8 @@ class LlamaConfig:
             rope_base=float(metadata.get(f"{arch}.rope.freq_base", 10000.0)),
             rope_dim=int(metadata.get(f"{arch}.rope.dimension_count", dim // n_head)),
             rms_eps=float(need("attention.layer_norm_rms_epsilon")),
+            architecture=arch,
+            rope_neox=arch in NEOX_ROPE_ARCHITECTURES,
         )
         if n_head <= 0 or dim % n_head or n_head_kv <= 0 or n_head % n_head_kv:
             raise ModelFileError(
@@ -105,7 +117,8 @@ class KVCache:
             cos, sin = rope_tables(np.full(1, -n_discard, dtype=np.int64), c.rope_dim, c.rope_base)
             for layer in range(c.n_layer):
                 block = self.k[layer, n_keep : n_keep + count]
-                rope_inplace(block.reshape(count, -1, c.head_dim), np.repeat(cos, count, 0), np.repeat(sin, count, 0))
+                rope_inplace(block.reshape(count, -1, c.head_dim), np.repeat(cos, count, 0), np.repeat(sin, count, 0),
+                             c.rope_neox)
         self.n = n_keep + max(count, 0)
 
 
@@ -120,6 +133,9 @@ class LayerWeights:
     ffn_gate: kernels.Weight
     ffn_up: kernels.Weight
     ffn_down: kernels.Weight
+    attn_q_bias: np.ndarray | None = None
+    attn_k_bias: np.ndarray | None = None
+    attn_v_bias: np.ndarray | None = None
 
 
 LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
@@ -129,6 +145,7 @@ def layer_tensor_names(config: LlamaConfig) -> list[str]:
     names = ["token_embd.weight", "output_norm.weight"]
     for i in range(config.n_layer):
         names += [f"blk.{i}.{part}.weight" for part in LAYER_TENSORS]
+        names += [f"blk.{i}.{part}.bias" for part in REQUIRED_BIASES.get(config.architecture, ())]
     return names
 
 
@@ -136,7 +153,7 @@ def expected_shape(name: str, config: LlamaConfig) -> tuple[int, ...]:
     c = config
     kv_dim = c.n_head_kv * c.head_dim
     part = name.split(".")[-2] if name.startswith("blk.") else name.rsplit(".", 1)[0]
-    return {
+    shape = {
         "token_embd": (c.n_vocab, c.dim),
         "output": (c.n_vocab, c.dim),
         "output_norm": (c.dim,),
@@ -150,6 +167,7 @@ def expected_shape(name: str, config: LlamaConfig) -> tuple[int, ...]:
         "ffn_up": (c.n_ff, c.dim),
         "ffn_down": (c.dim, c.n_ff),
     }[part]
+    return shape[:1] if name.endswith(".bias") else shape
 
 
 class LlamaModel:
@@ -158,7 +176,8 @@ class LlamaModel:
     def __init__(self, config: LlamaConfig, tensors: dict[str, Tensor], path: str = "<model>"):
         self.config = config
         self.path = path
-        for name in layer_tensor_names(config) + (["output.weight"] if "output.weight" in tensors else []):
+        optional = [name for name in ["output.weight"] + bias_names(config) if name in tensors]
+        for name in dict.fromkeys(layer_tensor_names(config) + optional):
             if name not in tensors:
                 raise ModelFileError(f"{path}: tensor {name} is missing")
             want = expected_shape(name, config)
@@ -176,7 +195,13 @@ class LlamaModel:
                     part: (as_f32_vector(t) if part.endswith("norm") else kernels.prepare(t))
                     for part in LAYER_TENSORS
                     for t in [tensors[f"blk.{i}.{part}.weight"]]
-                }
+                },
+                **{
+                    f"{part}_bias": as_f32_vector(tensors[name])
+                    for part in BIAS_PARTS
+                    for name in [f"blk.{i}.{part}.bias"]
+                    if name in tensors
+                },
             )
             for i in range(config.n_layer)
         ]
@@ -206,11 +231,11 @@ class LlamaModel:
         attn_out = np.empty((b, c.n_head, c.head_dim), dtype=np.float32)
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.attn_norm, c.rms_eps)
-            q = self.linear(layer.attn_q, h, deltas).reshape(b, c.n_head, c.head_dim)
-            k = self.linear(layer.attn_k, h, deltas).reshape(b, c.n_head_kv, c.head_dim)
-            v = self.linear(layer.attn_v, h, deltas).reshape(b, c.n_head_kv, c.head_dim)
-            rope_inplace(q, cos, sin)
-            rope_inplace(k, cos, sin)
+            q = self.linear(layer.attn_q, h, deltas, layer.attn_q_bias).reshape(b, c.n_head, c.head_dim)
+            k = self.linear(layer.attn_k, h, deltas, layer.attn_k_bias).reshape(b, c.n_head_kv, c.head_dim)
+            v = self.linear(layer.attn_v, h, deltas, layer.attn_v_bias).reshape(b, c.n_head_kv, c.head_dim)
+            rope_inplace(q, cos, sin, c.rope_neox)
+            rope_inplace(k, cos, sin, c.rope_neox)
             cache.k[i, n_past : n_past + b] = k
             cache.v[i, n_past : n_past + b] = v
             attention(q, cache.k[i], cache.v[i], n_past, attn_out)
@@ -224,8 +249,8 @@ class LlamaModel:
             x = x[-1:]
         return self.linear(self.output, rms_norm(x, self.output_norm, c.rms_eps), deltas)
 
-    def linear(self, weight: kernels.Weight, x: np.ndarray, deltas: dict) -> np.ndarray:
-        """y = x @ W.T (+ Σ s·(x @ A.T) @ B.T for run-time adapters); W stays in its file type."""
+    def linear(self, weight: kernels.Weight, x: np.ndarray, deltas: dict, bias: np.ndarray | None = None) -> np.ndarray:
+        """y = x @ W.T (+ bias) (+ Σ s·(x @ A.T) @ B.T for run-time adapters); W stays in its file type."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], weight.n_rows), dtype=np.float32)
         if x.shape[0] == 1:
@@ -236,6 +261,8 @@ class LlamaModel:
         if delta is not None:
             a, scaled_b = delta
             out += (x @ a.T) @ scaled_b.T
+        if bias is not None:
+            out += bias
         return out
 
     def lora_deltas(self, adapters, scales=None) -> dict:
@@ -257,6 +284,10 @@ class LlamaModel:
         self.lora = self.lora_deltas(adapters, scales)
 
 
+def bias_names(config: LlamaConfig) -> list[str]:
+    return [f"blk.{i}.{part}.bias" for i in range(config.n_layer) for part in BIAS_PARTS]
+
+
 def as_f32_vector(t: Tensor) -> np.ndarray:
     return np.ascontiguousarray(kernels.dequantize(t.type, t.data, t.n_cols).reshape(-1), dtype=np.float32)
 
@@ -274,19 +305,22 @@ def rope_tables(positions: np.ndarray, rope_dim: int, base: float) -> tuple[np.n
 
 
 @njit(cache=True, nogil=True)
-def rope_inplace(x, cos, sin):
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of every head of x float32[b, heads, head_dim] by the angle of row t."""
+def rope_inplace(x, cos, sin, neox=False):
+    """Rotate feature pairs of every head of x float32[b, heads, head_dim] by angle i of row t: adjacent pairs
+    (x[2i], x[2i+1]) in GGUF's llama layout, or with neox the halves (x[i], x[i + rope_dim/2]) as llama.cpp's
+    LLAMA_ROPE_TYPE_NEOX (and transformers' rotate_half) pair them. Features past rope_dim stay as they are."""
     b, n_heads, _ = x.shape
     half = cos.shape[1]
     for t in range(b):
         for h in range(n_heads):
             for i in range(half):
-                x0 = x[t, h, 2 * i]
-                x1 = x[t, h, 2 * i + 1]
+                i0, i1 = (i, i + half) if neox else (2 * i, 2 * i + 1)
+                x0 = x[t, h, i0]
+                x1 = x[t, h, i1]
                 c = cos[t, i]
                 s = sin[t, i]
-                x[t, h, 2 * i] = x0 * c - x1 * s
-                x[t, h, 2 * i + 1] = x0 * s + x1 * c
+                x[t, h, i0] = x0 * c - x1 * s
+                x[t, h, i1] = x0 * s + x1 * c
 
 
 @njit(cache=True, nogil=True)
