@@ -199,3 +199,13 @@ def test_peft_q_and_k_rows_keep_their_order_for_qwen2(tmp_path):
     with_lora = model.forward(REF["seq0"], model.new_cache(64))
     model.set_lora([])
     assert np.abs(with_lora - model.forward(REF["seq0"], model.new_cache(64))).max() > 1e-3
+
+
+def test_finetune_refuses_qwen2_in_one_line(tmp_path):
+    """Training has no q/k/v biases and no NEOX RoPE: it says so rather than train a different network."""
+    text = tmp_path / "train.txt"
+    text.write_text("hello world " * 50)
+    r = cli("finetune", "-m", MODEL, "--train-data", str(text), "--lora-out", str(tmp_path / "a.gguf"))
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "finetune trains llama models; this one is qwen2" in lines[0], r.stderr
