@@ -83,7 +83,7 @@ def run_layers(plan: LayerPlan, x: np.ndarray, cache, cos: np.ndarray, sin: np.n
     """x float32[dim] (C-contiguous) ← the hidden state after every layer, for the token at position cache.n,
     whose keys and values are written to the cache (cache.n is left to the caller)."""
     forward_layers(x, plan.weights, plan.norms, plan.biases, plan.lora_table(deltas), cache.k, cache.v, cache.n,
-                   cos, sin, config.n_head, config.n_head_kv, config.n_ff, config.rms_eps)
+                   cos, sin, config.n_head, config.n_head_kv, config.n_ff, config.rms_eps, config.rope_neox)
 
 
 @njit(nogil=True, cache=True)
@@ -98,7 +98,8 @@ def linear(weights, biases, lora, s, x, out):
 
 
 @njit(nogil=True, cache=True)
-def forward_layers(x, weights, norms, biases, lora, k_all, v_all, n_past, cos, sin, n_head, n_head_kv, n_ff, eps):
+def forward_layers(x, weights, norms, biases, lora, k_all, v_all, n_past, cos, sin, n_head, n_head_kv, n_ff, eps,
+                   neox):
     n_layer, dim = norms.shape[0], x.shape[0]
     head_dim = dim // n_head
     q = np.empty((1, n_head, head_dim), dtype=np.float32)
@@ -115,8 +116,8 @@ def forward_layers(x, weights, norms, biases, lora, k_all, v_all, n_past, cos, s
         linear(weights, biases, lora, s + Q, h, q.reshape(dim))
         linear(weights, biases, lora, s + K, h, k.reshape(k.size))
         linear(weights, biases, lora, s + V, h, v.reshape(v.size))
-        rope_inplace(q, cos, sin)
-        rope_inplace(k, cos, sin)
+        rope_inplace(q, cos, sin, neox)
+        rope_inplace(k, cos, sin, neox)
         k_all[i, n_past] = k[0]
         v_all[i, n_past] = v[0]
         attention(q, k_all[i], v_all[i], n_past, attn)

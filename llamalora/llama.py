@@ -3,6 +3,9 @@
 RMSNorm, RoPE in GGUF's layout (adjacent pairs rotate together: the converter permuted the q/k rows
 for it), grouped-query attention and a SwiGLU feed-forward. Activations stay in float32 throughout;
 the weights stay in their file type and are read by llamalora.kernels block by block.
+
+Qwen2 is the same network with biases on the q, k and v projections and llama.cpp's NEOX RoPE: its
+converter leaves q/k rows in Hugging Face's order, so feature i pairs with feature i + rope_dim/2.
 """
 
 from dataclasses import dataclass, field
@@ -14,7 +17,12 @@ from .errors import ModelFileError
 from .ops import attention, rms_norm, rope_inplace, rope_tables, swiglu  # noqa: F401 (rope_tables: finetune)
 from .tensor import Tensor
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+# Architectures whose q/k rows are in Hugging Face's order (llama.cpp's LLAMA_ROPE_TYPE_NEOX).
+NEOX_ROPE_ARCHITECTURES = ("qwen2",)
+# Biases an architecture must have (llama.cpp requires them for qwen2; a llama file may carry them too).
+REQUIRED_BIASES = {"qwen2": ("attn_q", "attn_k", "attn_v")}
+BIAS_PARTS = ("attn_q", "attn_k", "attn_v")
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,8 @@ class LlamaConfig:
     rope_base: float
     rope_dim: int
     rms_eps: float
+    architecture: str = "llama"
+    rope_neox: bool = False  # rotate pairs (i, i + rope_dim/2) instead of (2i, 2i + 1)
 
     @property
     def head_dim(self) -> int:
@@ -64,6 +74,8 @@ class LlamaConfig:
             rope_base=float(metadata.get(f"{arch}.rope.freq_base", 10000.0)),
             rope_dim=int(metadata.get(f"{arch}.rope.dimension_count", dim // n_head)),
             rms_eps=float(need("attention.layer_norm_rms_epsilon")),
+            architecture=arch,
+            rope_neox=arch in NEOX_ROPE_ARCHITECTURES,
         )
         if n_head <= 0 or dim % n_head or n_head_kv <= 0 or n_head % n_head_kv:
             raise ModelFileError(
@@ -104,7 +116,8 @@ class KVCache:
             cos, sin = rope_tables(np.full(1, -n_discard, dtype=np.int64), c.rope_dim, c.rope_base)
             for layer in range(c.n_layer):
                 block = self.k[layer, n_keep : n_keep + count]
-                rope_inplace(block.reshape(count, -1, c.head_dim), np.repeat(cos, count, 0), np.repeat(sin, count, 0))
+                rope_inplace(block.reshape(count, -1, c.head_dim), np.repeat(cos, count, 0), np.repeat(sin, count, 0),
+                             c.rope_neox)
         self.n = n_keep + max(count, 0)
 
 
@@ -129,6 +142,7 @@ def layer_tensor_names(config: LlamaConfig) -> list[str]:
     names = ["token_embd.weight", "output_norm.weight"]
     for i in range(config.n_layer):
         names += [f"blk.{i}.{part}.weight" for part in LAYER_TENSORS]
+        names += [f"blk.{i}.{part}.bias" for part in REQUIRED_BIASES.get(config.architecture, ())]
     return names
 
 
@@ -136,7 +150,7 @@ def expected_shape(name: str, config: LlamaConfig) -> tuple[int, ...]:
     c = config
     kv_dim = c.n_head_kv * c.head_dim
     part = name.split(".")[-2] if name.startswith("blk.") else name.rsplit(".", 1)[0]
-    return {
+    shape = {
         "token_embd": (c.n_vocab, c.dim),
         "output": (c.n_vocab, c.dim),
         "output_norm": (c.dim,),
@@ -150,6 +164,7 @@ def expected_shape(name: str, config: LlamaConfig) -> tuple[int, ...]:
         "ffn_up": (c.n_ff, c.dim),
         "ffn_down": (c.dim, c.n_ff),
     }[part]
+    return shape[:1] if name.endswith(".bias") else shape
 
 
 class LlamaModel:
@@ -158,7 +173,8 @@ class LlamaModel:
     def __init__(self, config: LlamaConfig, tensors: dict[str, Tensor], path: str = "<model>"):
         self.config = config
         self.path = path
-        for name in layer_tensor_names(config) + (["output.weight"] if "output.weight" in tensors else []):
+        optional = [name for name in ["output.weight"] + bias_names(config) if name in tensors]
+        for name in dict.fromkeys(layer_tensor_names(config) + optional):
             if name not in tensors:
                 raise ModelFileError(f"{path}: tensor {name} is missing")
             want = expected_shape(name, config)
@@ -178,7 +194,13 @@ class LlamaModel:
                     part: (as_f32_vector(t) if part.endswith("norm") else kernels.prepare(t))
                     for part in LAYER_TENSORS
                     for t in [tensors[f"blk.{i}.{part}.weight"]]
-                }
+                },
+                bias={
+                    part: as_f32_vector(tensors[name])
+                    for part in BIAS_PARTS
+                    for name in [f"blk.{i}.{part}.bias"]
+                    if name in tensors
+                },
             )
             for i in range(config.n_layer)
         ]
@@ -226,8 +248,8 @@ class LlamaModel:
             q = self.linear(layer.attn_q, h, deltas, layer.bias.get("attn_q")).reshape(b, c.n_head, c.head_dim)
             k = self.linear(layer.attn_k, h, deltas, layer.bias.get("attn_k")).reshape(b, c.n_head_kv, c.head_dim)
             v = self.linear(layer.attn_v, h, deltas, layer.bias.get("attn_v")).reshape(b, c.n_head_kv, c.head_dim)
-            rope_inplace(q, cos, sin)
-            rope_inplace(k, cos, sin)
+            rope_inplace(q, cos, sin, c.rope_neox)
+            rope_inplace(k, cos, sin, c.rope_neox)
             cache.k[i, n_past : n_past + b] = k
             cache.v[i, n_past : n_past + b] = v
             attention(q, cache.k[i], cache.v[i], n_past, attn_out)
@@ -288,6 +310,10 @@ class LlamaModel:
     def set_lora(self, adapters, scales=None) -> None:
         """Apply adapters unmerged from now on (y = W·x + Σ s·B·(A·x)); an empty list removes them."""
         self.lora = self.lora_deltas(adapters, scales)
+
+
+def bias_names(config: LlamaConfig) -> list[str]:
+    return [f"blk.{i}.{part}.bias" for i in range(config.n_layer) for part in BIAS_PARTS]
 
 
 def as_f32_vector(t: Tensor) -> np.ndarray:

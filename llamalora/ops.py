@@ -23,19 +23,22 @@ def rope_tables(positions: np.ndarray, rope_dim: int, base: float) -> tuple[np.n
 
 
 @njit(cache=True, nogil=True)
-def rope_inplace(x, cos, sin):
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of every head of x float32[b, heads, head_dim] by the angle of row t."""
+def rope_inplace(x, cos, sin, neox=False):
+    """Rotate feature pairs of every head of x float32[b, heads, head_dim] by angle i of row t: adjacent pairs
+    (x[2i], x[2i+1]) in GGUF's llama layout, or with neox the halves (x[i], x[i + rope_dim/2]) as llama.cpp's
+    LLAMA_ROPE_TYPE_NEOX (and transformers' rotate_half) pair them. Features past rope_dim stay as they are."""
     b, n_heads, _ = x.shape
     half = cos.shape[1]
     for t in range(b):
         for h in range(n_heads):
             for i in range(half):
-                x0 = x[t, h, 2 * i]
-                x1 = x[t, h, 2 * i + 1]
+                i0, i1 = (i, i + half) if neox else (2 * i, 2 * i + 1)
+                x0 = x[t, h, i0]
+                x1 = x[t, h, i1]
                 c = cos[t, i]
                 s = sin[t, i]
-                x[t, h, 2 * i] = x0 * c - x1 * s
-                x[t, h, 2 * i + 1] = x0 * s + x1 * c
+                x[t, h, i0] = x0 * c - x1 * s
+                x[t, h, i1] = x0 * s + x1 * c
 
 
 @njit(cache=True, nogil=True)

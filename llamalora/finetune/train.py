@@ -173,6 +173,9 @@ def run_finetune(opts: FinetuneOptions, stop_after: int | None = None, quiet: bo
     model_file = load_model_file(path)
     vocab = Vocab.from_metadata(model_file.metadata)
     config = LlamaConfig.from_metadata(model_file.metadata, path, n_vocab=vocab.n_vocab)
+    if config.architecture != "llama":
+        # The training forward has no q/k/v biases and rotates adjacent pairs only.
+        raise InputError(f"{path}: finetune trains llama models; this one is {config.architecture}")
     base = load_base(config, model_file.tensors)
     try:
         with open(opts.train_data, encoding="utf-8", errors="replace") as f:

@@ -1,8 +1,8 @@
 """PEFT adapter folders (adapter_config.json + adapter_model.safetensors or .bin) → LoraAdapter.
 
 Names map from Hugging Face's modules to GGUF tensors; lora_B of q_proj and k_proj gets its rows permuted
-the way llama.cpp's converter permutes q and k for its RoPE layout. Everything PEFT can express that a
-merge of B·A cannot honour is refused with the reason.
+the way llama.cpp's converter permutes q and k for its RoPE layout (llama; qwen2's NEOX RoPE keeps them as they are). Everything PEFT can express
+that a merge of B·A cannot honour is refused with the reason.
 
 fan_in_fan_out needs no work here: PEFT builds lora_A and lora_B as nn.Linear layers whatever the base
 layer is (A [r, in_features], B [out_features, r]) and transposes B·A only to fit a Conv1D weight stored
@@ -17,6 +17,7 @@ import re
 import numpy as np
 
 from ..errors import AdapterError
+from ..llama import NEOX_ROPE_ARCHITECTURES
 from .adapter import LoraAdapter, LoraTensor
 
 MODULES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
@@ -38,6 +39,8 @@ def read_peft(folder: str, metadata: dict) -> LoraAdapter:
         entry[which] = np.asarray(value, dtype=np.float32)
     n_head = metadata.get("llama.attention.head_count")
     n_head_kv = metadata.get("llama.attention.head_count_kv", n_head)
+    # NEOX-rope models (qwen2) keep Hugging Face's q/k row order in GGUF: nothing to permute.
+    neox = metadata.get("general.architecture") in NEOX_ROPE_ARCHITECTURES
     adapter = LoraAdapter(folder, alpha=float(config["lora_alpha"]), r=int(config["r"]))
     for name, entry in sorted(pairs.items()):
         if "A" not in entry or "B" not in entry:
@@ -52,7 +55,7 @@ def read_peft(folder: str, metadata: dict) -> LoraAdapter:
             raise AdapterError(f"{folder}: {entry['module']}: lora_A {a.shape} and lora_B {b.shape} do not have "
                                f"the rank {r_config} that adapter_config.json gives")
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        if entry["kind"] in ("q_proj", "k_proj"):
+        if entry["kind"] in ("q_proj", "k_proj") and not neox:
             if not n_head:
                 raise AdapterError(f"{folder}: {entry['module']}: reordering q/k rows into GGUF's order needs the "
                                    "base model's llama.attention.head_count (and head_count_kv), which is not known")
