@@ -1,20 +1,34 @@
 """Prompt processing (pp) and generation (tg) tokens/s: llamalora beside llama.cpp on the same file, same threads.
 
-    python benchmarks/bench_generate.py [-m MODEL.gguf]... [-t 2]... [--pp 512] [--tg 128] [--lora ADAPTER]
+    python benchmarks/bench_generate.py                     # the whole table: every benchmark model, ± adapter, -t 1 and 2
+    python benchmarks/bench_generate.py -m smollm2:q4_1 -t 2 --no-adapter --pp 128 --tg 32   # one row, quickly
 
-llama.cpp runs through llama-cpp-python (`pip install llama-cpp-python`, built from source); both sides are timed
-the same way: pp = one batch of --pp prompt tokens into an empty context, tg = --tg single-token evaluations after
-it (fixed token ids, no sampler), best of --repeat runs. The table goes to stdout and benchmarks/results/generate.md.
+Models are named as benchmarks/models.py makes them (`smollm2:q4_1` is the shipped file; `smollm2:q4_0`, `:q8_0`,
+`:f16`, `:q4_k_m`, `:q6_k`, `1b:q4_0`, `1b:f16`) or given as paths. With the adapter, each model also runs with
+a random all-linear r=16 adapter (benchmarks/bench_lora.py makes it): run-time mode for us (W stays quantized),
+the same adapter as GGUF through `lora_path` for llama.cpp, which also applies it unmerged.
+
+Both sides are timed the same way: pp = one batch of --pp prompt tokens into an empty context, tg = --tg
+single-token evaluations after it (fixed token ids, no sampler), best of --repeat runs. llama.cpp runs through
+llama-cpp-python (built from source) in its own process, so that neither engine's thread pool or OpenMP settings
+touch the other's. tg / limit is our tg as a fraction of file bytes per token at this run's copy bandwidth.
+The table goes to stdout and benchmarks/results/generate.md.
 """
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # the checkout's llamalora, not an installed one
+sys.path.insert(0, HERE)
+MODEL_NAMES = ("smollm2:q4_1", "smollm2:q4_0", "smollm2:q8_0", "smollm2:f16", "smollm2:q4_k_m", "smollm2:q6_k",
+               "1b:q4_0", "1b:f16")
 
 
 def bandwidth_gbs() -> float:
@@ -35,20 +49,50 @@ def prompt_tokens(n_vocab: int, n: int, seed: int = 0) -> list[int]:
     return rng.integers(100, min(n_vocab, 30000), size=n).tolist()
 
 
-def bench_llamalora(path, threads, n_pp, n_tg, repeat, adapters=(), lora_mode="auto"):
+def model_path(name: str) -> str:
+    if os.path.exists(name):
+        return name
+    import models
+
+    family, kind = name.split(":")
+    return {"smollm2": models.smollm2, "1b": models.one_b}[family](kind)
+
+
+def adapter_paths(name: str) -> tuple[str, str]:
+    """(PEFT folder, GGUF adapter) of the all-linear r=16 adapter for the model family of name."""
+    import models
+    from bench_lora import all_linear_adapter
+
+    from llamalora.model_file import load_model_file
+
+    family = "1b" if name.startswith("1b") or "1b" in os.path.basename(name) else "smollm2"
+    f16 = model_path(f"{family}:f16")
+    folder = all_linear_adapter(os.path.join(models.MODELS, f"lora-all-linear-{family}"),
+                                load_model_file(f16).metadata)
+    gguf = os.path.join(folder, "adapter.gguf")
+    if not os.path.exists(gguf):
+        subprocess.run([sys.executable, os.path.join(HERE, "..", "scripts", "convert_lora_to_ggml.py"), folder,
+                        "--gguf", "--base", f16, "--outfile", gguf], check=True, capture_output=True)
+    return folder, gguf
+
+
+def bench_llamalora(path, threads, n_pp, n_tg, repeat, adapter=None):
     from llamalora.generate import Context
     from llamalora.loader import load_model, set_threads
 
     set_threads(threads)
-    loaded = load_model(path, adapters=adapters, lora_mode=lora_mode, progress=False)
+    adapters = [(adapter, 1.0)] if adapter else []
+    loaded = load_model(path, adapters=adapters, lora_mode="runtime", progress=False)
     ids = prompt_tokens(loaded.vocab.n_vocab, n_pp)
     gen_ids = prompt_tokens(loaded.vocab.n_vocab, n_tg, seed=1)
-    Context(loaded.model, n_ctx=n_pp + n_tg + 8).eval(ids[:16])  # compile / warm up
+    warm = Context(loaded.model, n_ctx=64)
+    warm.eval(ids[:16])  # compile / warm up both paths
+    warm.eval(ids[16:17], generating=True)
     pp = tg = 0.0
     for _ in range(repeat):
         ctx = Context(loaded.model, n_ctx=n_pp + n_tg + 8, n_batch=n_pp)
         t = time.perf_counter()
-        logits = ctx.eval(ids)
+        ctx.eval(ids)
         pp = max(pp, n_pp / (time.perf_counter() - t))
         t = time.perf_counter()
         for token in gen_ids:
@@ -57,17 +101,25 @@ def bench_llamalora(path, threads, n_pp, n_tg, repeat, adapters=(), lora_mode="a
     return pp, tg
 
 
-def bench_llama_cpp(path, threads, n_pp, n_tg, repeat, adapters=()):
-    try:
-        from llama_cpp import Llama
-    except ImportError:
+def bench_llama_cpp(path, threads, n_pp, n_tg, repeat, adapter=None):
+    """The peer's (pp, tg), measured in a child process; None when llama-cpp-python is not installed."""
+    args = json.dumps([path, threads, n_pp, n_tg, repeat, adapter])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
+    run = subprocess.run([sys.executable, __file__, "--peer", args], capture_output=True, text=True, env=env)
+    if run.returncode != 0:
+        message = (run.stderr.strip().splitlines() or [f"exit {run.returncode}"])[-1]
+        print(f"llama.cpp on {os.path.basename(path)}: {message}", file=sys.stderr)
         return None
-    kwargs = {}
-    if adapters:
-        kwargs["lora_path"] = adapters[0][0]
-        kwargs["lora_scale"] = adapters[0][1]
+    return tuple(json.loads(run.stdout.strip().splitlines()[-1]))
+
+
+def peer_main(args_json: str) -> None:
+    path, threads, n_pp, n_tg, repeat, adapter = json.loads(args_json)
+    from llama_cpp import Llama
+
+    kwargs = {"lora_path": adapter, "lora_scale": 1.0} if adapter else {}
     llm = Llama(model_path=path, n_ctx=n_pp + n_tg + 8, n_batch=n_pp, n_ubatch=n_pp, n_threads=threads,
-                n_threads_batch=threads, verbose=False, logits_all=False, **kwargs)
+                n_threads_batch=threads, verbose=False, **kwargs)
     ids = prompt_tokens(llm.n_vocab(), n_pp)
     gen_ids = prompt_tokens(llm.n_vocab(), n_tg, seed=1)
     llm.eval(ids[:16])
@@ -81,51 +133,54 @@ def bench_llama_cpp(path, threads, n_pp, n_tg, repeat, adapters=()):
         for token in gen_ids:
             llm.eval([token])
         tg = max(tg, n_tg / (time.perf_counter() - t))
-    return pp, tg
+    print(json.dumps([pp, tg]))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-m", "--model", action="append", help="model file (repeatable); default: SmolLM2 Q4_1")
-    parser.add_argument("-t", "--threads", action="append", type=int, help="thread count (repeatable); default 2")
+    parser.add_argument("-m", "--model", action="append", help=f"model name or path (repeatable); default: all of "
+                                                                f"{', '.join(MODEL_NAMES)}")
+    parser.add_argument("-t", "--threads", action="append", type=int, help="thread count (repeatable); default 1 and 2")
     parser.add_argument("--pp", type=int, default=512)
     parser.add_argument("--tg", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--lora", default=None, help="also run each model with this adapter")
+    parser.add_argument("--no-adapter", action="store_true", help="skip the rows with the all-linear adapter")
+    parser.add_argument("--peer", help=argparse.SUPPRESS)
     parser.add_argument("--output", default=os.path.join(HERE, "results", "generate.md"))
     args = parser.parse_args()
-    from llamalora.loader import default_model_path
+    if args.peer:
+        return peer_main(args.peer)
 
-    models = args.model or [default_model_path()]
-    threads = args.threads or [2]
+    names = args.model or list(MODEL_NAMES)
+    threads = args.threads or [1, 2]
     bw = bandwidth_gbs()
-    rows = [f"copy bandwidth: {bw:.1f} GB/s", "",
+    load = os.getloadavg()[0]
+    rows = [f"copy bandwidth {bw:.1f} GB/s; load average at the start {load:.2f}; pp{args.pp} / tg{args.tg}, "
+            f"best of {args.repeat}", "",
             "| model | adapter | t | pp llamalora | pp llama.cpp | pp ratio | tg llamalora | tg llama.cpp | tg ratio "
-            "| tg / bandwidth limit |",
+            "| tg / limit |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-    for path in models:
-        size = os.path.getsize(path)
-        for adapters in ([()] + ([[(args.lora, 1.0)]] if args.lora else [])):
+    print("\n".join(rows), flush=True)
+    for name in names:
+        path = model_path(name)
+        limit = bw * 1e9 / os.path.getsize(path)  # tokens/s if every file byte is read once per token
+        for with_adapter in ([False] if args.no_adapter else [False, True]):
+            folder, gguf = adapter_paths(name) if with_adapter else (None, None)
             for t in threads:
-                ours = bench_llamalora(path, t, args.pp, args.tg, args.repeat, adapters)
-                theirs = bench_llama_cpp(path, t, args.pp, args.tg, args.repeat, adapters)
-                limit = bw * 1e9 / size  # tokens/s if every weight byte is read once per token at copy bandwidth
-
-                def ratio(a, b):
-                    return f"{a / b:.2f}" if b else "n/a"
-
-                row = (f"| {os.path.basename(path)} | {os.path.basename(adapters[0][0]) if adapters else '-'} | {t} "
-                       f"| {ours[0]:.1f} | {theirs[0] if theirs else float('nan'):.1f} "
-                       f"| {ratio(ours[0], theirs[0]) if theirs else 'n/a'} "
-                       f"| {ours[1]:.1f} | {theirs[1] if theirs else float('nan'):.1f} "
-                       f"| {ratio(ours[1], theirs[1]) if theirs else 'n/a'} | {ours[1] / limit:.2f} |")
+                ours = bench_llamalora(path, t, args.pp, args.tg, args.repeat, folder)
+                theirs = bench_llama_cpp(path, t, args.pp, args.tg, args.repeat, gguf)
+                peer = (f"{theirs[0]:.1f} | {ours[0] / theirs[0]:.2f}" if theirs else "n/a | n/a",
+                        f"{theirs[1]:.1f} | {ours[1] / theirs[1]:.2f}" if theirs else "n/a | n/a")
+                row = (f"| {name if not os.path.exists(name) else os.path.basename(name)} "
+                       f"| {'all-linear r16' if with_adapter else '-'} | {t} | {ours[0]:.1f} | {peer[0]} "
+                       f"| {ours[1]:.1f} | {peer[1]} | {ours[1] / limit:.2f} |")
                 rows.append(row)
                 print(row, flush=True)
-    text = "\n".join(rows) + "\n"
+    rows.append(f"\nload average at the end {os.getloadavg()[0]:.2f}")
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as f:
-        f.write(text)
-    print(text)
+        f.write("# pp and tg tokens/s: llamalora vs llama.cpp (`python benchmarks/bench_generate.py`)\n\n"
+                + "\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":
