@@ -1,12 +1,16 @@
-"""Vector block kernels: W·x and X·Wᵀ equal float64 products of the reference-dequantized weights."""
+"""Vector kernels: W·x and X·Wᵀ equal float64 products of the reference-dequantized weights (4- and 8-bit blocks
+in simd, 2-byte floats in halfdot)."""
 
 import gguf
+import numba
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import quants
 
-from llamalora.kernels import simd
+from llamalora import kernels
+from llamalora.kernels import halfdot, simd
+from llamalora.tensor import Tensor
 
 LAYOUT = {T.Q4_0: (18, 2), T.Q4_1: (20, 4), T.Q8_0: (34, 2)}  # block bytes, offset of q in a block
 TOLERANCE = 1e-5
@@ -173,3 +177,182 @@ def test_bad_layout_is_refused():
         simd.q4_matvec(data, d, m, 2, 18, np.zeros(96, np.float32), out)  # x longer than a row
     with pytest.raises(ValueError):
         simd.q4_matvec(data, d, m, 2, 18, np.zeros(128, np.float32)[::2], out)  # x not contiguous
+
+
+# --- 2-byte floats (F16, BF16): halfdot ---------------------------------------------------------------------
+
+# The kernels take the widening as a compile-time constant: one pair of callers per kind.
+HALF_F16, HALF_F16_PORTABLE, HALF_BF16 = halfdot.F16, halfdot.F16_PORTABLE, halfdot.BF16
+
+
+@numba.njit
+def half_matvec_f16(bits, x, out):
+    halfdot.matvec(HALF_F16, bits, x, out)
+
+
+@numba.njit
+def half_matvec_f16_portable(bits, x, out):
+    halfdot.matvec(HALF_F16_PORTABLE, bits, x, out)
+
+
+@numba.njit
+def half_matvec_bf16(bits, x, out):
+    halfdot.matvec(HALF_BF16, bits, x, out)
+
+
+@numba.njit
+def half_matmul_f16(bits, x, out):
+    halfdot.matmul(HALF_F16, bits, x, out)
+
+
+@numba.njit
+def half_matmul_f16_portable(bits, x, out):
+    halfdot.matmul(HALF_F16_PORTABLE, bits, x, out)
+
+
+@numba.njit
+def half_matmul_bf16(bits, x, out):
+    halfdot.matmul(HALF_BF16, bits, x, out)
+
+
+@numba.njit
+def half_widen_f16(bits, out):
+    halfdot.widen_rows(HALF_F16, bits, out)
+
+
+@numba.njit
+def half_widen_f16_portable(bits, out):
+    halfdot.widen_rows(HALF_F16_PORTABLE, bits, out)
+
+
+@numba.njit
+def half_widen_bf16(bits, out):
+    halfdot.widen_rows(HALF_BF16, bits, out)
+
+
+HALF_KERNELS = {  # kind: (matvec, matmul, widen, ggml type of the bits)
+    "f16": (half_matvec_f16, half_matmul_f16, half_widen_f16, T.F16),
+    "f16-portable": (half_matvec_f16_portable, half_matmul_f16_portable, half_widen_f16_portable, T.F16),
+    "bf16": (half_matvec_bf16, half_matmul_bf16, half_widen_bf16, T.BF16),
+}
+
+
+def half_rows(rng, ggml_type, n_rows, n_cols, row_pad=0):
+    """uint16 bits [n_rows, n_cols] of random weights in ggml_type (a view with a wider row stride when row_pad)
+    and their exact float64 values."""
+    w = rng.standard_normal((n_rows, n_cols)).astype(np.float32)
+    w[::3] *= 50
+    w[1::7] *= 1e-6
+    data = kernels.quantize(ggml_type, w)
+    W64 = quants.dequantize(data, ggml_type).reshape(n_rows, n_cols).astype(np.float64)
+    bits = data.view(np.uint16)
+    if row_pad:
+        padded = np.zeros((n_rows, n_cols + row_pad), dtype=np.uint16)
+        padded[:, 1:1 + n_cols] = bits
+        bits = padded[:, 1:1 + n_cols]
+        assert not bits.flags.c_contiguous
+    return bits, W64
+
+
+@pytest.mark.parametrize("kind", HALF_KERNELS)
+@pytest.mark.parametrize("n_rows,n_cols,row_pad", [(37, 576, 0), (203, 200, 5), (5, 7, 0), (1, 16, 0), (3, 16, 2), (6, 1043, 9)])
+def test_half_matvec_matches_float64_reference(kind, n_rows, n_cols, row_pad):
+    matvec, _, _, ggml_type = HALF_KERNELS[kind]
+    rng = np.random.default_rng(n_rows * n_cols)
+    bits, W64 = half_rows(rng, ggml_type, n_rows, n_cols, row_pad)
+    x = activations(rng, n_cols)
+    out = np.full(n_rows, np.nan, dtype=np.float32)
+    matvec(bits, x, out)
+    assert_close_to_reference(out, W64, x)
+
+
+@pytest.mark.parametrize("kind", HALF_KERNELS)
+@pytest.mark.parametrize("batch", [2, 3, 4, 9, 70])
+@pytest.mark.parametrize("n_rows,n_cols,row_pad", [(203, 576, 0), (50, 200, 5), (29, 1043, 9)])
+def test_half_matmul_matches_float64_reference(kind, batch, n_rows, n_cols, row_pad):
+    _, matmul, _, ggml_type = HALF_KERNELS[kind]
+    rng = np.random.default_rng(batch + n_cols)
+    bits, W64 = half_rows(rng, ggml_type, n_rows, n_cols, row_pad)
+    X = activations(rng, n_cols, batch)
+    out = np.full((batch, n_rows), np.nan, dtype=np.float32)
+    matmul(bits, X, out)
+    for t in range(batch):
+        assert_close_to_reference(out[t], W64, X[t])
+
+
+@pytest.mark.parametrize("kind", HALF_KERNELS)
+def test_half_row_sums_do_not_depend_on_neighbour_rows(kind):
+    """A row's sum has one fixed order: the same float32 alone, in a group of rows, in a small batch,
+    and whichever widening computes the F16 values."""
+    matvec, matmul, _, ggml_type = HALF_KERNELS[kind]
+    rng = np.random.default_rng(8)
+    bits, _ = half_rows(rng, ggml_type, 11, 333)
+    x = activations(rng, 333)
+    together = np.empty(11, np.float32)
+    matvec(bits, x, together)
+    for r in range(11):
+        alone = np.empty(1, np.float32)
+        matvec(bits[r:r + 1], x, alone)
+        assert alone[0] == together[r]
+    X = np.stack([x, -x])
+    small_batch = np.empty((2, 11), np.float32)
+    matmul(bits, X, small_batch)  # fewer tokens than simd.MIN_TILED_BATCH: the matvec kernel per token
+    assert np.array_equal(small_batch[0], together) and np.array_equal(small_batch[1], -together)
+    if ggml_type == T.F16:
+        other = np.empty(11, np.float32)
+        (half_matvec_f16_portable if kind == "f16" else half_matvec_f16)(bits, x, other)
+        assert np.array_equal(other, together)
+
+
+@pytest.mark.parametrize("kind", HALF_KERNELS)
+def test_half_widening_is_exact_for_every_bit_pattern(kind):
+    _, _, widen, ggml_type = HALF_KERNELS[kind]
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16).reshape(2048, 32)
+    bits = np.concatenate([bits, bits[:, :7]], axis=1)  # 39 per row: a vector, then a tail of 7
+    out = np.full(bits.shape, np.nan, dtype=np.float32)
+    widen(bits, out)
+    if ggml_type == T.F16:
+        want = bits.view(np.float16).astype(np.float32)
+    else:
+        want = (bits.astype(np.uint32) << 16).view(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(out), nan)
+    assert np.array_equal(out.view(np.uint32)[~nan], want.view(np.uint32)[~nan])  # -0.0 and subnormals included
+
+
+@pytest.mark.parametrize("ggml_type", [T.F16, T.BF16], ids=lambda t: t.name)
+def test_prepared_half_weights_stay_the_file_bytes(ggml_type):
+    """kernels.prepare keeps F16 and BF16 rows as views on the tensor's bytes: no float32 copy."""
+    rng = np.random.default_rng(9)
+    bits, W64 = half_rows(rng, ggml_type, 70, 96, row_pad=4)
+    data = bits.view(np.uint8)
+    weight = kernels.prepare(Tensor("w", ggml_type, (70, 96), data))
+    assert all(np.shares_memory(a, data) for a in weight.prepared)
+    assert sum(a.nbytes for a in weight.prepared) == 70 * 96 * 2
+    x = activations(rng, 96, 6)
+    vec = np.empty(70, np.float32)
+    kernels.matvec(weight, x[0], vec)
+    assert_close_to_reference(vec, W64, x[0])
+    out = np.empty((6, 70), np.float32)
+    kernels.matmul(weight, x, out)
+    for t in range(6):
+        assert_close_to_reference(out[t], W64, x[t])
+
+
+def test_half_bad_layout_is_refused():
+    bits = np.zeros((8, 64), np.uint16)
+    out = np.empty(8, np.float32)
+    with pytest.raises(ValueError):
+        half_matvec_f16(bits, np.zeros(96, np.float32), out)  # x longer than a row
+    with pytest.raises(ValueError):
+        half_matvec_f16(bits, np.zeros(128, np.float32)[::2], out)  # x not contiguous
+    with pytest.raises(ValueError):
+        half_matvec_f16(bits[:, ::2], np.zeros(32, np.float32), out)  # rows not contiguous
+    with pytest.raises(ValueError):
+        half_matmul_bf16(bits, np.zeros((5, 64), np.float32), np.empty((4, 8), np.float32))  # output rows
+
+
+def test_f16_widening_is_chosen_by_the_target():
+    """F16 kernels use the hardware conversion where the target has one; this machine's choice is one of them."""
+    assert halfdot.F16_KIND in (halfdot.F16, halfdot.F16_PORTABLE)
+    assert kernels.f16.KIND == halfdot.F16_KIND

@@ -104,9 +104,9 @@ class Weight:
 
 
 def prepare(tensor) -> Weight:
-    """Weight of a Tensor. Quantized rows stay views on the file; only block scales are widened."""
+    """Weight of a Tensor. F16, BF16 and quantized rows stay views on the file; only block scales are widened."""
     module = type_module(tensor.type)
-    if module in (f32, f16):
+    if module is f32:
         prepared = (np.ascontiguousarray(module.dequantize(tensor.data, tensor.n_cols)),)
     else:
         prepared = module.prepare(tensor.data, tensor.n_cols)
@@ -161,7 +161,7 @@ def merge_low_rank(base_type, base_data: np.ndarray, target_type, a: np.ndarray,
 
 def matvec(weight: Weight, x: np.ndarray, out: np.ndarray) -> None:
     """out float32[n_rows] = W · x for x float32[n_cols] (decode: one token)."""
-    if weight.type in (GGMLType.F32, GGMLType.F16):
+    if weight.type == GGMLType.F32:
         dense.matvec(weight.prepared[0], x, out)
     else:
         TYPES[weight.type].matvec(weight.prepared, x, out)
@@ -169,7 +169,7 @@ def matvec(weight: Weight, x: np.ndarray, out: np.ndarray) -> None:
 
 def matmul(weight: Weight, x: np.ndarray, out: np.ndarray) -> None:
     """out float32[b, n_rows] = x @ W.T for x float32[b, n_cols] (a prompt batch)."""
-    if weight.type in (GGMLType.F32, GGMLType.F16):
+    if weight.type == GGMLType.F32:
         dense.matmul(weight.prepared[0], x, out)
     else:
         TYPES[weight.type].matmul(weight.prepared, x, out)

@@ -1,4 +1,4 @@
-"""Float32 matrices: F32 and F16 weights (widened once at load) and run-time LoRA factors."""
+"""Float32 matrices: F32 weights, run-time LoRA factors and the fused LoRA merge (W + B·A, requantized row by row)."""
 
 import numpy as np
 from llvmlite import ir
@@ -7,7 +7,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import q4_0, q4_1, q8_0
-from .f16 import float_to_half_bits, widen_halves
+from .f16 import float_to_half_bits, widen_row
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath=True)
@@ -121,7 +121,7 @@ def merge_low_rank_rows(src, src_kind, a_packed, scaled_b, target_kind, out, til
             for h in range(rows):
                 i = i0 + h
                 if src_kind == SOURCE_F16:
-                    widen_halves(src.ctypes.data + i * src.strides[0], w[h].ctypes.data, n_cols)
+                    widen_row(src.ctypes.data + i * src.strides[0], w[h].ctypes.data, n_cols)
                 else:
                     w[h] = src[i].view(np.float32)
                 b[h] = scaled_b[i]

@@ -7,10 +7,10 @@ arrays inside compiled code (`matvec_entry`). The caller keeps the arrays alive 
 Every weight is described by the same five things (`uniform_arrays`):
 
     kind     the ggml type id
-    data     uint8[n_rows, row_nbytes]: the raw rows (an empty array for F32/F16, widened at load)
+    data     uint8[n_rows, row_nbytes]: the raw rows (an empty array for F32, widened at load)
     scale    float32[n_rows, n_scales]: the type's widened block scales (empty where the type has none)
     minimum  float32[n_rows, n_scales]: its minima (what the type's prepare passes; empty where it has none)
-    dense    float32[n_rows, n_cols]: F32/F16 weights widened once (empty for the other types)
+    dense    float32[n_rows, n_cols]: F32 weights (empty for the other types)
 
 `matvec` branches on kind and calls the type's own kernel, so the kernels stay those of the type modules.
 """
@@ -24,7 +24,7 @@ from numba import carray, njit, types
 from numba.core.caching import NullCache
 from numba.extending import intrinsic
 
-from . import bf16, dense, iq4_nl, q2_k, q3_k, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0, simd, vnni
+from . import bf16, dense, f16, iq4_nl, q2_k, q3_k, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0, simd, vnni
 
 # A compile-time constant: numba prunes the untaken branch, so the AVX-512 VNNI kernels are compiled only on
 # hosts that run them (and LLAMALORA_KERNELS=portable takes them out); cache_follows keys the cache on it.
@@ -64,9 +64,9 @@ def uniform_arrays(weight) -> tuple:
     """(kind, data, scale, minimum, dense) of a kernels.Weight, every array C-contiguous (no copy for the
     prepared arrays, which already are)."""
     kind, prepared = int(weight.type), weight.prepared
-    if kind in (F32, F16):
+    if kind == F32:
         arrays = (NO_BYTES, NO_FLOATS, NO_FLOATS, prepared[0])
-    elif kind == BF16:
+    elif kind in (F16, BF16):
         arrays = (prepared[0].view(np.uint8), NO_FLOATS, NO_FLOATS, NO_FLOATS)
     elif kind == Q8_0:
         arrays = (prepared[0], prepared[1], NO_FLOATS, NO_FLOATS)
@@ -90,8 +90,10 @@ def matvec(kind, data, scale, minimum, widened, x, out):
     elif kind == Q8_0:
         if not (INTEGER_KERNELS and vnni.q8_0_matvec(data, x, out)):
             simd.q8_matvec(data, scale, x, out)
-    elif kind == F32 or kind == F16:
+    elif kind == F32:
         dense.matvec(widened, x, out)
+    elif kind == F16:
+        f16._matvec(data.view(np.uint16), x, out)
     elif kind == Q4_K:
         q4_k._matvec(data, scale, minimum, x, out)
     elif kind == Q6_K:
@@ -109,7 +111,7 @@ def matvec(kind, data, scale, minimum, widened, x, out):
     elif kind == IQ4_NL:
         iq4_nl._matvec(data, scale, minimum, x, out)
     elif kind == BF16:
-        bf16.bf16_matvec(data.view(np.uint16), x, out)
+        bf16._matvec(data.view(np.uint16), x, out)
     else:
         raise ValueError("no compiled matvec for this weight type")
 

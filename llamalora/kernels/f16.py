@@ -1,14 +1,13 @@
 """F16 tensors, and the half-float bits that quantized blocks keep their scales in.
 
-numba has no float16 arrays: half floats travel as uint16 bits and numpy converts them (exactly) to
-float32 outside the jitted code.
+numba has no float16 arrays: half floats travel as uint16 bits. A model's F16 rows stay the file's
+bytes; halfdot's kernels widen them 16 at a time in registers (exact) as they multiply.
 """
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit
+
+from . import halfdot
 
 BLOCK_SIZE = 1
 TYPE_SIZE = 2
@@ -50,44 +49,49 @@ def float_to_half_bits(x):
 def dequantize(data: np.ndarray, n_cols: int, out: np.ndarray | None = None) -> np.ndarray:
     if out is None:
         out = np.empty((data.shape[0], n_cols), dtype=np.float32)
-    half_rows_to_float(np.ascontiguousarray(data).view(np.uint16).reshape(data.shape[0], n_cols), HALF_TO_FLOAT, out)
+    _widen_rows(np.ascontiguousarray(data).view(np.uint16).reshape(data.shape[0], n_cols), out)
     return out
-
-
-# float32 value of every half-float bit pattern (numpy converts exactly, once): the tail of a row that is
-# not a whole number of vectors is looked up here
-HALF_TO_FLOAT = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-
-
-@intrinsic
-def widen_halves(typingctx, src_addr, dst_addr, n):
-    """Widen n // 8 groups of 8 half floats at src_addr to float32 at dst_addr (LLVM's fpext: one
-    vcvtph2ps per 8 values where the CPU has F16C, exact in any case)."""
-    sig = types.none(types.intp, types.intp, types.intp)
-
-    def codegen(context, builder, signature, args):
-        src_addr, dst_addr, n = args
-        half8, float8 = ir.VectorType(ir.HalfType(), 8), ir.VectorType(ir.FloatType(), 8)
-        src = builder.inttoptr(src_addr, half8.as_pointer())
-        dst = builder.inttoptr(dst_addr, float8.as_pointer())
-        with cgutils.for_range(builder, builder.udiv(n, ir.Constant(n.type, 8))) as loop:
-            value = builder.load(builder.gep(src, [loop.index]), align=2)
-            builder.store(builder.fpext(value, float8), builder.gep(dst, [loop.index]), align=4)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def half_rows_to_float(bits, table, out):
-    n = bits.shape[1]
-    whole = n - n % 8
-    for r in prange(bits.shape[0]):
-        widen_halves(bits.ctypes.data + r * bits.strides[0], out.ctypes.data + r * out.strides[0], n)
-        for j in range(whole, n):
-            out[r, j] = table[bits[r, j]]
 
 
 def quantize(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     return np.ascontiguousarray(x.astype(np.float16)).view(np.uint8).reshape(x.shape[0], -1)
+
+
+# The widening halfdot compiles in: the F16C / NEON instruction, or integer operations where the target lacks
+# one (a constant, so numba's cache, keyed on the CPU and its features, holds the right kernels)
+KIND = halfdot.F16_KIND
+
+
+@njit(nogil=True, cache=True)
+def widen_row(src_addr, dst_addr, n):
+    """float32[n] at dst_addr = the n half floats at src_addr (exact)."""
+    halfdot.widen_row(KIND, src_addr, dst_addr, n)
+
+
+@njit(nogil=True, cache=True)
+def _widen_rows(bits, out):
+    halfdot.widen_rows(KIND, bits, out)
+
+
+@njit(nogil=True, cache=True)
+def _matvec(bits, x, out):
+    halfdot.matvec(KIND, bits, x, out)
+
+
+@njit(nogil=True, cache=True)
+def _matmul(bits, x, out):
+    halfdot.matmul(KIND, bits, x, out)
+
+
+def prepare(data: np.ndarray, n_cols: int) -> tuple:
+    """The raw rows seen as uint16 half-float bits (still the file's bytes)."""
+    return (data.view(np.uint16),)
+
+
+def matvec(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
+    _matvec(prepared[0], x, out)
+
+
+def matmul(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
+    _matmul(prepared[0], x, out)
