@@ -289,7 +289,7 @@ class LlamaModel:
             if x.shape[0] == 1:
                 kernels.add_low_rank_matvec(a, scaled_bt, x[0], out[0])
             else:
-                out += (x @ a.T) @ scaled_bt
+                kernels.add_low_rank_matmul(a, scaled_bt, x, out)
         return out
 
     def lora_deltas(self, adapters, scales=None) -> dict:

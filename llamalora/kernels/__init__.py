@@ -124,6 +124,11 @@ def add_low_rank_matvec(a: np.ndarray, scaled_bt: np.ndarray, x: np.ndarray, out
     dense.add_low_rank_matvec(a, scaled_bt, x, out)
 
 
+def add_low_rank_matmul(a: np.ndarray, scaled_bt: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    """out += (x @ a.T) @ scaled_bt in place for a batch x float32[b, n_cols] (run-time LoRA deltas)."""
+    dense.add_low_rank_matmul(a, scaled_bt, x, out)
+
+
 MERGE_SOURCES = {GGMLType.F16: dense.SOURCE_F16, GGMLType.F32: dense.SOURCE_F32}
 MERGE_TARGETS = {GGMLType.Q4_0: dense.TARGET_Q4_0, GGMLType.Q4_1: dense.TARGET_Q4_1, GGMLType.Q8_0: dense.TARGET_Q8_0,
                  GGMLType.F16: dense.TARGET_F16, GGMLType.F32: dense.TARGET_F32}

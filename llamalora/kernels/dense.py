@@ -182,3 +182,15 @@ def add_low_rank_matvec(a, scaled_bt, x, out):
     delta = np.empty(out.shape[0], dtype=np.float32)
     _low_rank_product(a, scaled_bt, x, delta)
     out += delta
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def add_low_rank_matmul(a, scaled_bt, X, out):
+    """out[t] += (a @ X[t]) @ scaled_bt for a batch X float32[b, n_cols], the tokens split among the threads.
+    Compiled rather than numpy's BLAS, whose own thread pool (sized to the machine, not to -t) spins beside the
+    kernels' threads: with the other core busy, a 64-token SmolLM2 prompt with an all-linear adapter at -t 1 took
+    0.9-1.2 s through BLAS and 0.19 s here (0.175 s without the adapter)."""
+    for t in prange(X.shape[0]):
+        delta = np.empty(out.shape[1], dtype=np.float32)
+        _low_rank_product(a, scaled_bt, X[t], delta)
+        out[t] += delta
