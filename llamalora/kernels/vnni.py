@@ -10,23 +10,26 @@ becomes integers instead, once per call, finely enough that nothing is lost beyo
   an error 2^16 times larger, which is why its logits drift from a float computation.)
 - Weights stay the file's bytes, and so do the scales: d (and Q4_1's m) are read as halves from each block,
   so a row is one stream of memory. The unsigned operand of vpdpbusd (u8 × s8, four products added per
-  32-bit lane) is the nibble q ∈ [0, 15] or, for Q8_0, the signed byte + 128 (an xor). An offset k on the
-  weights (Q4_0's 8, Q8_0's 128) is taken out exactly: each limb's dot product starts from -k·Σ(the
-  lane's four limbs), so the lane holds Σ (q - k)·l.
+  32-bit lane) is the nibble q ∈ [0, 15] or, for Q8_0, the signed byte + 128 (an xor).
 - Per block pair (64 weights in one 512-bit register, 16 lanes of 4 weights; an odd last block is paired
   with zero limbs): the 4-bit types chain the limbs in one integer, t = ((Σq·l0)·256 + Σq·l1)·256 + Σq·l2,
-  |t| ≤ 4·15·128·65793 < 2^29, exact in int32 (·256 is a byte shuffle, off the multiply port), converted
-  to float once. Q8_0's lanes reach 4·128·128 per limb, so its top two limbs are chained (< 2^25) and the
-  last one added in float. A float32 accumulator per lane takes t·(d·s) by FMA; Q4_1 adds m·(the lane's
-  Σx) the same way.
+  |t| ≤ 4·15·128·65793 < 2^29, exact in int32 (·256 is a byte shuffle, off the multiply port). An offset k
+  on the weights (Q4_0's 8, Q8_0's 128) is taken out exactly by adding the lane's -k·ΣX, kept in the
+  activation's record, so the lane holds Σ (q - k)·X, converted to float once. Q8_0's lanes reach
+  4·255·128 per limb, so its top two limbs are chained (< 2^25, their correction added there) and the last
+  one (with its own) added in float. A float32 accumulator per lane takes t·(d·s) by FMA; Q4_1 adds m·(the
+  lane's Σx) the same way; the 16 lanes are summed once, at the row's end.
 
 Error: besides δ, each output sees a few float32 roundings per block pair (t → float, d·s, the FMA, and
 for Q4_1 the lane sums of x and their FMA) and the final 16-lane reduction: tests/test_vnni.py states the
 bound, 2^-24·((nb/2 + 10)·Σ_b Σ_j (|d q'_j| + |m|)·|x_j| + 1.02·Σ_b max_b|x|·Σ_j |d q'_j|).
 
-Speed (one thread of an AVX-512 Rocket Lake Xeon): about 15 GB/s of Q4_1 / Q4_0 blocks and 21 GB/s of
-Q8_0, 1.1-1.5× simd.py's float kernels. The loop is bound by its vector ports (three vpdpbusd, the nibble
-unpacking, the half → float scales and the float FMAs per block pair), not yet by memory.
+Streaming: decode reads every weight from memory once per token, and the hardware prefetchers alone left
+the loop waiting on loads at half its in-cache speed. Each row's stream is prefetched 8 KB ahead (past a
+row's end that is the rows after it) and two rows go through a step together, sharing the record loads.
+On the one-token path of a random 1B-shaped Q4_0 llama (560 MB of weights, one core of an AVX-512 Xeon)
+that took the matrix × vector from 5.6 to 10.5 GB/s; SmolLM2's Q4_1 from 7 to 14, its Q8_0 from 8.4 to 18.5
+(benchmarks/bench_kernels.py --stream).
 
 A block whose largest |x| is not finite or outside [TINY, HUGE] makes the kernels return False without
 writing anything; the caller then takes the portable kernel, so NaN, inf and extreme activations behave
@@ -54,11 +57,13 @@ TINY, HUGE = 2.0 ** -100, 2.0 ** 100   # block magnitudes the integer path takes
 LAYOUT_Q4, LAYOUT_Q8 = 0, 1
 # (block bytes, offset of q, weight offset k, layout) per type
 GEOMETRY = {"q4_0": (18, 2, 8, LAYOUT_Q4), "q4_1": (20, 4, 0, LAYOUT_Q4), "q8_0": (34, 2, 128, LAYOUT_Q8)}
-# A block pair's record: limbs int8[N_LIMBS][64], lane scales float32[16], lane corrections int32[N_LIMBS][16]
-# (-k·Σ of the lane's limbs; k = 8 in the Q4 layout, 128 in the Q8 one), lane sums of x float32[16]
+# A block pair's record: limbs int8[N_LIMBS][64], lane scales float32[16], lane corrections int32[2][16],
+# lane sums of x float32[16]. The corrections take the weight offset k out of the chained limb products: Q4
+# layout (k = 8), one: -8·Σ of the lane's four X; Q8 layout (k = 128), -128·(Σ l0·256 + Σ l1) for the chained
+# top limbs and -128·Σ l2 for the last.
 SCALES_AT = 64 * N_LIMBS
 CORRECTIONS_AT = SCALES_AT + 64
-SUMS_AT = CORRECTIONS_AT + 64 * N_LIMBS
+SUMS_AT = CORRECTIONS_AT + 64 * 2
 PAIR_BYTES = SUMS_AT + 64
 
 _f32, _i8, _i32 = ir.FloatType(), ir.IntType(8), ir.IntType(32)
@@ -180,12 +185,19 @@ def _make_quantize_pair(layout):
                 ptr = builder.gep(rec, [ir.Constant(_i32, offset)])
                 builder.store(value, builder.bitcast(ptr, value.type.as_pointer()), align=64)
 
+            limb_sums = []
             for i in range(N_LIMBS):
                 u = builder.and_(builder.lshr(y, ir.Constant(v64i, [8 * (N_LIMBS - 1 - i)] * 64)),
                                  ir.Constant(v64i, [255] * 64))
                 store(builder.trunc(builder.xor(u, ir.Constant(v64i, [128] * 64)), _v64b), 64 * i)
-                limb_sums = _lane_sums(builder, builder.sub(u, ir.Constant(v64i, [128] * 64)))
-                store(builder.mul(limb_sums, _splat_i32(-k_offset)), CORRECTIONS_AT + 64 * i)
+                limb_sums.append(_lane_sums(builder, builder.sub(u, ir.Constant(v64i, [128] * 64))))
+            if layout == LAYOUT_Q4:  # Σ of the lane's X, from its limbs
+                corrections = [builder.add(builder.mul(builder.add(builder.mul(limb_sums[0], _splat_i32(256)),
+                                                                   limb_sums[1]), _splat_i32(256)), limb_sums[2])]
+            else:
+                corrections = [builder.add(builder.mul(limb_sums[0], _splat_i32(256)), limb_sums[1]), limb_sums[2]]
+            for i, correction in enumerate(corrections):
+                store(builder.mul(correction, _splat_i32(-k_offset)), CORRECTIONS_AT + 64 * i)
             v2f = ir.VectorType(_f32, 2)
             ss = builder.insert_element(ir.Constant(v2f, ir.Undefined), s0, ir.Constant(_i32, 0))
             ss = builder.insert_element(ss, s1, ir.Constant(_i32, 1))
@@ -244,94 +256,127 @@ def quantize_activation(x, layout):
 
 # --- the row kernel -------------------------------------------------------------------------------------
 
-def _make_row_dot(kind):
-    """Intrinsic (row_addr, records_addr, nb) -> float32: row · x over one row's nb blocks of `kind`, from
-    quantize_activation's records."""
+# Decode streams the weights from memory once per token. The hardware prefetchers alone leave the loop waiting on
+# loads (half its in-cache speed); a software prefetch 8 KB ahead in each row (past the row's end: the next rows,
+# which follow in memory) and two rows per step (sharing each record load) doubled the streaming GB/s on one
+# core. 1-8 KB ahead and 1, 2, 4 rows per step were measured; 2 rows 8 KB ahead was best.
+PREFETCH_BYTES = 8192
+ROWS_PER_STEP = 2
+
+
+def _prefetch(builder, address):
+    fnty = ir.FunctionType(ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+    builder.call(fn, [address, ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
+
+
+def _make_rows_dot(kind, n_rows):
+    """Intrinsic (row_addr, row_stride, records_addr, nb, out_addr) -> None: out[k] = row k · x for n_rows
+    rows of nb blocks of `kind` (row k at row_addr + k·row_stride), from quantize_activation's records. The
+    rows share each record load, and each row's stream is prefetched PREFETCH_BYTES ahead."""
     block_bytes, qs_offset, k_offset, layout = GEOMETRY[kind]
 
     @intrinsic
-    def row_dot(typingctx, row_addr, records_addr, nb):
-        sig = types.float32(types.intp, types.intp, types.intp)
+    def rows_dot(typingctx, row_addr, row_stride, records_addr, nb, out_addr):
+        sig = types.none(types.intp, types.intp, types.intp, types.intp, types.intp)
 
         def codegen(context, builder, signature, args):
-            row_addr, records_addr, nb = args
-            rows, records = (builder.inttoptr(a, _i8.as_pointer()) for a in (row_addr, records_addr))
+            row_addr, row_stride, records_addr, nb, out_addr = args
             intp = nb.type
             c = lambda v: ir.Constant(intp, v)  # noqa: E731
-            acc = cgutils.alloca_once_value(builder, ir.Constant(_v16f, [0.0] * 16))
-            acc_m = cgutils.alloca_once_value(builder, ir.Constant(_v16f, [0.0] * 16))
+            rows = [builder.inttoptr(builder.add(row_addr, builder.mul(row_stride, c(k))), _i8.as_pointer())
+                    for k in range(n_rows)]
+            records = builder.inttoptr(records_addr, _i8.as_pointer())
+            zero = ir.Constant(_v16f, [0.0] * 16)
+            acc = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)]
+            acc_m = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)] if kind == "q4_1" else []
             pattern = _lane_blocks(layout)
             n_pairs = builder.lshr(builder.add(nb, c(1)), c(1))
             mask = _at(builder, records, builder.mul(n_pairs, c(PAIR_BYTES)), _v64b, 64)
 
-            def pair(p, b0, b1):
+            def pair(p, b0, b1, prefetch):
                 start0, start1 = builder.mul(b0, c(block_bytes)), builder.mul(b1, c(block_bytes))
                 rec = builder.mul(p, c(PAIR_BYTES))
                 limb = [_at(builder, records, builder.add(rec, c(64 * i)), _v64b, 64) for i in range(N_LIMBS)]
+                n_corr = (1 if layout == LAYOUT_Q4 else 2) if k_offset else 0
                 corr = [_at(builder, records, builder.add(rec, c(CORRECTIONS_AT + 64 * i)), _v16i, 64)
-                        if k_offset else _splat_i32(0) for i in range(N_LIMBS)]
-                if layout == LAYOUT_Q4:
-                    v16b = ir.VectorType(_i8, 16)
-                    both = builder.shuffle_vector(_at(builder, rows, builder.add(start0, c(qs_offset)), v16b, 1),
-                                                  _at(builder, rows, builder.add(start1, c(qs_offset)), v16b, 1),
-                                                  ir.Constant(ir.VectorType(_i32, 32), list(range(32))))
-                    low = builder.and_(both, ir.Constant(both.type, [15] * 32))
-                    high = builder.lshr(both, ir.Constant(both.type, [4] * 32))
-                    w = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(_i32, 64), list(range(64))))
-                    t = _dpbusd(builder, corr[0], w, limb[0])
-                    for i in range(1, N_LIMBS):
-                        t = _dpbusd(builder, builder.add(_times_256(builder, t, mask), corr[i]), w, limb[i])
-                    v = builder.sitofp(t, _v16f)
-                else:
-                    v32b = ir.VectorType(_i8, 32)
-                    w = builder.shuffle_vector(_at(builder, rows, builder.add(start0, c(qs_offset)), v32b, 1),
-                                               _at(builder, rows, builder.add(start1, c(qs_offset)), v32b, 1),
-                                               ir.Constant(ir.VectorType(_i32, 64), list(range(64))))
-                    w = builder.xor(w, ir.Constant(_v64b, [-128] * 64))
-                    t = _dpbusd(builder, corr[0], w, limb[0])
-                    t = _dpbusd(builder, builder.add(_times_256(builder, t, mask), corr[1]), w, limb[1])
-                    u = _dpbusd(builder, corr[2], w, limb[2])
-                    v = simd._fmuladd(builder, builder.sitofp(t, _v16f), ir.Constant(_v16f, [256.0] * 16),
-                                      builder.sitofp(u, _v16f))
-                # the blocks' leading halves: d, or d and m for Q4_1
-                n_halves = 2 if kind == "q4_1" else 1
-                head_type = ir.IntType(16 * n_halves)
-                heads = ir.Constant(ir.VectorType(head_type, 2), ir.Undefined)
-                for k, start in enumerate((start0, start1)):
-                    heads = builder.insert_element(heads, _at(builder, rows, start, head_type, 1), ir.Constant(_i32, k))
-                halves = builder.bitcast(heads, ir.VectorType(ir.HalfType(), 2 * n_halves))
-                floats = builder.fpext(halves, ir.VectorType(_f32, 2 * n_halves))
-                d_lanes = builder.shuffle_vector(floats, floats, ir.Constant(_v16i, [n_halves * b for b in pattern]))
+                        for i in range(n_corr)]
                 s_lanes = _at(builder, records, builder.add(rec, c(SCALES_AT)), _v16f, 64)
-                builder.store(simd._fmuladd(builder, v, builder.fmul(d_lanes, s_lanes), builder.load(acc)), acc)
-                if kind == "q4_1":  # a second accumulator: one FMA latency per pair on each chain
-                    m_lanes = builder.shuffle_vector(floats, floats, ir.Constant(_v16i, [2 * b + 1 for b in pattern]))
-                    sums = _at(builder, records, builder.add(rec, c(SUMS_AT)), _v16f, 64)
-                    builder.store(simd._fmuladd(builder, m_lanes, sums, builder.load(acc_m)), acc_m)
+                sums = _at(builder, records, builder.add(rec, c(SUMS_AT)), _v16f, 64) if kind == "q4_1" else None
+                for k, row in enumerate(rows):
+                    if prefetch:
+                        _prefetch(builder, builder.gep(row, [builder.add(start0, c(PREFETCH_BYTES))]))
+                    if layout == LAYOUT_Q4:
+                        v16b = ir.VectorType(_i8, 16)
+                        both = builder.shuffle_vector(_at(builder, row, builder.add(start0, c(qs_offset)), v16b, 1),
+                                                      _at(builder, row, builder.add(start1, c(qs_offset)), v16b, 1),
+                                                      ir.Constant(ir.VectorType(_i32, 32), list(range(32))))
+                        low = builder.and_(both, ir.Constant(both.type, [15] * 32))
+                        high = builder.lshr(both, ir.Constant(both.type, [4] * 32))
+                        w = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(_i32, 64), list(range(64))))
+                        t = _dpbusd(builder, _splat_i32(0), w, limb[0])
+                        for i in range(1, N_LIMBS):
+                            t = _dpbusd(builder, _times_256(builder, t, mask), w, limb[i])
+                        if corr:
+                            t = builder.add(t, corr[0])
+                        v = builder.sitofp(t, _v16f)
+                    else:
+                        v32b = ir.VectorType(_i8, 32)
+                        w = builder.shuffle_vector(_at(builder, row, builder.add(start0, c(qs_offset)), v32b, 1),
+                                                   _at(builder, row, builder.add(start1, c(qs_offset)), v32b, 1),
+                                                   ir.Constant(ir.VectorType(_i32, 64), list(range(64))))
+                        w = builder.xor(w, ir.Constant(_v64b, [-128] * 64))
+                        t = _dpbusd(builder, _splat_i32(0), w, limb[0])
+                        t = builder.add(_dpbusd(builder, _times_256(builder, t, mask), w, limb[1]), corr[0])
+                        u = _dpbusd(builder, corr[1], w, limb[2])
+                        v = simd._fmuladd(builder, builder.sitofp(t, _v16f), ir.Constant(_v16f, [256.0] * 16),
+                                          builder.sitofp(u, _v16f))
+                    # the blocks' leading halves: d, or d and m for Q4_1
+                    n_halves = 2 if kind == "q4_1" else 1
+                    head_type = ir.IntType(16 * n_halves)
+                    heads = ir.Constant(ir.VectorType(head_type, 2), ir.Undefined)
+                    for j, start in enumerate((start0, start1)):
+                        heads = builder.insert_element(heads, _at(builder, row, start, head_type, 1), ir.Constant(_i32, j))
+                    halves = builder.bitcast(heads, ir.VectorType(ir.HalfType(), 2 * n_halves))
+                    floats = builder.fpext(halves, ir.VectorType(_f32, 2 * n_halves))
+                    d_lanes = builder.shuffle_vector(floats, floats, ir.Constant(_v16i, [n_halves * b for b in pattern]))
+                    builder.store(simd._fmuladd(builder, v, builder.fmul(d_lanes, s_lanes), builder.load(acc[k])), acc[k])
+                    if kind == "q4_1":  # a second accumulator: one FMA latency per pair on each chain
+                        m_lanes = builder.shuffle_vector(floats, floats, ir.Constant(_v16i, [2 * b + 1 for b in pattern]))
+                        builder.store(simd._fmuladd(builder, m_lanes, sums, builder.load(acc_m[k])), acc_m[k])
 
             with cgutils.for_range(builder, builder.lshr(nb, c(1))) as loop:
                 p = loop.index
-                pair(p, builder.mul(p, c(2)), builder.add(builder.mul(p, c(2)), c(1)))
+                pair(p, builder.mul(p, c(2)), builder.add(builder.mul(p, c(2)), c(1)), PREFETCH_BYTES > 0)
             with builder.if_then(builder.icmp_unsigned("!=", builder.and_(nb, c(1)), c(0))):
                 last = builder.sub(nb, c(1))   # its partner's limbs and sums are zero: read the block twice
-                pair(builder.lshr(nb, c(1)), last, last)
-            return simd._reduce(builder, builder.fadd(builder.load(acc), builder.load(acc_m)))
+                pair(builder.lshr(nb, c(1)), last, last, False)
+            out = builder.inttoptr(out_addr, _f32.as_pointer())
+            for k in range(n_rows):
+                total = builder.load(acc[k])
+                if acc_m:
+                    total = builder.fadd(total, builder.load(acc_m[k]))
+                builder.store(simd._reduce(builder, total), builder.gep(out, [c(k)]))
+            return context.get_dummy_value()
 
         return sig, codegen
 
-    return row_dot
+    return rows_dot
 
 
-_row_dot_q4_0 = _make_row_dot("q4_0")
-_row_dot_q4_1 = _make_row_dot("q4_1")
-_row_dot_q8_0 = _make_row_dot("q8_0")
+_rows_dot_q4_0 = _make_rows_dot("q4_0", ROWS_PER_STEP)
+_rows_dot_q4_1 = _make_rows_dot("q4_1", ROWS_PER_STEP)
+_rows_dot_q8_0 = _make_rows_dot("q8_0", ROWS_PER_STEP)
+_row_dot_q4_0 = _make_rows_dot("q4_0", 1)
+_row_dot_q4_1 = _make_rows_dot("q4_1", 1)
+_row_dot_q8_0 = _make_rows_dot("q8_0", 1)
 
 
 # --- matrix × vector ----------------------------------------------------------------------------------
 
 @njit(nogil=True, cache=True)
 def _check(data, block_bytes, x, out):
-    if data.strides[1] != 1 or x.strides[0] != 4:
+    if data.strides[1] != 1 or x.strides[0] != 4 or out.strides[0] != 4:
         raise ValueError("kernel arrays need contiguous rows (data uint8, x float32)")
     if x.shape[0] % 32 != 0 or data.shape[1] < x.shape[0] // 32 * block_bytes:
         raise ValueError("kernel arrays disagree in shape (data rows, x length)")
@@ -348,9 +393,13 @@ def q4_0_matvec(data, x, out):
     buf, records, ok = quantize_activation(x, LAYOUT_Q4)
     if not ok:
         return False
-    row_addr, row_stride = data.ctypes.data, data.strides[0]
-    for r in prange(data.shape[0]):
-        out[r] = _row_dot_q4_0(row_addr + r * row_stride, records, nb)
+    row_addr, row_stride, out_addr = data.ctypes.data, data.strides[0], out.ctypes.data
+    n_steps = data.shape[0] // ROWS_PER_STEP
+    for g in prange(n_steps):
+        r = g * ROWS_PER_STEP
+        _rows_dot_q4_0(row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
+    for r in range(n_steps * ROWS_PER_STEP, data.shape[0]):
+        _row_dot_q4_0(row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
     return buf.size > 0  # True; buf is used here so that it outlives the loop that reads it by address
 
 
@@ -363,9 +412,13 @@ def q4_1_matvec(data, x, out):
     buf, records, ok = quantize_activation(x, LAYOUT_Q4)
     if not ok:
         return False
-    row_addr, row_stride = data.ctypes.data, data.strides[0]
-    for r in prange(data.shape[0]):
-        out[r] = _row_dot_q4_1(row_addr + r * row_stride, records, nb)
+    row_addr, row_stride, out_addr = data.ctypes.data, data.strides[0], out.ctypes.data
+    n_steps = data.shape[0] // ROWS_PER_STEP
+    for g in prange(n_steps):
+        r = g * ROWS_PER_STEP
+        _rows_dot_q4_1(row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
+    for r in range(n_steps * ROWS_PER_STEP, data.shape[0]):
+        _row_dot_q4_1(row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
     return buf.size > 0  # True; buf is used here so that it outlives the loop that reads it by address
 
 
@@ -378,7 +431,11 @@ def q8_0_matvec(data, x, out):
     buf, records, ok = quantize_activation(x, LAYOUT_Q8)
     if not ok:
         return False
-    row_addr, row_stride = data.ctypes.data, data.strides[0]
-    for r in prange(data.shape[0]):
-        out[r] = _row_dot_q8_0(row_addr + r * row_stride, records, nb)
+    row_addr, row_stride, out_addr = data.ctypes.data, data.strides[0], out.ctypes.data
+    n_steps = data.shape[0] // ROWS_PER_STEP
+    for g in prange(n_steps):
+        r = g * ROWS_PER_STEP
+        _rows_dot_q8_0(row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
+    for r in range(n_steps * ROWS_PER_STEP, data.shape[0]):
+        _row_dot_q8_0(row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
     return buf.size > 0  # True; buf is used here so that it outlives the loop that reads it by address
