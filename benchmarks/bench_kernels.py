@@ -2,6 +2,7 @@
 (llamalora.kernels.vnni, where the host has it) beside a plain numba loop and numpy.
 
     NUMBA_THREADING_LAYER=tbb python benchmarks/bench_kernels.py [-t 1] [-t 2] [--model M.gguf] [--quick] [--no-matmul]
+    python benchmarks/bench_kernels.py --stream M.gguf [-t 1] [-t 2]
 
 For each thread count (numba's and OpenBLAS's, set before numpy loads) it prints µs per call and GB/s of
 quantized weight bytes read, best of many calls (the machine may be shared, so the best is the stable
@@ -10,6 +11,8 @@ figure). matvec: SmolLM2's real tensors (Q4_1 576×576, 192×576, 1536×576, 576
 matmul: out = X·Wᵀ for batches of b tokens, vector kernel vs dequantize + numpy (OpenBLAS) per call
 and vs numpy on an already dequantized W (no dequantization: the bound for a BLAS path).
 Each thread count runs in its own process (thread pools are fixed at import).
+--stream: the decode case, weights streaming from memory: every layer's seven weights of a model, each once
+in turn (distinct memory, as one token reads them) through the one-token step's dispatch, best of 7 passes.
 """
 
 import argparse
@@ -171,6 +174,33 @@ def run(threads: int, model_path: str, quick: bool, matmul: bool) -> None:
             print(f"{b:>5} | " + " | ".join(cells))
 
 
+def stream(threads: int, model_path: str) -> None:
+    """GB/s of every layer weight's matvec in order, through kernels.dispatch as the one-token step calls it."""
+    import numpy as np
+
+    from llamalora.kernels import dispatch
+    from llamalora.loader import load_model, set_threads
+
+    set_threads(threads)
+    slots = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+    weights = [getattr(layer, slot) for layer in load_model(model_path, progress=False).model.layers
+               for slot in slots]
+    table, keep = dispatch.weight_table(weights)
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal(w.n_cols).astype(np.float32) for w in weights]
+    outs = [np.empty(w.n_rows, np.float32) for w in weights]
+    nbytes = sum(dispatch.uniform_arrays(w)[1].nbytes for w in weights)
+    best = float("inf")
+    for _ in range(8):  # the first pass compiles
+        t = time.perf_counter()
+        for i in range(len(weights)):
+            dispatch.matvec_entry(table, i, xs[i], outs[i])
+        best = min(best, time.perf_counter() - t)
+    types = sorted({w.type.name for w in weights})
+    print(f"stream {os.path.basename(model_path)} ({'/'.join(types)}, {nbytes / 1e6:.0f} MB) t={threads}: "
+          f"{best * 1e3:.1f} ms per pass, {nbytes / best / 1e9:.2f} GB/s (load {os.getloadavg()[0]:.2f})")
+
+
 def numpy_dequantize(np, data, d, m, qtype):
     """float32 W by whole-array numpy operations (what a BLAS path pays per call)."""
     block_bytes, qs_offset = LAYOUT[qtype]
@@ -188,14 +218,19 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--quick", action="store_true", help="skip the large random matrices")
     parser.add_argument("--no-matmul", action="store_true", help="matvec only")
+    parser.add_argument("--stream", metavar="MODEL.gguf", help="matvec of a model's layer weights streaming from memory")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        run(args.child, args.model, args.quick, not args.no_matmul)
+        if args.stream:
+            stream(args.child, args.stream)
+        else:
+            run(args.child, args.model, args.quick, not args.no_matmul)
         return
     for threads in args.threads or [1, 2]:
         cmd = ([sys.executable, __file__, "--child", str(threads), "--model", args.model]
-               + ["--quick"] * args.quick + ["--no-matmul"] * args.no_matmul)
+               + ["--quick"] * args.quick + ["--no-matmul"] * args.no_matmul
+               + (["--stream", args.stream] if args.stream else []))
         subprocess.run(cmd, check=True, cwd=os.path.dirname(HERE))
 
 
