@@ -106,3 +106,16 @@ def test_unsupported_type_and_partial_block_are_errors():
         kernels.row_nbytes(T.IQ2_XXS, 256)
     with pytest.raises(ModelFileError, match="not a whole number of Q4_0 blocks"):
         kernels.row_nbytes(T.Q4_0, 48)
+
+
+def test_block_halves_decode_every_half_float():
+    """The compiled half decoder behind block scales equals numpy's float16 for all 65536 bit patterns."""
+    from llamalora.kernels.f16 import block_halves
+
+    bits = np.arange(65536, dtype=np.uint16)
+    rows = np.zeros((256, 256 * 4), dtype=np.uint8)  # blocks of 4 bytes, the half at offset 2
+    rows.reshape(256, 256, 4)[:, :, 2:4] = bits.reshape(256, 256, 1).view(np.uint8).reshape(256, 256, 2)
+    got = block_halves(rows, 4, 2).reshape(-1)
+    want = bits.view(np.float16).astype(np.float32)
+    assert np.array_equal(got.view(np.uint32)[~np.isnan(want)], want.view(np.uint32)[~np.isnan(want)])
+    assert np.array_equal(np.isnan(got), np.isnan(want))

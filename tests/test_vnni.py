@@ -183,10 +183,11 @@ def test_extreme_activations_fall_back_to_the_portable_kernel(qtype):
         assert np.all(out == 7.0)  # untouched
         MODULES[qtype].matvec(prepared, x, out)
         portable = np.empty(16, np.float32)
+        scales = MODULES[qtype].scales(data)
         if qtype == T.Q8_0:
-            simd.q8_matvec(data, prepared[1], x, portable)
+            simd.q8_matvec(data, scales[0], x, portable)
         else:
-            simd.q4_matvec(data, prepared[1], prepared[2], MODULES[qtype].QS_OFFSET, MODULES[qtype].TYPE_SIZE,
+            simd.q4_matvec(data, scales[0], scales[1], MODULES[qtype].QS_OFFSET, MODULES[qtype].TYPE_SIZE,
                            x, portable)
         assert np.array_equal(out, portable, equal_nan=True)
 
@@ -199,10 +200,11 @@ def test_type_modules_use_the_integer_kernel_when_enabled():
         direct, portable, via_module = (np.empty(20, np.float32) for _ in range(3))
         kernel(data, x, direct)
         prepared = MODULES[qtype].prepare(data, 6 * 32)
+        scales = MODULES[qtype].scales(data)
         if qtype == T.Q8_0:
-            simd.q8_matvec(data, prepared[1], x, portable)
+            simd.q8_matvec(data, scales[0], x, portable)
         else:
-            simd.q4_matvec(data, prepared[1], prepared[2], MODULES[qtype].QS_OFFSET, MODULES[qtype].TYPE_SIZE,
+            simd.q4_matvec(data, scales[0], scales[1], MODULES[qtype].QS_OFFSET, MODULES[qtype].TYPE_SIZE,
                            x, portable)
         MODULES[qtype].matvec(prepared, x, via_module)
         assert np.array_equal(via_module, direct if vnni.ENABLED else portable)
@@ -217,3 +219,19 @@ def test_bad_layout_is_refused():
         vnni.q4_0_matvec(data, np.zeros(128, np.float32)[::2], out)  # x not contiguous
     with pytest.raises(ValueError):
         vnni.q4_0_matvec(data, np.zeros(64, np.float32), np.empty(7, np.float32))
+
+
+def test_prepared_rows_keep_no_widened_scales_with_the_integer_kernels():
+    """With the VNNI kernels a weight is its file bytes alone (no float32 scale arrays beside them); prompt batches
+    widen the scales per call and give what the scales widened at load give."""
+    rng = np.random.default_rng(9)
+    for qtype in KERNELS:
+        data = raw_blocks(rng, qtype, 37, 5)
+        prepared = MODULES[qtype].prepare(data, 5 * 32)
+        assert (len(prepared) == 1) == vnni.ENABLED
+        assert np.shares_memory(prepared[0], data)
+        X = rng.standard_normal((9, 5 * 32)).astype(np.float32)
+        batch, widened = np.empty((9, 37), np.float32), np.empty((9, 37), np.float32)
+        MODULES[qtype].matmul(prepared, X, batch)
+        MODULES[qtype].matmul((data, *MODULES[qtype].scales(data)), X, widened)
+        assert np.array_equal(batch, widened)

@@ -113,6 +113,12 @@ def prepare(tensor) -> Weight:
     return Weight(GGMLType(tensor.type), tensor.n_rows, tensor.n_cols, prepared, tensor.name)
 
 
+def block_scales(ggml_type, data: np.ndarray) -> tuple:
+    """The block scales (and, where the type has them, minima) of Q4_0, Q4_1 or Q8_0 raw rows, float32[n_rows,
+    n_blocks] each: Q4_0 gives (d, -8·d), Q4_1 (d, m), Q8_0 (d,)."""
+    return type_module(ggml_type).scales(data)
+
+
 def add_low_rank(w: np.ndarray, a: np.ndarray, scaled_b: np.ndarray) -> None:
     """w += scaled_b @ a in place (a LoRA delta merged into float32 weights)."""
     dense.add_low_rank(w, np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(scaled_b, dtype=np.float32))

@@ -68,6 +68,8 @@ def uniform_arrays(weight) -> tuple:
         arrays = (NO_BYTES, NO_FLOATS, NO_FLOATS, prepared[0])
     elif kind in (F16, BF16):
         arrays = (prepared[0].view(np.uint8), NO_FLOATS, NO_FLOATS, NO_FLOATS)
+    elif kind in (Q4_0, Q4_1, Q8_0) and len(prepared) == 1:  # scales read from the blocks (VNNI kernels)
+        arrays = (prepared[0], NO_FLOATS, NO_FLOATS, NO_FLOATS)
     elif kind == Q8_0:
         arrays = (prepared[0], prepared[1], NO_FLOATS, NO_FLOATS)
     elif kind in (Q4_0, Q4_1) or kind in SCALED_BLOCKS:
@@ -81,14 +83,24 @@ def uniform_arrays(weight) -> tuple:
 @njit(nogil=True, cache=True)
 def matvec(kind, data, scale, minimum, widened, x, out):
     """out float32[n_rows] = W · x, W given as uniform_arrays gives it."""
+    # The integer kernels decline extreme activations; the portable ones then need the block scales, widened here
+    # when the weight does not keep them (see the type modules' prepare).
     if kind == Q4_1:
-        if not (INTEGER_KERNELS and vnni.q4_1_matvec(data, x, out)):  # the integer kernel declines extreme x
+        if not (INTEGER_KERNELS and vnni.q4_1_matvec(data, x, out)):
+            if scale.shape[0] == 0:
+                scale = f16.block_halves(data, q4_1.TYPE_SIZE, 0)
+                minimum = f16.block_halves(data, q4_1.TYPE_SIZE, 2)
             simd.q4_matvec(data, scale, minimum, q4_1.QS_OFFSET, q4_1.TYPE_SIZE, x, out)
     elif kind == Q4_0:
         if not (INTEGER_KERNELS and vnni.q4_0_matvec(data, x, out)):
+            if scale.shape[0] == 0:
+                scale = f16.block_halves(data, q4_0.TYPE_SIZE, 0)
+                minimum = np.float32(-8.0) * scale
             simd.q4_matvec(data, scale, minimum, q4_0.QS_OFFSET, q4_0.TYPE_SIZE, x, out)
     elif kind == Q8_0:
         if not (INTEGER_KERNELS and vnni.q8_0_matvec(data, x, out)):
+            if scale.shape[0] == 0:
+                scale = f16.block_halves(data, q8_0.TYPE_SIZE, 0)
             simd.q8_matvec(data, scale, x, out)
     elif kind == F32:
         dense.matvec(widened, x, out)

@@ -4,8 +4,10 @@ numba has no float16 arrays: half floats travel as uint16 bits. A model's F16 ro
 bytes; halfdot's kernels widen them 16 at a time in registers (exact) as they multiply.
 """
 
+import math
+
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from . import halfdot
 
@@ -16,6 +18,32 @@ TYPE_SIZE = 2
 def half_bits_to_float(bits: np.ndarray) -> np.ndarray:
     """float32 values of little-endian half floats stored as byte pairs (..., 2) uint8."""
     return np.ascontiguousarray(bits).view(np.float16)[..., 0].astype(np.float32)
+
+
+@njit(nogil=True, cache=True)
+def half_to_float(bits):
+    """float32 of one half float's bits (exact: subnormals, infinities and NaN included)."""
+    exponent, mantissa = (bits >> 10) & 0x1F, bits & 0x3FF
+    if exponent == 0:
+        value = math.ldexp(mantissa, -24)
+    elif exponent == 31:
+        value = math.inf if mantissa == 0 else math.nan
+    else:
+        value = math.ldexp(mantissa + 1024, exponent - 25)
+    return np.float32(-value if bits & 0x8000 else value)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def block_halves(data, block_bytes, offset):
+    """float32[n_rows, n_blocks]: the half float at byte `offset` of every block of every row of data
+    uint8[n_rows, row_nbytes] (a quantized type's block scales or minima)."""
+    nb = data.shape[1] // block_bytes
+    out = np.empty((data.shape[0], nb), dtype=np.float32)
+    for r in prange(data.shape[0]):
+        for b in range(nb):
+            at = b * block_bytes + offset
+            out[r, b] = half_to_float(np.uint16(data[r, at]) | (np.uint16(data[r, at + 1]) << 8))
+    return out
 
 
 def float_to_half_bytes(x: np.ndarray) -> np.ndarray:

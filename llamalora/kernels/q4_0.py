@@ -10,7 +10,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .f16 import float_to_half_bits, half_bits_to_float
+from .f16 import block_halves, float_to_half_bits, half_bits_to_float
 from . import simd, vnni
 
 BLOCK_SIZE = 32
@@ -120,19 +120,28 @@ def block_pack_nibbles(typingctx, x_addr, lo, inv_d, bias, out_addr):
     return sig, codegen
 
 
+def scales(data: np.ndarray) -> tuple:
+    """Block scales d and minima m = -8·d of raw rows, float32[n_rows, n_blocks] each."""
+    d = block_halves(data, TYPE_SIZE, 0)
+    return d, np.float32(-8.0) * d
+
+
 def prepare(data: np.ndarray, n_cols: int) -> tuple:
-    """The raw rows (still the file's bytes) and the block scales widened to float32."""
-    blocks = data.reshape(data.shape[0], -1, TYPE_SIZE)
-    d = half_bits_to_float(blocks[:, :, 0:2])
-    return data, d, np.float32(-8.0) * d
+    """The raw rows (still the file's bytes), with the block scales widened to float32 where the portable kernels
+    read them every token. The VNNI kernels read the halves inside the blocks, so there the widened arrays are not
+    kept (they would add 4 to 8 bytes per 18- or 20-byte block to the memory use); prompt batches and the rare
+    declined activation widen them per call (`scales`)."""
+    return (data,) if vnni.ENABLED else (data, *scales(data))
 
 
 def matvec(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
-    data, d, m = prepared
+    data = prepared[0]
     if not (vnni.ENABLED and vnni.q4_0_matvec(data, x, out)):  # the integer kernel declines extreme x
+        d, m = prepared[1:] if len(prepared) > 1 else scales(data)
         simd.q4_matvec(data, d, m, QS_OFFSET, TYPE_SIZE, x, out)
 
 
 def matmul(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
-    data, d, m = prepared
+    data = prepared[0]
+    d, m = prepared[1:] if len(prepared) > 1 else scales(data)
     simd.q4_matmul(data, d, m, QS_OFFSET, TYPE_SIZE, x, out)

@@ -8,7 +8,7 @@ import numpy as np
 
 from numba import njit, prange
 
-from .f16 import float_to_half_bits, half_bits_to_float
+from .f16 import block_halves, float_to_half_bits, half_bits_to_float
 from . import simd, vnni
 
 BLOCK_SIZE = 32
@@ -71,18 +71,27 @@ def quantize_row(x, out):
             out[base + QS_OFFSET + j] = q0 | (q1 << 4)
 
 
+def scales(data: np.ndarray) -> tuple:
+    """Block scales d and minima m of raw rows, float32[n_rows, n_blocks] each."""
+    return block_halves(data, TYPE_SIZE, 0), block_halves(data, TYPE_SIZE, 2)
+
+
 def prepare(data: np.ndarray, n_cols: int) -> tuple:
-    """The raw rows (still the file's bytes) and the block scales and minima widened to float32."""
-    blocks = data.reshape(data.shape[0], -1, TYPE_SIZE)
-    return data, half_bits_to_float(blocks[:, :, 0:2]), half_bits_to_float(blocks[:, :, 2:4])
+    """The raw rows (still the file's bytes), with the block scales widened to float32 where the portable kernels
+    read them every token. The VNNI kernels read the halves inside the blocks, so there the widened arrays are not
+    kept (they would add 4 to 8 bytes per 18- or 20-byte block to the memory use); prompt batches and the rare
+    declined activation widen them per call (`scales`)."""
+    return (data,) if vnni.ENABLED else (data, *scales(data))
 
 
 def matvec(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
-    data, d, m = prepared
+    data = prepared[0]
     if not (vnni.ENABLED and vnni.q4_1_matvec(data, x, out)):  # the integer kernel declines extreme x
+        d, m = prepared[1:] if len(prepared) > 1 else scales(data)
         simd.q4_matvec(data, d, m, QS_OFFSET, TYPE_SIZE, x, out)
 
 
 def matmul(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
-    data, d, m = prepared
+    data = prepared[0]
+    d, m = prepared[1:] if len(prepared) > 1 else scales(data)
     simd.q4_matmul(data, d, m, QS_OFFSET, TYPE_SIZE, x, out)

@@ -4,7 +4,7 @@ import numpy as np
 
 from numba import njit, prange
 
-from .f16 import float_to_half_bits, half_bits_to_float
+from .f16 import block_halves, float_to_half_bits, half_bits_to_float
 from . import simd, vnni
 
 BLOCK_SIZE = 32
@@ -60,17 +60,27 @@ def quantize_row(x, out):
             out[base + QS_OFFSET + j] = np.uint8((q if v >= 0 else -q) & 0xFF)
 
 
+def scales(data: np.ndarray) -> tuple:
+    """Block scales d of raw rows, float32[n_rows, n_blocks], as a 1-tuple."""
+    return (block_halves(data, TYPE_SIZE, 0),)
+
+
 def prepare(data: np.ndarray, n_cols: int) -> tuple:
-    blocks = data.reshape(data.shape[0], -1, TYPE_SIZE)
-    return data, half_bits_to_float(blocks[:, :, 0:2])
+    """The raw rows (still the file's bytes), with the block scales widened to float32 where the portable kernels
+    read them every token. The VNNI kernels read the halves inside the blocks, so there the widened arrays are not
+    kept (they would add 4 to 8 bytes per 18- or 20-byte block to the memory use); prompt batches and the rare
+    declined activation widen them per call (`scales`)."""
+    return (data,) if vnni.ENABLED else (data, *scales(data))
 
 
 def matvec(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
-    data, d = prepared
+    data = prepared[0]
     if not (vnni.ENABLED and vnni.q8_0_matvec(data, x, out)):  # the integer kernel declines extreme x
+        (d,) = prepared[1:] if len(prepared) > 1 else scales(data)
         simd.q8_matvec(data, d, x, out)
 
 
 def matmul(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
-    data, d = prepared
+    data = prepared[0]
+    (d,) = prepared[1:] if len(prepared) > 1 else scales(data)
     simd.q8_matmul(data, d, x, out)
