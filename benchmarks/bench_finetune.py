@@ -71,10 +71,9 @@ def timed_steps(step, data) -> list:
 def ours(args) -> dict:
     from llamalora.finetune.model import PROJECTIONS, forward_backward, init_lora, load_base, zeros_like_params
     from llamalora.finetune.optim import AdamW, clip_grad_norm
-    from llamalora.finetune.train import set_blas_threads
-    from llamalora.loader import set_threads
+    from llamalora.finetune.train import use_threads
 
-    set_blas_threads(set_threads(args.threads))
+    use_threads(args.threads)
     _, model_file, config = load(args.model)
     base = load_base(config, model_file.tensors)
     params = init_lora(config, {p: args.rank for p in PROJECTIONS}, np.random.default_rng(0))

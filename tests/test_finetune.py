@@ -426,3 +426,31 @@ def test_ctrl_c_finishes_the_step_and_saves_a_checkpoint(tmp_path):
     assert "saving a checkpoint" in rest and str(ckpt) in rest
     _, _, _, header, _ = load_checkpoint(str(ckpt))
     assert header["step"] >= 2 and (tmp_path / "a.gguf").exists()
+
+
+def test_tile_threads_give_the_products_and_repeat_exactly(tmp_path):
+    """Products whose tiles run on three threads equal the float32 products of the dequantized weight, and
+    repeat bit for bit (the backward's tile parts are added in tile order)."""
+    from llamalora.finetune.tiles import add_times_w, set_tile_threads, tile_threads, times_wt
+
+    _, mf, _ = tiny(tmp_path, dim=64, n_ff=640)
+    t = mf.tensors["blk.0.ffn_up.weight"]
+    w = base_weight(t)
+    dense = kernels.dequantize(t.type, t.data, t.n_cols).reshape(w.n_rows, w.n_cols)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((24, w.n_cols)).astype(np.float32)
+    dy = rng.standard_normal((24, w.n_rows)).astype(np.float32)
+    before = tile_threads()
+    set_tile_threads(3)
+    try:
+        runs = []
+        for _ in range(3):
+            dx = np.ones((24, w.n_cols), dtype=np.float32)
+            add_times_w(w, dy, dx)
+            runs.append((times_wt(w, x), dx))
+    finally:
+        set_tile_threads(before)
+    np.testing.assert_allclose(runs[0][0], x @ dense.T, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(runs[0][1], 1.0 + dy @ dense, rtol=1e-5, atol=1e-4)
+    for y, dx in runs[1:]:
+        assert np.array_equal(y, runs[0][0]) and np.array_equal(dx, runs[0][1])

@@ -21,6 +21,7 @@ from ..errors import InputError
 from .data import BatchOptions, make_samples, next_batch, start_order
 from .model import LORA_TARGETS, forward_backward, init_lora, lora_shapes, load_base, zeros_like_params
 from .optim import AdamW, clip_grad_norm, scheduled_lr
+from .tiles import set_tile_threads
 from .output import load_checkpoint, output_paths, save_checkpoint, write_adapter_gguf, write_peft
 
 
@@ -97,6 +98,17 @@ def blas_threads() -> int | None:
     return int(getter()) if getter is not None else None
 
 
+def use_threads(n: int | None) -> int:
+    """Compute on n threads (default: every core) and return n. The base-weight products split their tiles among
+    n threads, each calling BLAS on one thread: one team instead of ours beside an OpenBLAS pool sized to the
+    machine. Where BLAS's thread count cannot be set, BLAS keeps its own threads and the tiles run on one."""
+    from ..loader import set_threads
+
+    threads = set_threads(n)
+    set_tile_threads(threads if set_blas_threads(1) else 1)
+    return threads
+
+
 def effective_ranks(opts: FinetuneOptions) -> dict:
     """{GGUF part (attn_q, ...): rank} from --lora-r and the per-weight --rank-w* overrides."""
     ranks = {part: opts.lora_r for part in LORA_TARGETS.values()}
@@ -160,15 +172,14 @@ def run_finetune(opts: FinetuneOptions, stop_after: int | None = None, quiet: bo
     """Train and write the outputs; returns a summary (losses per step, final step, paths written).
 
     stop_after ends the run after that many steps as a Ctrl-C would (checkpoint saved): for tests."""
-    from ..loader import default_model_path, set_threads
+    from ..loader import default_model_path
     from ..llama import LlamaConfig
     from ..model_file import load_model_file
     from ..vocab import Vocab
 
     check_options(opts)
     say = (lambda message: None) if quiet else log
-    threads = set_threads(opts.threads)
-    set_blas_threads(threads)
+    threads = use_threads(opts.threads)
     path = opts.model or default_model_path()
     model_file = load_model_file(path)
     vocab = Vocab.from_metadata(model_file.metadata)
