@@ -13,9 +13,10 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from numba import njit
 
 from ..llama import LlamaConfig, rope_tables
-from .tiles import BaseWeight, add_times_w, base_weight, rows, times_wt
+from .tiles import BaseWeight, add_times_w, base_weight, rows, thread_buffer, times_wt
 
 # llama.cpp finetune's names for the seven adapted weights (--rank-wq ... --rank-w3) → GGUF tensor parts.
 LORA_TARGETS = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
@@ -99,21 +100,42 @@ def rms_norm_bwd(dy, weight, xn, rstd):
 
 
 def rope(x, cos, sin, rope_dim, inverse=False):
-    """Rotate adjacent pairs of the first rope_dim features of every head of x [n, heads, head_dim]
-    (GGUF's layout); inverse rotates back (the backward of a rotation is its transpose)."""
-    c = cos[:, None, :]
-    s = -sin[:, None, :] if inverse else sin[:, None, :]
-    x0 = x[..., 0:rope_dim:2]
-    x1 = x[..., 1:rope_dim:2]
-    out = x.copy()
-    out[..., 0:rope_dim:2] = x0 * c - x1 * s
-    out[..., 1:rope_dim:2] = x0 * s + x1 * c
-    return out
+    """Rotate adjacent pairs of the first rope_dim features of every head of x [n, heads, head_dim] in place
+    (GGUF's layout) and return x; inverse rotates back (the backward of a rotation is its transpose)."""
+    rotate_pairs(x, cos, sin, rope_dim, x.dtype.type(-1.0 if inverse else 1.0))
+    return x
+
+
+@njit(nogil=True, cache=True)
+def rotate_pairs(x, cos, sin, rope_dim, sign):
+    for t in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            for p in range(rope_dim // 2):
+                c = cos[t, p]
+                s = sign * sin[t, p]
+                x0 = x[t, h, 2 * p]
+                x1 = x[t, h, 2 * p + 1]
+                x[t, h, 2 * p] = x0 * c - x1 * s
+                x[t, h, 2 * p + 1] = x0 * s + x1 * c
 
 
 def silu_parts(g):
     sig = 1.0 / (1.0 + np.exp(-g))
     return sig, g * sig
+
+
+@njit(nogil=True, cache=True)
+def swiglu_bwd(dact, g, up, sig, one):
+    """dg and dup of act = silu(g) * up, dup written over dact (which is not needed after)."""
+    dg = np.empty_like(dact)
+    for i in range(dact.shape[0]):
+        for j in range(dact.shape[1]):
+            a = dact[i, j]
+            sg = sig[i, j]
+            x = g[i, j]
+            dg[i, j] = a * up[i, j] * sg * (one + x * (one - sg))
+            dact[i, j] = a * (x * sg)
+    return dg, dact
 
 
 # ---- linear layers with an optional LoRA pair ----
@@ -125,7 +147,9 @@ def linear_fwd(w: BaseWeight, x, lora):
         return y, None
     a, b, s = lora
     u = x @ a.T
-    y += (u @ b.T) * x.dtype.type(s)
+    delta = np.matmul(u, b.T, out=thread_buffer("lora", y.shape, y.dtype))
+    delta *= x.dtype.type(s)
+    y += delta
     return y, u
 
 
@@ -141,7 +165,7 @@ def linear_bwd(w: BaseWeight, x, u, dy, lora, name, grads, dx):
     du = (dy @ b) * s
     grads[f"{name}.lora_a"] += du.T @ x
     if dx is not None:
-        dx += du @ a
+        dx += np.matmul(du, a, out=thread_buffer("lora", dx.shape, dx.dtype))
 
 
 # ---- attention over [batch, ctx] samples, grouped-query, causal ----
@@ -226,7 +250,7 @@ def block_fwd(layer, loras, x, n_batch, n_ctx, config, tables):
     act = silu * up
     down, ud = linear_fwd(layer["ffn_down"], act, loras["ffn_down"])
     saved = dict(h1=h1, xn1=xn1, rstd1=rstd1, uq=uq, uk=uk, uv=uv, att=att, o=o, uo=uo, h2=h2, xn2=xn2,
-                 rstd2=rstd2, ug=ug, uu=uu, g=g, up=up, sig=sig, silu=silu, act=act, ud=ud)
+                 rstd2=rstd2, ug=ug, uu=uu, g=g, up=up, sig=sig, act=act, ud=ud)
     return x2 + down, saved
 
 
@@ -239,8 +263,7 @@ def block_bwd(layer, loras, names, saved, dx3, n_batch, n_ctx, config, tables, g
     s = saved
     dact = np.zeros_like(s["act"])
     linear_bwd(layer["ffn_down"], s["act"], s["ud"], dx3, loras["ffn_down"], names["ffn_down"], grads, dact)
-    dup = dact * s["silu"]
-    dg = dact * s["up"] * s["sig"] * (1.0 + s["g"] * (1.0 - s["sig"]))
+    dg, dup = swiglu_bwd(dact, s["g"], s["up"], s["sig"], dact.dtype.type(1.0))
     dh2 = np.zeros_like(s["h2"])
     linear_bwd(layer["ffn_gate"], s["h2"], s["ug"], dg, loras["ffn_gate"], names["ffn_gate"], grads, dh2)
     linear_bwd(layer["ffn_up"], s["h2"], s["uu"], dup, loras["ffn_up"], names["ffn_up"], grads, dh2)
