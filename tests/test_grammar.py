@@ -195,11 +195,13 @@ _token_shapes: dict[int, tuple] = {}
 
 
 def token_shapes(vocab) -> tuple[np.ndarray, np.ndarray]:
-    """Each token's first byte and length."""
-    if id(vocab) not in _token_shapes:
+    """Each token's first byte and length. The cache keeps the vocabulary it was made for: an id alone may be
+    reused by a later object once the first is gone."""
+    entry = _token_shapes.get(id(vocab))
+    if entry is None or entry[0] is not vocab:
         pieces = [vocab.token_bytes(t) or b"\0" for t in range(vocab.n_vocab)]
-        _token_shapes[id(vocab)] = (np.array([p[0] for p in pieces]), np.array([len(p) for p in pieces]))
-    return _token_shapes[id(vocab)]
+        entry = _token_shapes[id(vocab)] = (vocab, np.array([p[0] for p in pieces]), np.array([len(p) for p in pieces]))
+    return entry[1], entry[2]
 
 
 def sample(grammar, vocab, seed: int, max_tokens: int, eog_bias: float = 4.0, check=None) -> bytes:
