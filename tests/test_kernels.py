@@ -119,3 +119,24 @@ def test_block_halves_decode_every_half_float():
     want = bits.view(np.float16).astype(np.float32)
     assert np.array_equal(got.view(np.uint32)[~np.isnan(want)], want.view(np.uint32)[~np.isnan(want)])
     assert np.array_equal(np.isnan(got), np.isnan(want))
+
+
+@pytest.mark.parametrize("r, n_cols, n_rows", [(16, 576, 1536), (8, 1536, 576), (5, 37, 83), (1, 16, 16), (33, 100, 70)])
+def test_low_rank_delta_matches_float64(r, n_cols, n_rows):
+    """out += (A·x)·s·Bᵀ, one token and a batch, for ranks and widths that leave every tail of the vector loops
+    (rows of A past the groups of four, columns past 16 and 64)."""
+    rng = np.random.default_rng(r + n_cols)
+    a = rng.standard_normal((r, n_cols)).astype(np.float32)
+    scaled_bt = rng.standard_normal((r, n_rows)).astype(np.float32)
+    x = rng.standard_normal((5, n_cols)).astype(np.float32)
+    start = rng.standard_normal((5, n_rows)).astype(np.float32)
+    expected = start + (x.astype(np.float64) @ a.T.astype(np.float64)) @ scaled_bt.astype(np.float64)
+    bound = 1e-6 * np.abs(expected).max() * np.sqrt(r + n_cols)
+    one = start[0].copy()
+    kernels.add_low_rank_matvec(a, scaled_bt, x[0], one)
+    assert np.abs(one - expected[0]).max() <= bound
+    batch = start.copy()
+    kernels.add_low_rank_matmul(a, scaled_bt, x, batch)
+    assert np.abs(batch - expected).max() <= bound
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kernels.add_low_rank_matvec(a, scaled_bt, np.repeat(x[0], 2)[::2], one)
