@@ -309,6 +309,26 @@ def matmul(kind, bits, X, out):
             simd._tile_times_batch(tile, n_valid, X, out, r0)
 
 
+def kind_kernels(kind):
+    """A type module's compiled (matvec, matmul) on bits uint16[n_rows, n] of one kind: kind is a closure
+    constant, which numba types as the literal matvec and matmul need (and keys the cached code on)."""
+
+    @njit(nogil=True, cache=True)
+    def kind_matvec(bits, x, out):
+        matvec(kind, bits, x, out)
+
+    @njit(nogil=True, cache=True)
+    def kind_matmul(bits, x, out):
+        matmul(kind, bits, x, out)
+
+    return kind_matvec, kind_matmul
+
+
+def prepare(data: np.ndarray, n_cols: int) -> tuple:
+    """The raw rows seen as uint16 bits (still the file's bytes): F16's and BF16's prepare."""
+    return (data.view(np.uint16),)
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def widen_rows(kind, bits, out):
     """out float32[n_rows, n] = the rows' values (exact)."""
