@@ -26,6 +26,9 @@ from tokenizers import AddedToken
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from llamalora.vocab import byte_to_unicode  # noqa: E402
+
 DATA = os.path.join(ROOT, "tests", "data")
 GGUF_PATH = os.path.join(DATA, "qwen2-tiny.gguf")
 NPZ_PATH = os.path.join(DATA, "qwen2_reference.npz")
@@ -40,19 +43,6 @@ TEXTS = ("Hello world, the tiny qwen model is testing!",
          "naïve café — 日本語 and emoji 🦙 <|im_start|>user",
          "<|im_start|>user\nhello<|im_end|>\n")
 N_GREEDY = 8
-
-
-def byte_to_unicode() -> dict[int, str]:
-    """GPT-2's map from bytes to printable characters (as in tokenizers' ByteLevel)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = keep[:]
-    n = 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(keep, chars)}
 
 
 def tiny_bpe() -> tuple[list[str], list[str]]:

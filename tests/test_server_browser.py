@@ -51,19 +51,28 @@ def set_field(driver, element_id, value):
     element.send_keys(str(value))
 
 
-def test_page_streams_the_answer(browser, url):
+def open_page(browser, url):
+    """Load the page and wait for the adapters it lists (from /lora-adapters); the waiter, for what follows."""
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(url + "/")
     wait = WebDriverWait(browser, 30)
-    # The adapters and their scales come from /lora-adapters.
     wait.until(lambda d: d.find_elements("id", "lora-0"))
+    return wait
+
+
+def send(browser, **fields):
+    """Fill the form's fields (by element id, in the order given) and press send."""
+    for element_id, value in fields.items():
+        set_field(browser, element_id, value)
+    browser.find_element("id", "send").click()
+
+
+def test_page_streams_the_answer(browser, url):
+    wait = open_page(browser, url)
     assert browser.find_element("id", "lora-0").get_attribute("value") == "0.5"
     assert "lora-fortunes" in browser.find_element("id", "adapters").text
-    set_field(browser, "prompt", "Once upon a time")
-    set_field(browser, "n_predict", 12)
-    set_field(browser, "temperature", 0)
-    browser.find_element("id", "send").click()
+    send(browser, prompt="Once upon a time", n_predict=12, temperature=0)
     # The loading indicator shows while the answer streams in, and goes when it is done.
     wait.until(lambda d: "active" in d.find_element("id", "loading").get_attribute("class")
                or d.find_element("id", "stats").text)
@@ -80,14 +89,8 @@ def test_page_streams_the_answer(browser, url):
 
 
 def test_stop_button_ends_a_long_answer(browser, url):
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    browser.get(url + "/")
-    wait = WebDriverWait(browser, 30)
-    wait.until(lambda d: d.find_elements("id", "lora-0"))
-    set_field(browser, "prompt", "List the numbers from one to one thousand:")
-    set_field(browser, "n_predict", 400)
-    browser.find_element("id", "send").click()
+    wait = open_page(browser, url)
+    send(browser, prompt="List the numbers from one to one thousand:", n_predict=400)
     wait.until(lambda d: len(d.find_element("id", "answer").text) > 5)
     browser.find_element("id", "stop-button").click()
     wait.until(lambda d: "stopped after" in d.find_element("id", "stats").text)
@@ -99,22 +102,13 @@ def test_stop_button_ends_a_long_answer(browser, url):
 def test_grammar_box_constrains_the_answer(browser, url):
     import re
 
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    browser.get(url + "/")
-    wait = WebDriverWait(browser, 30)
-    wait.until(lambda d: d.find_elements("id", "lora-0"))
-    set_field(browser, "prompt", "Pick three digits:")
-    set_field(browser, "n_predict", 8)
-    set_field(browser, "temperature", 1)
-    set_field(browser, "grammar", "root ::= [0-9] [0-9] [0-9]")
-    browser.find_element("id", "send").click()
+    wait = open_page(browser, url)
+    send(browser, prompt="Pick three digits:", n_predict=8, temperature=1, grammar="root ::= [0-9] [0-9] [0-9]")
     wait.until(lambda d: d.find_element("id", "stats").text)
     assert browser.find_element("id", "error").text == ""
     assert re.fullmatch("[0-9]{3}", browser.find_element("id", "answer").text.strip())
     # A grammar that does not parse: the page shows the server's 400 message.
-    set_field(browser, "grammar", "root ::= [0-9")
-    browser.find_element("id", "send").click()
+    send(browser, grammar="root ::= [0-9")
     wait.until(lambda d: d.find_element("id", "error").text)
     assert "grammar" in browser.find_element("id", "error").text
 

@@ -181,59 +181,29 @@ def test_bad_layout_is_refused():
 
 # --- 2-byte floats (F16, BF16): halfdot ---------------------------------------------------------------------
 
-# The kernels take the widening as a compile-time constant: one pair of callers per kind.
-HALF_F16, HALF_F16_PORTABLE, HALF_BF16 = halfdot.F16, halfdot.F16_PORTABLE, halfdot.BF16
+def half_kernels(kind):
+    """(matvec, matmul, widen_rows) compiled for one widening: the kernels need kind as a compile-time
+    constant, and numba takes a closure's integer as one."""
 
+    @numba.njit
+    def matvec(bits, x, out):
+        halfdot.matvec(kind, bits, x, out)
 
-@numba.njit
-def half_matvec_f16(bits, x, out):
-    halfdot.matvec(HALF_F16, bits, x, out)
+    @numba.njit
+    def matmul(bits, x, out):
+        halfdot.matmul(kind, bits, x, out)
 
+    @numba.njit
+    def widen(bits, out):
+        halfdot.widen_rows(kind, bits, out)
 
-@numba.njit
-def half_matvec_f16_portable(bits, x, out):
-    halfdot.matvec(HALF_F16_PORTABLE, bits, x, out)
-
-
-@numba.njit
-def half_matvec_bf16(bits, x, out):
-    halfdot.matvec(HALF_BF16, bits, x, out)
-
-
-@numba.njit
-def half_matmul_f16(bits, x, out):
-    halfdot.matmul(HALF_F16, bits, x, out)
-
-
-@numba.njit
-def half_matmul_f16_portable(bits, x, out):
-    halfdot.matmul(HALF_F16_PORTABLE, bits, x, out)
-
-
-@numba.njit
-def half_matmul_bf16(bits, x, out):
-    halfdot.matmul(HALF_BF16, bits, x, out)
-
-
-@numba.njit
-def half_widen_f16(bits, out):
-    halfdot.widen_rows(HALF_F16, bits, out)
-
-
-@numba.njit
-def half_widen_f16_portable(bits, out):
-    halfdot.widen_rows(HALF_F16_PORTABLE, bits, out)
-
-
-@numba.njit
-def half_widen_bf16(bits, out):
-    halfdot.widen_rows(HALF_BF16, bits, out)
+    return matvec, matmul, widen
 
 
 HALF_KERNELS = {  # kind: (matvec, matmul, widen, ggml type of the bits)
-    "f16": (half_matvec_f16, half_matmul_f16, half_widen_f16, T.F16),
-    "f16-portable": (half_matvec_f16_portable, half_matmul_f16_portable, half_widen_f16_portable, T.F16),
-    "bf16": (half_matvec_bf16, half_matmul_bf16, half_widen_bf16, T.BF16),
+    "f16": (*half_kernels(halfdot.F16), T.F16),
+    "f16-portable": (*half_kernels(halfdot.F16_PORTABLE), T.F16),
+    "bf16": (*half_kernels(halfdot.BF16), T.BF16),
 }
 
 
@@ -300,7 +270,7 @@ def test_half_row_sums_do_not_depend_on_neighbour_rows(kind):
     assert np.array_equal(small_batch[0], together) and np.array_equal(small_batch[1], -together)
     if ggml_type == T.F16:
         other = np.empty(11, np.float32)
-        (half_matvec_f16_portable if kind == "f16" else half_matvec_f16)(bits, x, other)
+        HALF_KERNELS["f16-portable" if kind == "f16" else "f16"][0](bits, x, other)
         assert np.array_equal(other, together)
 
 
@@ -340,6 +310,7 @@ def test_prepared_half_weights_stay_the_file_bytes(ggml_type):
 
 
 def test_half_bad_layout_is_refused():
+    half_matvec_f16, half_matmul_bf16 = HALF_KERNELS["f16"][0], HALF_KERNELS["bf16"][1]
     bits = np.zeros((8, 64), np.uint16)
     out = np.empty(8, np.float32)
     with pytest.raises(ValueError):

@@ -80,6 +80,15 @@ def raw_blocks(rng, qtype, n_rows, nb, d_scale=0.01):
     return data.reshape(n_rows, nb * bb)
 
 
+def portable_matvec(data, qtype, x, out):
+    """The portable (float) kernel the type module runs when the integer one is off or refuses x."""
+    scales = MODULES[qtype].scales(data)
+    if qtype == T.Q8_0:
+        simd.q8_matvec(data, scales[0], x, out)
+    else:
+        simd.q4_matvec(data, scales[0], scales[1], MODULES[qtype].QS_OFFSET, MODULES[qtype].TYPE_SIZE, x, out)
+
+
 @pytest.fixture(scope="module")
 def smollm2_tensors(smollm2_path):
     reader = gguf.GGUFReader(smollm2_path)
@@ -183,12 +192,7 @@ def test_extreme_activations_fall_back_to_the_portable_kernel(qtype):
         assert np.all(out == 7.0)  # untouched
         MODULES[qtype].matvec(prepared, x, out)
         portable = np.empty(16, np.float32)
-        scales = MODULES[qtype].scales(data)
-        if qtype == T.Q8_0:
-            simd.q8_matvec(data, scales[0], x, portable)
-        else:
-            simd.q4_matvec(data, scales[0], scales[1], MODULES[qtype].QS_OFFSET, MODULES[qtype].TYPE_SIZE,
-                           x, portable)
+        portable_matvec(data, qtype, x, portable)
         assert np.array_equal(out, portable, equal_nan=True)
 
 
@@ -200,12 +204,7 @@ def test_type_modules_use_the_integer_kernel_when_enabled():
         direct, portable, via_module = (np.empty(20, np.float32) for _ in range(3))
         kernel(data, x, direct)
         prepared = MODULES[qtype].prepare(data, 6 * 32)
-        scales = MODULES[qtype].scales(data)
-        if qtype == T.Q8_0:
-            simd.q8_matvec(data, scales[0], x, portable)
-        else:
-            simd.q4_matvec(data, scales[0], scales[1], MODULES[qtype].QS_OFFSET, MODULES[qtype].TYPE_SIZE,
-                           x, portable)
+        portable_matvec(data, qtype, x, portable)
         MODULES[qtype].matvec(prepared, x, via_module)
         assert np.array_equal(via_module, direct if vnni.ENABLED else portable)
 

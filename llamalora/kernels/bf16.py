@@ -5,7 +5,6 @@ Rows stay the file's bytes; halfdot's kernels widen 16 values at a time (a shift
 """
 
 import numpy as np
-from numba import njit
 
 from . import halfdot
 
@@ -26,22 +25,8 @@ def quantize(x: np.ndarray) -> np.ndarray:
     return n.astype(np.uint16).view(np.uint8).reshape(x.shape[0], -1)
 
 
-KIND = halfdot.BF16  # a global constant: numba types it as the literal the kernels need
-
-
-@njit(nogil=True, cache=True)
-def _matvec(bits, x, out):
-    halfdot.matvec(KIND, bits, x, out)
-
-
-@njit(nogil=True, cache=True)
-def _matmul(bits, x, out):
-    halfdot.matmul(KIND, bits, x, out)
-
-
-def prepare(data: np.ndarray, n_cols: int) -> tuple:
-    """The raw rows seen as uint16 bits (still the file's bytes)."""
-    return (data.view(np.uint16),)
+_matvec, _matmul = halfdot.kind_kernels(halfdot.BF16)
+prepare = halfdot.prepare
 
 
 def matvec(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:

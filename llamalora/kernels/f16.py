@@ -102,19 +102,8 @@ def _widen_rows(bits, out):
     halfdot.widen_rows(KIND, bits, out)
 
 
-@njit(nogil=True, cache=True)
-def _matvec(bits, x, out):
-    halfdot.matvec(KIND, bits, x, out)
-
-
-@njit(nogil=True, cache=True)
-def _matmul(bits, x, out):
-    halfdot.matmul(KIND, bits, x, out)
-
-
-def prepare(data: np.ndarray, n_cols: int) -> tuple:
-    """The raw rows seen as uint16 half-float bits (still the file's bytes)."""
-    return (data.view(np.uint16),)
+_matvec, _matmul = halfdot.kind_kernels(KIND)
+prepare = halfdot.prepare
 
 
 def matvec(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:

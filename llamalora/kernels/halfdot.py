@@ -183,72 +183,11 @@ def widen_row(typingctx, kind, row_addr, out_addr, n):
     return sig, codegen
 
 
-def _make_tile_dot(n_rows, n_tokens):
-    """Intrinsic (w_addr, w_stride, x_addr, x_stride, n) -> n_rows·n_tokens float32: the dot products of
-    n_rows float32 rows with n_tokens float32 rows of n values (a multiple of LANES), result [r·n_tokens + t].
-    simd's tile loop with 16-lane vectors, for AVX-512 targets (WIDE_TILES): each FMA does twice the work of
-    an 8-lane one. On 16-register targets the accumulators would spill, so they keep simd's loop."""
-
-    @intrinsic
-    def tile_dot(typingctx, w_addr, w_stride, x_addr, x_stride, n):
-        sig = types.UniTuple(types.float32, n_rows * n_tokens)(*([types.intp] * 5))
-
-        def codegen(context, builder, signature, args):
-            w_addr, w_stride, x_addr, x_stride, n = args
-            intp = n.type
-            i8p = ir.IntType(8).as_pointer()
-            vf = ir.VectorType(_f32, LANES)
-            w, x = builder.inttoptr(w_addr, i8p), builder.inttoptr(x_addr, i8p)
-            accs = [[cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * LANES)) for _ in range(n_tokens)]
-                    for _ in range(n_rows)]
-            w_offs = [builder.mul(w_stride, ir.Constant(intp, r)) for r in range(n_rows)]
-            x_offs = [builder.mul(x_stride, ir.Constant(intp, t)) for t in range(n_tokens)]
-
-            def load(base, off):
-                return builder.load(builder.bitcast(builder.gep(base, [off]), vf.as_pointer()), align=4)
-
-            with cgutils.for_range(builder, builder.udiv(n, ir.Constant(intp, LANES))) as loop:
-                off = builder.mul(loop.index, ir.Constant(intp, LANES * 4))
-                ws = [load(w, builder.add(off, w_offs[r])) for r in range(n_rows)]
-                for t in range(n_tokens):
-                    xv = load(x, builder.add(off, x_offs[t]))
-                    for r in range(n_rows):
-                        builder.store(_fmuladd(builder, ws[r], xv, builder.load(accs[r][t])), accs[r][t])
-            sums = [simd._reduce(builder, builder.load(accs[r][t])) for r in range(n_rows) for t in range(n_tokens)]
-            return context.make_tuple(builder, signature.return_type, sums)
-
-        return sig, codegen
-
-    return tile_dot
-
-
 TILE_ROWS, TILE_TOKENS = 6, 4  # 24 accumulators + 6 row vectors of AVX-512's 32 registers
 ROW_TILE = 48  # rows widened to float32 per matmul work item (a multiple of TILE_ROWS)
-_tile_dot = _make_tile_dot(TILE_ROWS, TILE_TOKENS)
-_tile_dot_1 = _make_tile_dot(TILE_ROWS, 1)
-
-
-@njit(nogil=True, cache=True)
-def _tile_times_batch(tile, n_valid, X, out, r0):
-    """out[t, r0 + i] = tile[i] · X[t] for i < n_valid (tile rows past n_valid are zero padding)."""
-    n_cols, n_tokens = tile.shape[1], X.shape[0]
-    w_addr, w_stride = tile.ctypes.data, tile.strides[0]
-    x_addr, x_stride = X.ctypes.data, X.strides[0]
-    for c0 in range(0, n_tokens, simd.TOKEN_CHUNK):
-        c1 = min(c0 + simd.TOKEN_CHUNK, n_tokens)
-        full = c1 - (c1 - c0) % TILE_TOKENS
-        for i0 in range(0, n_valid, TILE_ROWS):
-            w = w_addr + i0 * w_stride
-            n_here = min(TILE_ROWS, n_valid - i0)
-            for t0 in range(c0, full, TILE_TOKENS):
-                s = _tile_dot(w, w_stride, x_addr + t0 * x_stride, x_stride, n_cols)
-                for i in range(n_here):
-                    for t in range(TILE_TOKENS):
-                        out[t0 + t, r0 + i0 + i] = s[i * TILE_TOKENS + t]
-            for t in range(full, c1):
-                s1 = _tile_dot_1(w, w_stride, x_addr + t * x_stride, x_stride, n_cols)
-                for i in range(n_here):
-                    out[t, r0 + i0 + i] = s1[i]
+# simd's tile loop with 16-lane vectors, for AVX-512 targets (WIDE_TILES): each FMA does twice the work of an
+# 8-lane one. On 16-register targets the accumulators would spill, so they keep simd's loop.
+_tile_times_batch = simd.make_tile_times_batch(LANES, TILE_ROWS, TILE_TOKENS)
 
 
 @njit(nogil=True, cache=True)
@@ -307,6 +246,26 @@ def matmul(kind, bits, X, out):
             _tile_times_batch(tile, n_valid, X, out, r0)
         else:
             simd._tile_times_batch(tile, n_valid, X, out, r0)
+
+
+def kind_kernels(kind):
+    """A type module's compiled (matvec, matmul) on bits uint16[n_rows, n] of one kind: kind is a closure
+    constant, which numba types as the literal matvec and matmul need (and keys the cached code on)."""
+
+    @njit(nogil=True, cache=True)
+    def kind_matvec(bits, x, out):
+        matvec(kind, bits, x, out)
+
+    @njit(nogil=True, cache=True)
+    def kind_matmul(bits, x, out):
+        matmul(kind, bits, x, out)
+
+    return kind_matvec, kind_matmul
+
+
+def prepare(data: np.ndarray, n_cols: int) -> tuple:
+    """The raw rows seen as uint16 bits (still the file's bytes): F16's and BF16's prepare."""
+    return (data.view(np.uint16),)
 
 
 @njit(parallel=True, nogil=True, cache=True)

@@ -46,7 +46,6 @@ Q8_QS_OFFSET = 2
 _f32 = ir.FloatType()
 _i8 = ir.IntType(8)
 _i32 = ir.IntType(32)
-_vf = ir.VectorType(_f32, LANES)
 _vi8 = ir.VectorType(_i8, LANES)
 _vi32 = ir.VectorType(_i32, LANES)
 
@@ -171,44 +170,50 @@ def _make_row_dequantize(kind):
     return row_dequantize
 
 
-def _make_tile_dot(n_rows, n_tokens):
-    """Intrinsic (w_addr, w_stride, x_addr, x_stride, n) -> n_rows·n_tokens float32: the dot products of
-    n_rows float32 rows with n_tokens float32 rows, each of n values (a multiple of LANES), result
-    [r·n_tokens + t]. Strides are in bytes."""
+def _literal_ints(*args):
+    """The values of integer-literal types, or None where one is not."""
+    if not all(isinstance(a, types.IntegerLiteral) for a in args):
+        return None
+    return [a.literal_value for a in args]
 
-    @intrinsic
-    def tile_dot(typingctx, w_addr, w_stride, x_addr, x_stride, n):
-        sig = types.UniTuple(types.float32, n_rows * n_tokens)(*([types.intp] * 5))
 
-        def codegen(context, builder, signature, args):
-            w_addr, w_stride, x_addr, x_stride, n = args
-            i8p = _i8.as_pointer()
-            w, x = builder.inttoptr(w_addr, i8p), builder.inttoptr(x_addr, i8p)
-            zero = ir.Constant(_vf, [0.0] * LANES)
-            accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(n_tokens)] for _ in range(n_rows)]
-            w_offs = [builder.mul(w_stride, _const(w_stride, r)) for r in range(n_rows)]
-            x_offs = [builder.mul(x_stride, _const(x_stride, t)) for t in range(n_tokens)]
-            with cgutils.for_range(builder, builder.udiv(n, _const(n, LANES))) as loop:
-                off = builder.mul(loop.index, _const(n, LANES * 4))
-                ws = [_load(builder, w, builder.add(off, w_offs[r]), _vf, 4) for r in range(n_rows)]
-                for t in range(n_tokens):
-                    xv = _load(builder, x, builder.add(off, x_offs[t]), _vf, 4)
-                    for r in range(n_rows):
-                        builder.store(_fmuladd(builder, ws[r], xv, builder.load(accs[r][t])), accs[r][t])
-            sums = [_reduce(builder, builder.load(accs[r][t])) for r in range(n_rows) for t in range(n_tokens)]
-            return context.make_tuple(builder, signature.return_type, sums)
+@intrinsic(prefer_literal=True)
+def _tile_dot(typingctx, lanes, n_rows, n_tokens, w_addr, w_stride, x_addr, x_stride, n):
+    """(lanes, n_rows, n_tokens, w_addr, w_stride, x_addr, x_stride, n) -> n_rows·n_tokens float32: the dot
+    products of n_rows float32 rows with n_tokens float32 rows, each of n values (a multiple of lanes), result
+    [r·n_tokens + t], in accumulators of `lanes` floats. Strides are in bytes; the first three are constants."""
+    shape = _literal_ints(lanes, n_rows, n_tokens)
+    if shape is None:
+        return None
+    n_lanes, rows, tokens = shape
+    sig = types.UniTuple(types.float32, rows * tokens)(lanes, n_rows, n_tokens, *([types.intp] * 5))
 
-        return sig, codegen
+    def codegen(context, builder, signature, args):
+        w_addr, w_stride, x_addr, x_stride, n = args[3:]
+        i8p = _i8.as_pointer()
+        vf = ir.VectorType(_f32, n_lanes)
+        w, x = builder.inttoptr(w_addr, i8p), builder.inttoptr(x_addr, i8p)
+        zero = ir.Constant(vf, [0.0] * n_lanes)
+        accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(tokens)] for _ in range(rows)]
+        w_offs = [builder.mul(w_stride, _const(w_stride, r)) for r in range(rows)]
+        x_offs = [builder.mul(x_stride, _const(x_stride, t)) for t in range(tokens)]
+        with cgutils.for_range(builder, builder.udiv(n, _const(n, n_lanes))) as loop:
+            off = builder.mul(loop.index, _const(n, n_lanes * 4))
+            ws = [_load(builder, w, builder.add(off, w_offs[r]), vf, 4) for r in range(rows)]
+            for t in range(tokens):
+                xv = _load(builder, x, builder.add(off, x_offs[t]), vf, 4)
+                for r in range(rows):
+                    builder.store(_fmuladd(builder, ws[r], xv, builder.load(accs[r][t])), accs[r][t])
+        sums = [_reduce(builder, builder.load(accs[r][t])) for r in range(rows) for t in range(tokens)]
+        return context.make_tuple(builder, signature.return_type, sums)
 
-    return tile_dot
+    return sig, codegen
 
 
 _q4_row_dot = _make_row_dot("q4", ROW_LANES)
 _q8_row_dot = _make_row_dot("q8", ROW_LANES)
 _q4_row_dequantize = _make_row_dequantize("q4")
 _q8_row_dequantize = _make_row_dequantize("q8")
-_tile_dot = _make_tile_dot(TILE_ROWS, TILE_TOKENS)
-_tile_dot_1 = _make_tile_dot(TILE_ROWS, 1)
 
 
 # --- matrix × vector ----------------------------------------------------------------------------------
@@ -272,27 +277,38 @@ def q8_matvec(data, d, x, out):
 
 # --- matrix × batch -----------------------------------------------------------------------------------
 
-@njit(nogil=True, cache=True)
-def _tile_times_batch(tile, n_valid, X, out, r0):
-    """out[t, r0 + i] = tile[i] · X[t] for i < n_valid (tile rows past n_valid are zero padding)."""
-    n_cols, n_tokens = tile.shape[1], X.shape[0]
-    w_addr, w_stride = tile.ctypes.data, tile.strides[0]
-    x_addr, x_stride = X.ctypes.data, X.strides[0]
-    for c0 in range(0, n_tokens, TOKEN_CHUNK):
-        c1 = min(c0 + TOKEN_CHUNK, n_tokens)
-        full = c1 - (c1 - c0) % TILE_TOKENS
-        for i0 in range(0, n_valid, TILE_ROWS):
-            w = w_addr + i0 * w_stride
-            n_here = min(TILE_ROWS, n_valid - i0)
-            for t0 in range(c0, full, TILE_TOKENS):
-                s = _tile_dot(w, w_stride, x_addr + t0 * x_stride, x_stride, n_cols)
-                for i in range(n_here):
-                    for t in range(TILE_TOKENS):
-                        out[t0 + t, r0 + i0 + i] = s[i * TILE_TOKENS + t]
-            for t in range(full, c1):
-                s1 = _tile_dot_1(w, w_stride, x_addr + t * x_stride, x_stride, n_cols)
-                for i in range(n_here):
-                    out[t, r0 + i0 + i] = s1[i]
+def make_tile_times_batch(lanes, tile_rows, tile_tokens):
+    """Compiled (tile, n_valid, X, out, r0): out[t, r0 + i] = tile[i] · X[t] for i < n_valid (tile rows past
+    n_valid are zero padding), tile_rows × tile_tokens dot products at a time in accumulators of `lanes` floats.
+    The three are closure constants: numba types them as the literals _tile_dot needs, and its cache keys each
+    shape apart."""
+
+    @njit(nogil=True, cache=True)
+    def tile_times_batch(tile, n_valid, X, out, r0):
+        n_cols, n_tokens = tile.shape[1], X.shape[0]
+        w_addr, w_stride = tile.ctypes.data, tile.strides[0]
+        x_addr, x_stride = X.ctypes.data, X.strides[0]
+        for c0 in range(0, n_tokens, TOKEN_CHUNK):
+            c1 = min(c0 + TOKEN_CHUNK, n_tokens)
+            full = c1 - (c1 - c0) % tile_tokens
+            for i0 in range(0, n_valid, tile_rows):
+                w = w_addr + i0 * w_stride
+                n_here = min(tile_rows, n_valid - i0)
+                for t0 in range(c0, full, tile_tokens):
+                    s = _tile_dot(lanes, tile_rows, tile_tokens, w, w_stride, x_addr + t0 * x_stride, x_stride,
+                                  n_cols)
+                    for i in range(n_here):
+                        for t in range(tile_tokens):
+                            out[t0 + t, r0 + i0 + i] = s[i * tile_tokens + t]
+                for t in range(full, c1):
+                    s1 = _tile_dot(lanes, tile_rows, 1, w, w_stride, x_addr + t * x_stride, x_stride, n_cols)
+                    for i in range(n_here):
+                        out[t, r0 + i0 + i] = s1[i]
+
+    return tile_times_batch
+
+
+_tile_times_batch = make_tile_times_batch(LANES, TILE_ROWS, TILE_TOKENS)
 
 
 @njit(parallel=True, nogil=True, cache=True)
