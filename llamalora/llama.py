@@ -8,6 +8,7 @@ Qwen2 is the same network with biases on the q, k and v projections and llama.cp
 converter leaves q/k rows in Hugging Face's order, so feature i pairs with feature i + rope_dim/2.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,13 +40,15 @@ class LlamaConfig:
     rms_eps: float
     architecture: str = "llama"
     rope_neox: bool = False  # rotate pairs (i, i + rope_dim/2) instead of (2i, 2i + 1)
+    rope_factors: tuple | None = None  # per-frequency divisors (linear scaling, llama 3's rope_freqs), or None
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_head
 
     @classmethod
-    def from_metadata(cls, metadata: dict, path: str, n_vocab: int) -> "LlamaConfig":
+    def from_metadata(cls, metadata: dict, path: str, n_vocab: int, rope_freqs: Tensor | None = None) -> "LlamaConfig":
+        """The hyperparameters of a model file; rope_freqs is its rope_freqs.weight tensor, if it has one."""
         arch = metadata.get("general.architecture")
         if arch is None:
             raise ModelFileError(f"{path}: metadata has no general.architecture")
@@ -83,7 +86,33 @@ class LlamaConfig:
             )
         if config.rope_dim > config.head_dim or config.rope_dim % 2:
             raise ModelFileError(f"{path}: rope dimension {config.rope_dim} does not fit head size {config.head_dim}")
-        return config
+        for key in ("attention.key_length", "attention.value_length"):
+            value = metadata.get(f"{arch}.{key}")
+            if value is not None and int(value) != config.head_dim:
+                raise ModelFileError(f"{path}: {arch}.{key} is {value}; we run heads of embedding / heads = "
+                                     f"{config.head_dim} values only")
+        return dataclasses.replace(config, rope_factors=rope_factors(metadata, arch, path, config.rope_dim, rope_freqs))
+
+
+def rope_factors(metadata: dict, arch: str, path: str, rope_dim: int, rope_freqs: Tensor | None) -> tuple | None:
+    """The divisors of the rope_dim / 2 RoPE frequencies, as llama.cpp applies them: linear scaling's factor
+    (`rope.scaling.type` linear, or the older `rope.scale_linear`) times llama 3's per-frequency factors (the
+    rope_freqs tensor). Other scalings (YaRN, LongRoPE) are refused: they also change the attention itself."""
+    kind = str(metadata.get(f"{arch}.rope.scaling.type", "none"))
+    if kind not in ("none", "linear"):
+        raise ModelFileError(f"{path}: {arch}.rope.scaling.type '{kind}' is not supported (we run none and linear)")
+    linear = float(metadata.get(f"{arch}.rope.scaling.factor", 1.0) if kind == "linear"
+                   else metadata.get(f"{arch}.rope.scale_linear", 1.0))
+    if not (np.isfinite(linear) and linear > 0):
+        raise ModelFileError(f"{path}: RoPE scaling factor {linear} is not a positive number")
+    factors = np.full(rope_dim // 2, linear, dtype=np.float32)
+    if rope_freqs is not None:
+        values = as_f32_vector(rope_freqs)
+        if values.shape != factors.shape or not np.all(np.isfinite(values) & (values > 0)):
+            raise ModelFileError(f"{path}: tensor rope_freqs.weight must hold {rope_dim // 2} positive numbers "
+                                 f"(it has shape {tuple(rope_freqs.shape)})")
+        factors *= values
+    return None if np.all(factors == 1) else tuple(float(f) for f in factors)
 
 
 class KVCache:
@@ -113,7 +142,7 @@ class KVCache:
             c = self.config
             self.k[:, n_keep : n_keep + count] = self.k[:, start:end]
             self.v[:, n_keep : n_keep + count] = self.v[:, start:end]
-            cos, sin = rope_tables(np.full(1, -n_discard, dtype=np.int64), c.rope_dim, c.rope_base)
+            cos, sin = rope_tables(np.full(1, -n_discard, dtype=np.int64), c.rope_dim, c.rope_base, c.rope_factors)
             for layer in range(c.n_layer):
                 block = self.k[layer, n_keep : n_keep + count]
                 rope_inplace(block.reshape(count, -1, c.head_dim), np.repeat(cos, count, 0), np.repeat(sin, count, 0),
@@ -227,7 +256,8 @@ class LlamaModel:
         if b == 1:
             cos, sin = self.rope_row(n_past)
         else:
-            cos, sin = rope_tables(np.arange(n_past, n_past + b, dtype=np.int64), c.rope_dim, c.rope_base)
+            cos, sin = rope_tables(np.arange(n_past, n_past + b, dtype=np.int64), c.rope_dim, c.rope_base,
+                                   c.rope_factors)
         x = np.ascontiguousarray(self.embed(tokens), dtype=np.float32)
         if b == 1:
             decode.run_layers(self.decode_plan(), x[0], cache, cos, sin, c, deltas)
@@ -264,7 +294,8 @@ class LlamaModel:
         row = self._rope_rows.get(position)
         if row is None:
             c = self.config
-            row = self._rope_rows[position] = rope_tables(np.full(1, position, dtype=np.int64), c.rope_dim, c.rope_base)
+            row = self._rope_rows[position] = rope_tables(np.full(1, position, dtype=np.int64), c.rope_dim,
+                                                          c.rope_base, c.rope_factors)
         return row
 
     def decode_plan(self) -> decode.LayerPlan:

@@ -54,7 +54,8 @@ def load_model(path: str | None, use_mmap: bool = True, adapters=(), lora_base: 
     path = path or default_model_path()
     model_file = load_model_file(path, use_mmap=use_mmap)
     vocab = Vocab.from_metadata(model_file.metadata)
-    config = LlamaConfig.from_metadata(model_file.metadata, path, n_vocab=vocab.n_vocab)
+    config = LlamaConfig.from_metadata(model_file.metadata, path, n_vocab=vocab.n_vocab,
+                                       rope_freqs=model_file.tensors.get("rope_freqs.weight"))
     tensors = dict(model_file.tensors)
     if lora_base and not adapters:
         raise InputError("--lora-base needs at least one --lora or --lora-scaled adapter")

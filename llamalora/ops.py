@@ -10,14 +10,18 @@ import numpy as np
 from numba import njit, prange
 
 
-def rope_tables(positions: np.ndarray, rope_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin float32[len(positions), rope_dim // 2] of angle pos * base^(-2i/rope_dim).
+def rope_tables(positions: np.ndarray, rope_dim: int, base: float, factors=None) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin float32[len(positions), rope_dim // 2] of angle pos * base^(-2i/rope_dim) / factors[i].
 
     The frequencies are formed in float32 as transformers forms them, so that our angles match its angles.
+    factors (rope_dim // 2 divisors, or None) stretch the wavelengths: linear RoPE scaling divides every
+    frequency by its factor, llama 3's scaling (a GGUF's rope_freqs tensor) each by its own.
     """
     inv_freq = (1.0 / (np.float32(base) ** (np.arange(0, rope_dim, 2, dtype=np.float32) / np.float32(rope_dim)))).astype(
         np.float32
     )
+    if factors is not None:
+        inv_freq = (inv_freq / np.asarray(factors, dtype=np.float32)).astype(np.float32)
     angles = positions.astype(np.float32)[:, None] * inv_freq[None, :]
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 

@@ -9,6 +9,17 @@ def data_path(*parts: str) -> str:
     return os.path.join(DATA, *parts)
 
 
+def rewritten(src: str, dst, metadata_update=None, drop=()) -> str:
+    """A copy of the model file src at dst with some metadata changed and some tensors left out."""
+    from llamalora.model_file import load_model_file
+    from llamalora.model_writer import write_gguf
+
+    f = load_model_file(src)
+    metadata = {**f.metadata, **(metadata_update or {})}
+    tensors = [t for name, t in f.tensors.items() if name not in drop]
+    return write_gguf(str(dst), metadata, tensors, f.metadata_types)
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
     from llamalora.loader import default_model_path

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import data_path
+from conftest import data_path, rewritten
 from gguf import GGMLQuantizationType as T
 from safetensors.numpy import save_file
 
@@ -19,7 +19,6 @@ from llamalora.generate import Context
 from llamalora.llama import KVCache
 from llamalora.loader import load_model
 from llamalora.model_file import load_model_file
-from llamalora.model_writer import write_gguf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = data_path("qwen2-tiny.gguf")
@@ -36,14 +35,6 @@ def qwen2():
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "llamalora", *args], capture_output=True, text=True, timeout=300,
                           cwd=ROOT)
-
-
-def rewritten(src: str, dst, metadata_update=None, drop=()) -> str:
-    """A copy of the model file with some metadata changed and some tensors left out."""
-    f = load_model_file(src)
-    metadata = {**f.metadata, **(metadata_update or {})}
-    tensors = [t for name, t in f.tensors.items() if name not in drop]
-    return write_gguf(str(dst), metadata, tensors, f.metadata_types)
 
 
 def test_config_reads_the_qwen2_keys(qwen2):

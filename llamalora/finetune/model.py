@@ -223,8 +223,10 @@ def attention_bwd(dout, saved, n_batch, n_ctx, config):
 def rope_for(config: LlamaConfig, n_batch, n_ctx, dtype):
     positions = np.tile(np.arange(n_ctx, dtype=np.int64), n_batch)
     if dtype == np.float32:
-        return rope_tables(positions, config.rope_dim, config.rope_base)
+        return rope_tables(positions, config.rope_dim, config.rope_base, config.rope_factors)
     inv_freq = 1.0 / (config.rope_base ** (np.arange(0, config.rope_dim, 2, dtype=np.float64) / config.rope_dim))
+    if config.rope_factors is not None:
+        inv_freq = inv_freq / np.asarray(config.rope_factors, dtype=np.float64)
     angles = positions[:, None] * inv_freq[None, :]
     return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
 

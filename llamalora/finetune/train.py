@@ -183,7 +183,8 @@ def run_finetune(opts: FinetuneOptions, stop_after: int | None = None, quiet: bo
     path = opts.model or default_model_path()
     model_file = load_model_file(path)
     vocab = Vocab.from_metadata(model_file.metadata)
-    config = LlamaConfig.from_metadata(model_file.metadata, path, n_vocab=vocab.n_vocab)
+    config = LlamaConfig.from_metadata(model_file.metadata, path, n_vocab=vocab.n_vocab,
+                                       rope_freqs=model_file.tensors.get("rope_freqs.weight"))
     if config.architecture != "llama":
         # The training forward has no q/k/v biases and rotates adjacent pairs only.
         raise InputError(f"{path}: finetune trains llama models; this one is {config.architecture}")
