@@ -54,13 +54,14 @@ N_LIMBS = 3
 X_MAX = 8355000          # |X| ≤ X_MAX keeps the top limb in [-127, 127] (127·65793 = 8355711)
 DIGIT_BIAS = 128 * 65793  # X + DIGIT_BIAS ≥ 0 has base-256 digits u; X's balanced digits are u - 128
 TINY, HUGE = 2.0 ** -100, 2.0 ** 100   # block magnitudes the integer path takes
-LAYOUT_Q4, LAYOUT_Q8 = 0, 1
+LAYOUT_Q4, LAYOUT_Q8, LAYOUT_K = 0, 1, 2
+Q6_K_OFFSET = 32  # Q6_K's q - 32, taken out by LAYOUT_K's correction
 # (block bytes, offset of q, weight offset k, layout) per type
 GEOMETRY = {"q4_0": (18, 2, 8, LAYOUT_Q4), "q4_1": (20, 4, 0, LAYOUT_Q4), "q8_0": (34, 2, 128, LAYOUT_Q8)}
 # A block pair's record: limbs int8[N_LIMBS][64], lane scales float32[16], lane corrections int32[2][16],
 # lane sums of x float32[16]. The corrections take the weight offset k out of the chained limb products: Q4
 # layout (k = 8), one: -8·Σ of the lane's four X; Q8 layout (k = 128), -128·(Σ l0·256 + Σ l1) for the chained
-# top limbs and -128·Σ l2 for the last.
+# top limbs and -128·Σ l2 for the last; K layout (Q6_K's k = 32; Q4_K has none), one: -32·Σ of the lane's X.
 SCALES_AT = 64 * N_LIMBS
 CORRECTIONS_AT = SCALES_AT + 64
 SUMS_AT = CORRECTIONS_AT + 64 * 2
@@ -84,7 +85,7 @@ ENABLED = os.environ.get("LLAMALORA_KERNELS", "auto") != "portable" and host_has
 def _register_order(layout):
     """For each byte of a pair register, its index among the pair's 64 activations (block 0's 32, then
     block 1's). Q4: [weights 0-15 of block 0, of block 1, weights 16-31 of block 0, of block 1] (the low
-    nibbles of both blocks' 16 bytes, then the high ones); Q8: block 0's 32 weights, then block 1's."""
+    nibbles of both blocks' 16 bytes, then the high ones); Q8 and K: block 0's 32 weights, then block 1's."""
     if layout == LAYOUT_Q4:
         return [(t // 16) % 2 * 32 + (t // 32) * 16 + t % 16 for t in range(64)]
     return list(range(64))
@@ -157,7 +158,7 @@ def _block_top_bits(typingctx, x_addr):
 def _make_quantize_pair(layout):
     """Intrinsic (x0_addr, x1_addr, inv0, inv1, s0, s1, record_addr) -> None: one pair record from the two
     blocks of 32 float32 at x0_addr and x1_addr (inv = 1/s; inv = 0 makes a block zero)."""
-    k_offset = 8 if layout == LAYOUT_Q4 else 128
+    k_offset = {LAYOUT_Q4: 8, LAYOUT_Q8: 128, LAYOUT_K: Q6_K_OFFSET}[layout]
 
     @intrinsic
     def quantize_pair(typingctx, x0_addr, x1_addr, inv0, inv1, s0, s1, record_addr):
@@ -191,7 +192,7 @@ def _make_quantize_pair(layout):
                                  ir.Constant(v64i, [255] * 64))
                 store(builder.trunc(builder.xor(u, ir.Constant(v64i, [128] * 64)), _v64b), 64 * i)
                 limb_sums.append(_lane_sums(builder, builder.sub(u, ir.Constant(v64i, [128] * 64))))
-            if layout == LAYOUT_Q4:  # Σ of the lane's X, from its limbs
+            if layout != LAYOUT_Q8:  # Σ of the lane's X, from its limbs
                 corrections = [builder.add(builder.mul(builder.add(builder.mul(limb_sums[0], _splat_i32(256)),
                                                                    limb_sums[1]), _splat_i32(256)), limb_sums[2])]
             else:
@@ -213,6 +214,7 @@ def _make_quantize_pair(layout):
 MASK_BYTES = np.array(TIMES_256_MASK, dtype=np.int8).view(np.uint8)
 _quantize_pair_q4 = _make_quantize_pair(LAYOUT_Q4)
 _quantize_pair_q8 = _make_quantize_pair(LAYOUT_Q8)
+_quantize_pair_k = _make_quantize_pair(LAYOUT_K)
 
 
 @njit(nogil=True, cache=True)
@@ -249,12 +251,14 @@ def quantize_activation(x, layout):
         record = buf.ctypes.data + start + p * PAIR_BYTES
         if layout == LAYOUT_Q4:
             _quantize_pair_q4(x0, x1, inv0, inv1, s0, s1, record)
-        else:
+        elif layout == LAYOUT_Q8:
             _quantize_pair_q8(x0, x1, inv0, inv1, s0, s1, record)
+        else:
+            _quantize_pair_k(x0, x1, inv0, inv1, s0, s1, record)
     return buf, buf.ctypes.data + start, True
 
 
-# --- the row kernel -------------------------------------------------------------------------------------
+# --- the row kernels -----------------------------------------------------------------------------------
 
 # Decode streams the weights from memory once per token. The hardware prefetchers alone leave the loop waiting on
 # loads (half its in-cache speed); a software prefetch 8 KB ahead in each row (past the row's end: the next rows,
@@ -270,11 +274,34 @@ def _prefetch(builder, address):
     builder.call(fn, [address, ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
 
 
-def _make_rows_dot(kind, n_rows):
-    """Intrinsic (row_addr, row_stride, records_addr, nb, out_addr) -> None: out[k] = row k · x for n_rows
-    rows of nb blocks of `kind` (row k at row_addr + k·row_stride), from quantize_activation's records. The
-    rows share each record load, and each row's stream is prefetched PREFETCH_BYTES ahead."""
-    block_bytes, qs_offset, k_offset, layout = GEOMETRY[kind]
+def prefetch_ahead(builder, c, row, start, n_bytes):
+    """Prefetch the n_bytes of row from byte `start` on, PREFETCH_BYTES ahead (one per 64-byte line)."""
+    for offset in range(0, n_bytes, 64):
+        _prefetch(builder, builder.gep(row, [builder.add(start, c(PREFETCH_BYTES + offset))]))
+
+
+def chained_limbs(builder, w, limb, mask):
+    """Σ w·X per lane from unsigned bytes w and the activation's limbs: ((Σw·l0)·256 + Σw·l1)·256 + Σw·l2, exact
+    modulo 2^32 (every step wraps, so the result is exact whenever the true Σ w·X fits in int32)."""
+    t = _dpbusd(builder, _splat_i32(0), w, limb[0])
+    for i in range(1, N_LIMBS):
+        t = _dpbusd(builder, _times_256(builder, t, mask), w, limb[i])
+    return t
+
+
+def record_part(builder, c, records, pair_index, offset, vtype):
+    """A 64-byte part of the pair record pair_index (offset 0, 64, 128: the limbs; SCALES_AT ...)."""
+    return _at(builder, records, builder.add(builder.mul(pair_index, c(PAIR_BYTES)), c(offset)), vtype, 64)
+
+
+def make_rows_dot(n_rows, n_accumulators, n_units, unit, tail=None, finish=None):
+    """Intrinsic (row_addr, row_stride, records_addr, nb, out_addr) -> None: out[k] = row k · x for n_rows rows
+    (row k at row_addr + k·row_stride) of nb blocks of 32 values, x as quantize_activation's records.
+
+    The type's part: n_units(builder, c, nb) -> how many steps along the rows; unit(env, index, prefetch) emits
+    one step for all rows (env: builder, c (an intp constant), rows (i8*), records (i8*), mask (TIMES_256_MASK),
+    acc[k][a] (float <16 x f32> accumulators a of row k)); tail(env) what follows the loop (an odd last block);
+    finish(builder, accumulators of a row) the row's 16 lanes (default: their sum)."""
 
     @intrinsic
     def rows_dot(typingctx, row_addr, row_stride, records_addr, nb, out_addr):
@@ -284,78 +311,26 @@ def _make_rows_dot(kind, n_rows):
             row_addr, row_stride, records_addr, nb, out_addr = args
             intp = nb.type
             c = lambda v: ir.Constant(intp, v)  # noqa: E731
-            rows = [builder.inttoptr(builder.add(row_addr, builder.mul(row_stride, c(k))), _i8.as_pointer())
-                    for k in range(n_rows)]
-            records = builder.inttoptr(records_addr, _i8.as_pointer())
+            env = {"builder": builder, "c": c, "nb": nb}
+            env["rows"] = [builder.inttoptr(builder.add(row_addr, builder.mul(row_stride, c(k))), _i8.as_pointer())
+                           for k in range(n_rows)]
+            env["records"] = records = builder.inttoptr(records_addr, _i8.as_pointer())
             zero = ir.Constant(_v16f, [0.0] * 16)
-            acc = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)]
-            acc_m = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)] if kind == "q4_1" else []
-            pattern = _lane_blocks(layout)
+            env["acc"] = [[cgutils.alloca_once_value(builder, zero) for _ in range(n_accumulators)]
+                          for _ in range(n_rows)]
             n_pairs = builder.lshr(builder.add(nb, c(1)), c(1))
-            mask = _at(builder, records, builder.mul(n_pairs, c(PAIR_BYTES)), _v64b, 64)
-
-            def pair(p, b0, b1, prefetch):
-                start0, start1 = builder.mul(b0, c(block_bytes)), builder.mul(b1, c(block_bytes))
-                rec = builder.mul(p, c(PAIR_BYTES))
-                limb = [_at(builder, records, builder.add(rec, c(64 * i)), _v64b, 64) for i in range(N_LIMBS)]
-                n_corr = (1 if layout == LAYOUT_Q4 else 2) if k_offset else 0
-                corr = [_at(builder, records, builder.add(rec, c(CORRECTIONS_AT + 64 * i)), _v16i, 64)
-                        for i in range(n_corr)]
-                s_lanes = _at(builder, records, builder.add(rec, c(SCALES_AT)), _v16f, 64)
-                sums = _at(builder, records, builder.add(rec, c(SUMS_AT)), _v16f, 64) if kind == "q4_1" else None
-                for k, row in enumerate(rows):
-                    if prefetch:
-                        _prefetch(builder, builder.gep(row, [builder.add(start0, c(PREFETCH_BYTES))]))
-                    if layout == LAYOUT_Q4:
-                        v16b = ir.VectorType(_i8, 16)
-                        both = builder.shuffle_vector(_at(builder, row, builder.add(start0, c(qs_offset)), v16b, 1),
-                                                      _at(builder, row, builder.add(start1, c(qs_offset)), v16b, 1),
-                                                      ir.Constant(ir.VectorType(_i32, 32), list(range(32))))
-                        low = builder.and_(both, ir.Constant(both.type, [15] * 32))
-                        high = builder.lshr(both, ir.Constant(both.type, [4] * 32))
-                        w = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(_i32, 64), list(range(64))))
-                        t = _dpbusd(builder, _splat_i32(0), w, limb[0])
-                        for i in range(1, N_LIMBS):
-                            t = _dpbusd(builder, _times_256(builder, t, mask), w, limb[i])
-                        if corr:
-                            t = builder.add(t, corr[0])
-                        v = builder.sitofp(t, _v16f)
-                    else:
-                        v32b = ir.VectorType(_i8, 32)
-                        w = builder.shuffle_vector(_at(builder, row, builder.add(start0, c(qs_offset)), v32b, 1),
-                                                   _at(builder, row, builder.add(start1, c(qs_offset)), v32b, 1),
-                                                   ir.Constant(ir.VectorType(_i32, 64), list(range(64))))
-                        w = builder.xor(w, ir.Constant(_v64b, [-128] * 64))
-                        t = _dpbusd(builder, _splat_i32(0), w, limb[0])
-                        t = builder.add(_dpbusd(builder, _times_256(builder, t, mask), w, limb[1]), corr[0])
-                        u = _dpbusd(builder, corr[1], w, limb[2])
-                        v = simd._fmuladd(builder, builder.sitofp(t, _v16f), ir.Constant(_v16f, [256.0] * 16),
-                                          builder.sitofp(u, _v16f))
-                    # the blocks' leading halves: d, or d and m for Q4_1
-                    n_halves = 2 if kind == "q4_1" else 1
-                    head_type = ir.IntType(16 * n_halves)
-                    heads = ir.Constant(ir.VectorType(head_type, 2), ir.Undefined)
-                    for j, start in enumerate((start0, start1)):
-                        heads = builder.insert_element(heads, _at(builder, row, start, head_type, 1), ir.Constant(_i32, j))
-                    halves = builder.bitcast(heads, ir.VectorType(ir.HalfType(), 2 * n_halves))
-                    floats = builder.fpext(halves, ir.VectorType(_f32, 2 * n_halves))
-                    d_lanes = builder.shuffle_vector(floats, floats, ir.Constant(_v16i, [n_halves * b for b in pattern]))
-                    builder.store(simd._fmuladd(builder, v, builder.fmul(d_lanes, s_lanes), builder.load(acc[k])), acc[k])
-                    if kind == "q4_1":  # a second accumulator: one FMA latency per pair on each chain
-                        m_lanes = builder.shuffle_vector(floats, floats, ir.Constant(_v16i, [2 * b + 1 for b in pattern]))
-                        builder.store(simd._fmuladd(builder, m_lanes, sums, builder.load(acc_m[k])), acc_m[k])
-
-            with cgutils.for_range(builder, builder.lshr(nb, c(1))) as loop:
-                p = loop.index
-                pair(p, builder.mul(p, c(2)), builder.add(builder.mul(p, c(2)), c(1)), PREFETCH_BYTES > 0)
-            with builder.if_then(builder.icmp_unsigned("!=", builder.and_(nb, c(1)), c(0))):
-                last = builder.sub(nb, c(1))   # its partner's limbs and sums are zero: read the block twice
-                pair(builder.lshr(nb, c(1)), last, last, False)
+            env["mask"] = _at(builder, records, builder.mul(n_pairs, c(PAIR_BYTES)), _v64b, 64)
+            with cgutils.for_range(builder, n_units(builder, c, nb)) as loop:
+                unit(env, loop.index, PREFETCH_BYTES > 0)
+            if tail is not None:
+                tail(env)
             out = builder.inttoptr(out_addr, _f32.as_pointer())
             for k in range(n_rows):
-                total = builder.load(acc[k])
-                if acc_m:
-                    total = builder.fadd(total, builder.load(acc_m[k]))
+                accs = [builder.load(a) for a in env["acc"][k]]
+                total = finish(builder, accs) if finish is not None else accs[0]
+                if finish is None:
+                    for a in accs[1:]:
+                        total = builder.fadd(total, a)
                 builder.store(simd._reduce(builder, total), builder.gep(out, [c(k)]))
             return context.get_dummy_value()
 
@@ -364,78 +339,275 @@ def _make_rows_dot(kind, n_rows):
     return rows_dot
 
 
-_rows_dot_q4_0 = _make_rows_dot("q4_0", ROWS_PER_STEP)
-_rows_dot_q4_1 = _make_rows_dot("q4_1", ROWS_PER_STEP)
-_rows_dot_q8_0 = _make_rows_dot("q8_0", ROWS_PER_STEP)
-_row_dot_q4_0 = _make_rows_dot("q4_0", 1)
-_row_dot_q4_1 = _make_rows_dot("q4_1", 1)
-_row_dot_q8_0 = _make_rows_dot("q8_0", 1)
+def block_heads(builder, row, starts, n_halves):
+    """float32 <2·n_halves> of the leading halves (d, or d and m) of the blocks at byte offsets `starts` of row."""
+    head_type = ir.IntType(16 * n_halves)
+    heads = ir.Constant(ir.VectorType(head_type, len(starts)), ir.Undefined)
+    for j, start in enumerate(starts):
+        heads = builder.insert_element(heads, _at(builder, row, start, head_type, 1), ir.Constant(_i32, j))
+    halves = builder.bitcast(heads, ir.VectorType(ir.HalfType(), len(starts) * n_halves))
+    return builder.fpext(halves, ir.VectorType(_f32, len(starts) * n_halves))
+
+
+def lanes_of(builder, v, indices):
+    """<16 x T> of v's elements at `indices` (one per lane)."""
+    return builder.shuffle_vector(v, v, ir.Constant(_v16i, list(indices)))
+
+
+def _block_pair_unit(kind):
+    """(unit, tail) for make_rows_dot of the 32-value block types: a step is a block pair (nb // 2 steps);
+    an odd last block is paired with zero limbs and sums (its own bytes read twice)."""
+    block_bytes, qs_offset, k_offset, layout = GEOMETRY[kind]
+    pattern = _lane_blocks(layout)
+    n_halves = 2 if kind == "q4_1" else 1
+
+    def pair(env, p, b0, b1, prefetch):
+        builder, c, records, mask = env["builder"], env["c"], env["records"], env["mask"]
+        start0, start1 = builder.mul(b0, c(block_bytes)), builder.mul(b1, c(block_bytes))
+        limb = [record_part(builder, c, records, p, 64 * i, _v64b) for i in range(N_LIMBS)]
+        n_corr = (1 if layout == LAYOUT_Q4 else 2) if k_offset else 0
+        corr = [record_part(builder, c, records, p, CORRECTIONS_AT + 64 * i, _v16i) for i in range(n_corr)]
+        s_lanes = record_part(builder, c, records, p, SCALES_AT, _v16f)
+        sums = record_part(builder, c, records, p, SUMS_AT, _v16f) if kind == "q4_1" else None
+        for row, acc in zip(env["rows"], env["acc"]):
+            if prefetch:
+                _prefetch(builder, builder.gep(row, [builder.add(start0, c(PREFETCH_BYTES))]))
+            if layout == LAYOUT_Q4:
+                v16b = ir.VectorType(_i8, 16)
+                both = builder.shuffle_vector(_at(builder, row, builder.add(start0, c(qs_offset)), v16b, 1),
+                                              _at(builder, row, builder.add(start1, c(qs_offset)), v16b, 1),
+                                              ir.Constant(ir.VectorType(_i32, 32), list(range(32))))
+                low = builder.and_(both, ir.Constant(both.type, [15] * 32))
+                high = builder.lshr(both, ir.Constant(both.type, [4] * 32))
+                w = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(_i32, 64), list(range(64))))
+                t = chained_limbs(builder, w, limb, mask)
+                if corr:
+                    t = builder.add(t, corr[0])
+                v = builder.sitofp(t, _v16f)
+            else:
+                v32b = ir.VectorType(_i8, 32)
+                w = builder.shuffle_vector(_at(builder, row, builder.add(start0, c(qs_offset)), v32b, 1),
+                                           _at(builder, row, builder.add(start1, c(qs_offset)), v32b, 1),
+                                           ir.Constant(ir.VectorType(_i32, 64), list(range(64))))
+                w = builder.xor(w, ir.Constant(_v64b, [-128] * 64))
+                t = _dpbusd(builder, _splat_i32(0), w, limb[0])
+                t = builder.add(_dpbusd(builder, _times_256(builder, t, mask), w, limb[1]), corr[0])
+                u = _dpbusd(builder, corr[1], w, limb[2])
+                v = simd._fmuladd(builder, builder.sitofp(t, _v16f), ir.Constant(_v16f, [256.0] * 16),
+                                  builder.sitofp(u, _v16f))
+            floats = block_heads(builder, row, (start0, start1), n_halves)  # d, or d and m for Q4_1
+            d_lanes = lanes_of(builder, floats, [n_halves * b for b in pattern])
+            builder.store(simd._fmuladd(builder, v, builder.fmul(d_lanes, s_lanes), builder.load(acc[0])), acc[0])
+            if kind == "q4_1":  # a second accumulator: one FMA latency per pair on each chain
+                m_lanes = lanes_of(builder, floats, [2 * b + 1 for b in pattern])
+                builder.store(simd._fmuladd(builder, m_lanes, sums, builder.load(acc[1])), acc[1])
+
+    def unit(env, p, prefetch):
+        builder, c = env["builder"], env["c"]
+        pair(env, p, builder.mul(p, c(2)), builder.add(builder.mul(p, c(2)), c(1)), prefetch)
+
+    def tail(env):
+        builder, c, nb = env["builder"], env["c"], env["nb"]
+        with builder.if_then(builder.icmp_unsigned("!=", builder.and_(nb, c(1)), c(0))):
+            last = builder.sub(nb, c(1))   # its partner's limbs and sums are zero: read the block twice
+            pair(env, builder.lshr(nb, c(1)), last, last, False)
+
+    return unit, tail
+
+
+def _block_pair_rows_dot(kind, n_rows):
+    unit, tail = _block_pair_unit(kind)
+    return make_rows_dot(n_rows, 2 if kind == "q4_1" else 1, lambda builder, c, nb: builder.lshr(nb, c(1)), unit, tail)
+
+
+# --- K-quant super-blocks of 256 (eight block pairs of records ... four per super-block) --------------------
+
+def _q4_k_code_tables():
+    """Lane j < 8: sub-block j's 6-bit scale, lane 8 + j: its minimum, from the super-block's first 16 bytes h (d,
+    dmin, 12 packed bytes; ggml's get_scale_min_k4): code = (h[a] >> shift & low) | (h[b] >> 6 << 4 & high)."""
+    a, shift, low, b, high = [], [], [], [], []
+    for lane in range(16):
+        j, minimum = lane % 8, 4 * (lane >= 8)
+        if j < 4:   # bytes 4-7 scales, 8-11 minima, 6 bits
+            a.append(4 + j + minimum), shift.append(0), low.append(63), b.append(0), high.append(0)
+        else:       # low 4 bits in the nibbles of bytes 12-15, the top two above the first eight's 6 bits
+            a.append(8 + j), shift.append(minimum), low.append(15), b.append(j + minimum), high.append(0x30)
+    return a, shift, low, b, high
+
+
+def _q4_k_unit(env, sb, prefetch):
+    """One Q4_K super-block: pairs of sub-blocks (2p, 2p+1) are q bytes 32p..32p+31 (low nibbles: sub-block 2p,
+    high: 2p+1), in the K layout's register order. acc[0] += Σ q·X · (d·sc·s), acc[1] += (dmin·m)·(lane sums of x)."""
+    builder, c, records, mask = env["builder"], env["c"], env["records"], env["mask"]
+    start = builder.mul(sb, c(144))
+    a, shift, low, b, high = (ir.Constant(_v16i, t) for t in _q4_k_code_tables())
+    scm = []   # per row: d·sc of the eight sub-blocks in lanes 0-7, dmin·m in lanes 8-15 (exact products)
+    for row in env["rows"]:
+        if prefetch:
+            prefetch_ahead(builder, c, row, start, 144)
+        head = builder.zext(_at(builder, row, start, ir.VectorType(_i8, 16), 1), _v16i)
+        code = builder.and_(builder.lshr(builder.shuffle_vector(head, head, a), shift), low)
+        top = builder.shl(builder.lshr(builder.shuffle_vector(head, head, b), _splat_i32(6)), _splat_i32(4))
+        code = builder.or_(code, builder.and_(top, high))
+        d_dmin = lanes_of(builder, block_heads(builder, row, (start,), 2), [0] * 8 + [1] * 8)
+        scm.append(builder.fmul(builder.uitofp(code, _v16f), d_dmin))
+    for p in range(4):
+        pair = builder.add(builder.mul(sb, c(4)), c(p))
+        limb = [record_part(builder, c, records, pair, 64 * i, _v64b) for i in range(N_LIMBS)]
+        s_lanes = record_part(builder, c, records, pair, SCALES_AT, _v16f)
+        sums = record_part(builder, c, records, pair, SUMS_AT, _v16f)
+        for row, acc, scales in zip(env["rows"], env["acc"], scm):
+            qs = _at(builder, row, builder.add(start, c(16 + 32 * p)), ir.VectorType(_i8, 32), 1)
+            w = builder.shuffle_vector(builder.and_(qs, ir.Constant(qs.type, [15] * 32)),
+                                       builder.lshr(qs, ir.Constant(qs.type, [4] * 32)),
+                                       ir.Constant(ir.VectorType(_i32, 64), list(range(64))))
+            v = builder.sitofp(chained_limbs(builder, w, limb, mask), _v16f)
+            d_lanes = lanes_of(builder, scales, [2 * p + lane // 8 for lane in range(16)])
+            m_lanes = lanes_of(builder, scales, [8 + 2 * p + lane // 8 for lane in range(16)])
+            builder.store(simd._fmuladd(builder, v, builder.fmul(d_lanes, s_lanes), builder.load(acc[0])), acc[0])
+            builder.store(simd._fmuladd(builder, m_lanes, sums, builder.load(acc[1])), acc[1])
+
+
+def _q6_k_unit(env, sb, prefetch):
+    """One Q6_K super-block: half n's 64 bytes of ql and 32 of qh give two registers of 64 weights in order,
+    weights 0-63 (low nibbles, qh bits 0-1 then 2-3) and 64-127 (high nibbles, bits 4-5 then 6-7): block pairs
+    2n and 2n+1. A lane's four weights lie in one sub-block of 16, so a lane scale d·sc·s serves it whole;
+    the record's correction takes the 32 out: acc[0] += Σ (q - 32)·X · (d·sc·s)."""
+    builder, c, records, mask = env["builder"], env["c"], env["records"], env["mask"]
+    start = builder.mul(sb, c(210))
+    v16b, v32b, v64i = ir.VectorType(_i8, 16), ir.VectorType(_i8, 32), ir.VectorType(_i32, 64)
+    dsc = []   # per row: d·sc of the 16 sub-blocks (exact products)
+    for row in env["rows"]:
+        if prefetch:
+            prefetch_ahead(builder, c, row, start, 210)
+        sc = builder.sitofp(builder.sext(_at(builder, row, builder.add(start, c(192)), v16b, 1), _v16i), _v16f)
+        d = lanes_of(builder, block_heads(builder, row, (builder.add(start, c(208)),), 1), [0] * 16)
+        dsc.append(builder.fmul(sc, d))
+    for n in range(2):
+        pairs = [builder.add(builder.mul(sb, c(4)), c(2 * n + h)) for h in range(2)]
+        limbs = [[record_part(builder, c, records, pair, 64 * i, _v64b) for i in range(N_LIMBS)] for pair in pairs]
+        corrs = [record_part(builder, c, records, pair, CORRECTIONS_AT, _v16i) for pair in pairs]
+        s_lanes = [record_part(builder, c, records, pair, SCALES_AT, _v16f) for pair in pairs]
+        for row, acc, scales in zip(env["rows"], env["acc"], dsc):
+            ql = _at(builder, row, builder.add(start, c(64 * n)), _v64b, 1)
+            qh = _at(builder, row, builder.add(start, c(128 + 32 * n)), v32b, 1)
+            qh_at = [builder.lshr(qh, ir.Constant(v32b, [2 * i] * 32)) for i in range(4)]
+            lows = (builder.and_(ql, ir.Constant(_v64b, [15] * 64)), builder.lshr(ql, ir.Constant(_v64b, [4] * 64)))
+            for h in range(2):
+                high = builder.shuffle_vector(qh_at[2 * h], qh_at[2 * h + 1], ir.Constant(v64i, list(range(64))))
+                high = builder.shl(builder.and_(high, ir.Constant(_v64b, [3] * 64)), ir.Constant(_v64b, [4] * 64))
+                w = builder.or_(lows[h], high)
+                t = builder.add(chained_limbs(builder, w, limbs[h], mask), corrs[h])
+                d_lanes = lanes_of(builder, scales, [4 * (2 * n + h) + lane // 4 for lane in range(16)])
+                builder.store(simd._fmuladd(builder, builder.sitofp(t, _v16f), builder.fmul(d_lanes, s_lanes[h]),
+                                            builder.load(acc[0])), acc[0])
+
+
+def _super_blocks(builder, c, nb):
+    return builder.lshr(nb, c(3))
+
+
+def _q4_k_rows_dot(n_rows):
+    return make_rows_dot(n_rows, 2, _super_blocks, _q4_k_unit,
+                         finish=lambda builder, accs: builder.fsub(accs[0], accs[1]))
+
+
+def _q6_k_rows_dot(n_rows):
+    return make_rows_dot(n_rows, 1, _super_blocks, _q6_k_unit)
 
 
 # --- matrix × vector ----------------------------------------------------------------------------------
 
+# Kernel ids of the drivers (their order indexes the tables below)
+Q4_0, Q4_1, Q8_0, Q4_K, Q6_K = range(5)
+BLOCK_BYTES = (18, 20, 34, 144, 210)
+BLOCK_VALUES = (32, 32, 32, 256, 256)
+LAYOUTS = (LAYOUT_Q4, LAYOUT_Q4, LAYOUT_Q8, LAYOUT_K, LAYOUT_K)
+
+_rows_dot_q4_0, _row_dot_q4_0 = (_block_pair_rows_dot("q4_0", n) for n in (ROWS_PER_STEP, 1))
+_rows_dot_q4_1, _row_dot_q4_1 = (_block_pair_rows_dot("q4_1", n) for n in (ROWS_PER_STEP, 1))
+_rows_dot_q8_0, _row_dot_q8_0 = (_block_pair_rows_dot("q8_0", n) for n in (ROWS_PER_STEP, 1))
+_rows_dot_q4_k, _row_dot_q4_k = (_q4_k_rows_dot(n) for n in (ROWS_PER_STEP, 1))
+_rows_dot_q6_k, _row_dot_q6_k = (_q6_k_rows_dot(n) for n in (ROWS_PER_STEP, 1))
+
+
 @njit(nogil=True, cache=True)
-def _check(data, block_bytes, x, out):
+def _dot_rows(kind, n_rows, row_addr, row_stride, records, nb, out_addr):
+    """The kind's row kernel for a step of ROWS_PER_STEP rows or for one row (a predictable branch per step)."""
+    if kind == Q4_0:
+        if n_rows == ROWS_PER_STEP:
+            _rows_dot_q4_0(row_addr, row_stride, records, nb, out_addr)
+        else:
+            _row_dot_q4_0(row_addr, row_stride, records, nb, out_addr)
+    elif kind == Q4_1:
+        if n_rows == ROWS_PER_STEP:
+            _rows_dot_q4_1(row_addr, row_stride, records, nb, out_addr)
+        else:
+            _row_dot_q4_1(row_addr, row_stride, records, nb, out_addr)
+    elif kind == Q8_0:
+        if n_rows == ROWS_PER_STEP:
+            _rows_dot_q8_0(row_addr, row_stride, records, nb, out_addr)
+        else:
+            _row_dot_q8_0(row_addr, row_stride, records, nb, out_addr)
+    elif kind == Q4_K:
+        if n_rows == ROWS_PER_STEP:
+            _rows_dot_q4_k(row_addr, row_stride, records, nb, out_addr)
+        else:
+            _row_dot_q4_k(row_addr, row_stride, records, nb, out_addr)
+    elif n_rows == ROWS_PER_STEP:
+        _rows_dot_q6_k(row_addr, row_stride, records, nb, out_addr)
+    else:
+        _row_dot_q6_k(row_addr, row_stride, records, nb, out_addr)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def matvec(kind, data, x, out):
+    """out = W·x for rows data uint8[n_rows, ≥ n_blocks·BLOCK_BYTES[kind]] of the driver kind (Q4_0 ... Q6_K
+    above); False (out untouched) for an x the integer path does not take."""
     if data.strides[1] != 1 or x.strides[0] != 4 or out.strides[0] != 4:
         raise ValueError("kernel arrays need contiguous rows (data uint8, x float32)")
-    if x.shape[0] % 32 != 0 or data.shape[1] < x.shape[0] // 32 * block_bytes:
+    if x.shape[0] % BLOCK_VALUES[kind] != 0 or data.shape[1] < x.shape[0] // BLOCK_VALUES[kind] * BLOCK_BYTES[kind]:
         raise ValueError("kernel arrays disagree in shape (data rows, x length)")
     if out.shape[0] != data.shape[0]:
         raise ValueError("kernel output has the wrong shape")
+    nb = x.shape[0] // 32
+    buf, records, ok = quantize_activation(x, LAYOUTS[kind])
+    if not ok:
+        return False
+    row_addr, row_stride, out_addr = data.ctypes.data, data.strides[0], out.ctypes.data
+    n_steps = data.shape[0] // ROWS_PER_STEP
+    for g in prange(n_steps):
+        r = g * ROWS_PER_STEP
+        _dot_rows(kind, ROWS_PER_STEP, row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
+    for r in range(n_steps * ROWS_PER_STEP, data.shape[0]):
+        _dot_rows(kind, 1, row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
+    return buf.size > 0  # True; buf is used here so that it outlives the loop that reads it by address
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(nogil=True, cache=True)
 def q4_0_matvec(data, x, out):
     """out = W·x for Q4_0 rows data uint8[n_rows, ≥ nb·18]; False (out untouched) for an x the integer path
-    does not take."""
-    _check(data, 18, x, out)
-    nb = x.shape[0] // 32
-    buf, records, ok = quantize_activation(x, LAYOUT_Q4)
-    if not ok:
-        return False
-    row_addr, row_stride, out_addr = data.ctypes.data, data.strides[0], out.ctypes.data
-    n_steps = data.shape[0] // ROWS_PER_STEP
-    for g in prange(n_steps):
-        r = g * ROWS_PER_STEP
-        _rows_dot_q4_0(row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
-    for r in range(n_steps * ROWS_PER_STEP, data.shape[0]):
-        _row_dot_q4_0(row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
-    return buf.size > 0  # True; buf is used here so that it outlives the loop that reads it by address
+    does not take (so for every type below)."""
+    return matvec(Q4_0, data, x, out)
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(nogil=True, cache=True)
 def q4_1_matvec(data, x, out):
-    """out = W·x for Q4_1 rows data uint8[n_rows, ≥ nb·20]; False (out untouched) for an x the integer path
-    does not take."""
-    _check(data, 20, x, out)
-    nb = x.shape[0] // 32
-    buf, records, ok = quantize_activation(x, LAYOUT_Q4)
-    if not ok:
-        return False
-    row_addr, row_stride, out_addr = data.ctypes.data, data.strides[0], out.ctypes.data
-    n_steps = data.shape[0] // ROWS_PER_STEP
-    for g in prange(n_steps):
-        r = g * ROWS_PER_STEP
-        _rows_dot_q4_1(row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
-    for r in range(n_steps * ROWS_PER_STEP, data.shape[0]):
-        _row_dot_q4_1(row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
-    return buf.size > 0  # True; buf is used here so that it outlives the loop that reads it by address
+    return matvec(Q4_1, data, x, out)
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(nogil=True, cache=True)
 def q8_0_matvec(data, x, out):
-    """out = W·x for Q8_0 rows data uint8[n_rows, ≥ nb·34]; False (out untouched) for an x the integer path
-    does not take."""
-    _check(data, 34, x, out)
-    nb = x.shape[0] // 32
-    buf, records, ok = quantize_activation(x, LAYOUT_Q8)
-    if not ok:
-        return False
-    row_addr, row_stride, out_addr = data.ctypes.data, data.strides[0], out.ctypes.data
-    n_steps = data.shape[0] // ROWS_PER_STEP
-    for g in prange(n_steps):
-        r = g * ROWS_PER_STEP
-        _rows_dot_q8_0(row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
-    for r in range(n_steps * ROWS_PER_STEP, data.shape[0]):
-        _row_dot_q8_0(row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
-    return buf.size > 0  # True; buf is used here so that it outlives the loop that reads it by address
+    return matvec(Q8_0, data, x, out)
+
+
+@njit(nogil=True, cache=True)
+def q4_k_matvec(data, x, out):
+    """Q4_K rows uint8[n_rows, ≥ n_cols/256·144], n_cols a multiple of 256."""
+    return matvec(Q4_K, data, x, out)
+
+
+@njit(nogil=True, cache=True)
+def q6_k_matvec(data, x, out):
+    """Q6_K rows uint8[n_rows, ≥ n_cols/256·210], n_cols a multiple of 256."""
+    return matvec(Q6_K, data, x, out)
