@@ -1,7 +1,8 @@
-"""Matrix × vector for Q4_0, Q4_1 and Q8_0 with AVX-512 VNNI integer dot products, exact to float32 rounding.
+"""Matrix × vector for Q4_0, Q4_1, Q5_0, Q8_0, Q4_K and Q6_K with AVX-512 VNNI integer dot products, exact to
+float32 rounding.
 
-The portable kernels (simd.py) convert every weight to float; here the weights stay bytes and the activation
-becomes integers instead, once per call, finely enough that nothing is lost beyond float32 rounding:
+The portable kernels (simd.py, blockdot.py) convert every weight to float; here the weights stay bytes and the
+activation becomes integers instead, once per call, finely enough that nothing is lost beyond float32 rounding:
 
 - Activation: each block of 32 values x_j gets a float32 scale s = max|x_j| / X_MAX and integers
   X_j = round(x_j / s), |X_j| ≤ X_MAX = 8355000 < 2^23, kept as three balanced base-256 digits (limbs)
@@ -9,34 +10,43 @@ becomes integers instead, once per call, finely enough that nothing is lost beyo
   of the block: the float32 rounding of the block's largest value. (llama.cpp rounds x to 8 bits instead,
   an error 2^16 times larger, which is why its logits drift from a float computation.)
 - Weights stay the file's bytes, and so do the scales: d (and Q4_1's m) are read as halves from each block,
-  so a row is one stream of memory. The unsigned operand of vpdpbusd (u8 × s8, four products added per
-  32-bit lane) is the nibble q ∈ [0, 15] or, for Q8_0, the signed byte + 128 (an xor).
+  the K-quants' sub-block scales decoded from each super-block, so a row is one stream of memory. The unsigned
+  operand of vpdpbusd (u8 × s8, four products added per 32-bit lane) is the weight's unsigned code q (4 bits,
+  Q5_0's 5, Q6_K's 6) or, for Q8_0, the signed byte + 128 (an xor).
 - Per block pair (64 weights in one 512-bit register, 16 lanes of 4 weights; an odd last block is paired
-  with zero limbs): the 4-bit types chain the limbs in one integer, t = ((Σq·l0)·256 + Σq·l1)·256 + Σq·l2,
-  |t| ≤ 4·15·128·65793 < 2^29, exact in int32 (·256 is a byte shuffle, off the multiply port). An offset k
-  on the weights (Q4_0's 8, Q8_0's 128) is taken out exactly by adding the lane's -k·ΣX, kept in the
-  activation's record, so the lane holds Σ (q - k)·X, converted to float once. Q8_0's lanes reach
-  4·255·128 per limb, so its top two limbs are chained (< 2^25, their correction added there) and the last
-  one (with its own) added in float. A float32 accumulator per lane takes t·(d·s) by FMA; Q4_1 adds m·(the
-  lane's Σx) the same way; the 16 lanes are summed once, at the row's end.
+  with zero limbs): the 4- to 6-bit types chain the limbs in one integer, t = ((Σq·l0)·256 + Σq·l1)·256 + Σq·l2
+  (·256 is a byte shuffle, off the multiply port). Every step wraps modulo 2^32, so t is exact once the true
+  Σ q'·X fits in int32. An offset k on the weights (Q4_0's 8, Q5_0's 16, Q6_K's 32, Q8_0's 128) is taken out by
+  adding the lane's -k·ΣX, kept in the activation's record, so the lane holds Σ (q - k)·X, |·| ≤ 4·32·X_MAX <
+  2^31 (Q6_K's Σ q·X alone reaches 4·63·X_MAX, 98% of the int32 range). Q8_0's lanes reach 4·128·X_MAX, so its
+  top two limbs are chained (< 2^25, their correction added there) and the last one (with its own) added in
+  float. A float32 accumulator per lane takes t·(d·s) by FMA; Q4_1 adds m·(the lane's Σx) the same way; the 16
+  lanes are summed once, at the row's end.
+- K-quants (super-blocks of 256: four block pairs): the records are in plain order (a pair's 64 values in
+  turn), so a lane's four weights lie in one sub-block, of 32 (Q4_K) or 16 (Q6_K): the lane's factor is
+  d·sc·s (d·sc exact in float32: an 11-bit half times a 6- or 8-bit code). Q4_K's minima go in as Q4_1's do,
+  (dmin·m)·(lane sums of x) in a second accumulator, subtracted at the end.
 
 Error: besides δ, each output sees a few float32 roundings per block pair (t → float, d·s, the FMA, and
-for Q4_1 the lane sums of x and their FMA) and the final 16-lane reduction: tests/test_vnni.py states the
-bound, 2^-24·((nb/2 + 10)·Σ_b Σ_j (|d q'_j| + |m|)·|x_j| + 1.02·Σ_b max_b|x|·Σ_j |d q'_j|).
+for Q4_1 and Q4_K the lane sums of x and their FMA) and the final 16-lane reduction: tests/test_vnni.py and
+tests/test_vnni_k.py state the bound, 2^-24·((nb/2 + 10)·Σ_b Σ_j (|d q'_j| + |m_j|)·|x_j| + 1.02·Σ_b max_b|x|·
+Σ_j |d q'_j|) over the blocks b of 32 (d the weight's scale: Q4_K's and Q6_K's d·sc of its sub-block).
 
 Streaming: decode reads every weight from memory once per token, and the hardware prefetchers alone left
 the loop waiting on loads at half its in-cache speed. Each row's stream is prefetched 8 KB ahead (past a
 row's end that is the rows after it) and two rows go through a step together, sharing the record loads.
 On the one-token path of a random 1B-shaped Q4_0 llama (560 MB of weights, one core of an AVX-512 Xeon)
 that took the matrix × vector from 5.6 to 10.5 GB/s; SmolLM2's Q4_1 from 7 to 14, its Q8_0 from 8.4 to 18.5
-(benchmarks/bench_kernels.py --stream).
+(benchmarks/bench_kernels.py --stream). The same steps (make_rows_dot) serve every type: a step is a block
+pair for the 32-value types, a super-block for the K-quants.
 
 A block whose largest |x| is not finite or outside [TINY, HUGE] makes the kernels return False without
 writing anything; the caller then takes the portable kernel, so NaN, inf and extreme activations behave
 exactly as there.
 
 Selection: ENABLED when LLVM reports AVX-512 F, BW and VNNI on the host, unless LLAMALORA_KERNELS=portable.
-The type modules call these kernels when ENABLED and fall back to simd.py's otherwise.
+The type modules (and dispatch.matvec) call these kernels when ENABLED and fall back to the portable ones
+otherwise; the drivers share one compiled `matvec(kind, ...)`, branching per step on the kind.
 """
 
 import os
@@ -57,7 +67,9 @@ TINY, HUGE = 2.0 ** -100, 2.0 ** 100   # block magnitudes the integer path takes
 LAYOUT_Q4, LAYOUT_Q8, LAYOUT_K = 0, 1, 2
 Q6_K_OFFSET = 32  # Q6_K's q - 32, taken out by LAYOUT_K's correction
 # (block bytes, offset of q, weight offset k, layout) per type
-GEOMETRY = {"q4_0": (18, 2, 8, LAYOUT_Q4), "q4_1": (20, 4, 0, LAYOUT_Q4), "q8_0": (34, 2, 128, LAYOUT_Q8)}
+GEOMETRY = {"q4_0": (18, 2, 8, LAYOUT_Q4), "q4_1": (20, 4, 0, LAYOUT_Q4), "q8_0": (34, 2, 128, LAYOUT_Q8),
+            "q5_0": (22, 6, 16, LAYOUT_Q4)}
+Q5_QH_OFFSET = 2  # Q5_0's 32-bit word of fifth bits (bit j: weight j's)
 # A block pair's record: limbs int8[N_LIMBS][64], lane scales float32[16], lane corrections int32[2][16],
 # lane sums of x float32[16]. The corrections take the weight offset k out of the chained limb products: Q4
 # layout (k = 8), one: -8·Σ of the lane's four X; Q8 layout (k = 128), -128·(Σ l0·256 + Σ l1) for the chained
@@ -281,8 +293,8 @@ def prefetch_ahead(builder, c, row, start, n_bytes):
 
 
 def chained_limbs(builder, w, limb, mask):
-    """Σ w·X per lane from unsigned bytes w and the activation's limbs: ((Σw·l0)·256 + Σw·l1)·256 + Σw·l2, exact
-    modulo 2^32 (every step wraps, so the result is exact whenever the true Σ w·X fits in int32)."""
+    """Σ w·X per lane from unsigned bytes w and the activation's limbs, ((Σw·l0)·256 + Σw·l1)·256 + Σw·l2:
+    exact modulo 2^32 (every step wraps, so the result is exact whenever the true Σ w·X fits in int32)."""
     t = _dpbusd(builder, _splat_i32(0), w, limb[0])
     for i in range(1, N_LIMBS):
         t = _dpbusd(builder, _times_256(builder, t, mask), w, limb[i])
@@ -354,6 +366,21 @@ def lanes_of(builder, v, indices):
     return builder.shuffle_vector(v, v, ir.Constant(_v16i, list(indices)))
 
 
+def _fifth_bits(builder, row, start0, start1):
+    """<64 x i8> 16 where a Q5_0 weight has its fifth bit, in the Q4 register order: the low 16 bits of both blocks'
+    qh words, then their high 16 bits."""
+    c = lambda v: ir.Constant(start0.type, v)  # noqa: E731
+    words = ir.Constant(ir.VectorType(_i32, 2), ir.Undefined)
+    for j, start in enumerate((start0, start1)):
+        words = builder.insert_element(words, _at(builder, row, builder.add(start, c(Q5_QH_OFFSET)), _i32, 1),
+                                       ir.Constant(_i32, j))
+    v4h = ir.VectorType(ir.IntType(16), 4)
+    halves = builder.bitcast(words, v4h)   # [qh0 low, qh0 high, qh1 low, qh1 high]
+    ordered = builder.shuffle_vector(halves, halves, ir.Constant(ir.VectorType(_i32, 4), [0, 2, 1, 3]))
+    bits = builder.bitcast(ordered, ir.VectorType(ir.IntType(1), 64))
+    return builder.select(bits, ir.Constant(_v64b, [16] * 64), ir.Constant(_v64b, [0] * 64))
+
+
 def _block_pair_unit(kind):
     """(unit, tail) for make_rows_dot of the 32-value block types: a step is a block pair (nb // 2 steps);
     an odd last block is paired with zero limbs and sums (its own bytes read twice)."""
@@ -380,9 +407,13 @@ def _block_pair_unit(kind):
                 low = builder.and_(both, ir.Constant(both.type, [15] * 32))
                 high = builder.lshr(both, ir.Constant(both.type, [4] * 32))
                 w = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(_i32, 64), list(range(64))))
+                if kind == "q5_0":
+                    w = builder.or_(w, _fifth_bits(builder, row, start0, start1))
                 t = chained_limbs(builder, w, limb, mask)
-                if corr:
+                if corr:  # -8·ΣX: Q5_0's offset 16 takes it twice (|Σ (q - 16)·X| < 2^30, wrapping is exact)
                     t = builder.add(t, corr[0])
+                    if kind == "q5_0":
+                        t = builder.add(t, corr[0])
                 v = builder.sitofp(t, _v16f)
             else:
                 v32b = ir.VectorType(_i8, 32)
@@ -437,7 +468,8 @@ def _q4_k_code_tables():
 
 def _q4_k_unit(env, sb, prefetch):
     """One Q4_K super-block: pairs of sub-blocks (2p, 2p+1) are q bytes 32p..32p+31 (low nibbles: sub-block 2p,
-    high: 2p+1), in the K layout's register order. acc[0] += Σ q·X · (d·sc·s), acc[1] += (dmin·m)·(lane sums of x)."""
+    high: 2p+1), in the K layout's register order. acc[0] += Σ q·X · (d·sc·s), acc[1] += (dmin·m)·(lane sums of
+    x)."""
     builder, c, records, mask = env["builder"], env["c"], env["records"], env["mask"]
     start = builder.mul(sb, c(144))
     a, shift, low, b, high = (ir.Constant(_v16i, t) for t in _q4_k_code_tables())
@@ -519,14 +551,15 @@ def _q6_k_rows_dot(n_rows):
 # --- matrix × vector ----------------------------------------------------------------------------------
 
 # Kernel ids of the drivers (their order indexes the tables below)
-Q4_0, Q4_1, Q8_0, Q4_K, Q6_K = range(5)
-BLOCK_BYTES = (18, 20, 34, 144, 210)
-BLOCK_VALUES = (32, 32, 32, 256, 256)
-LAYOUTS = (LAYOUT_Q4, LAYOUT_Q4, LAYOUT_Q8, LAYOUT_K, LAYOUT_K)
+Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, Q5_0 = range(6)
+BLOCK_BYTES = (18, 20, 34, 144, 210, 22)
+BLOCK_VALUES = (32, 32, 32, 256, 256, 32)
+LAYOUTS = (LAYOUT_Q4, LAYOUT_Q4, LAYOUT_Q8, LAYOUT_K, LAYOUT_K, LAYOUT_Q4)
 
 _rows_dot_q4_0, _row_dot_q4_0 = (_block_pair_rows_dot("q4_0", n) for n in (ROWS_PER_STEP, 1))
 _rows_dot_q4_1, _row_dot_q4_1 = (_block_pair_rows_dot("q4_1", n) for n in (ROWS_PER_STEP, 1))
 _rows_dot_q8_0, _row_dot_q8_0 = (_block_pair_rows_dot("q8_0", n) for n in (ROWS_PER_STEP, 1))
+_rows_dot_q5_0, _row_dot_q5_0 = (_block_pair_rows_dot("q5_0", n) for n in (ROWS_PER_STEP, 1))
 _rows_dot_q4_k, _row_dot_q4_k = (_q4_k_rows_dot(n) for n in (ROWS_PER_STEP, 1))
 _rows_dot_q6_k, _row_dot_q6_k = (_q6_k_rows_dot(n) for n in (ROWS_PER_STEP, 1))
 
@@ -554,10 +587,15 @@ def _dot_rows(kind, n_rows, row_addr, row_stride, records, nb, out_addr):
             _rows_dot_q4_k(row_addr, row_stride, records, nb, out_addr)
         else:
             _row_dot_q4_k(row_addr, row_stride, records, nb, out_addr)
+    elif kind == Q6_K:
+        if n_rows == ROWS_PER_STEP:
+            _rows_dot_q6_k(row_addr, row_stride, records, nb, out_addr)
+        else:
+            _row_dot_q6_k(row_addr, row_stride, records, nb, out_addr)
     elif n_rows == ROWS_PER_STEP:
-        _rows_dot_q6_k(row_addr, row_stride, records, nb, out_addr)
+        _rows_dot_q5_0(row_addr, row_stride, records, nb, out_addr)
     else:
-        _row_dot_q6_k(row_addr, row_stride, records, nb, out_addr)
+        _row_dot_q5_0(row_addr, row_stride, records, nb, out_addr)
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -599,6 +637,11 @@ def q4_1_matvec(data, x, out):
 @njit(nogil=True, cache=True)
 def q8_0_matvec(data, x, out):
     return matvec(Q8_0, data, x, out)
+
+
+@njit(nogil=True, cache=True)
+def q5_0_matvec(data, x, out):
+    return matvec(Q5_0, data, x, out)
 
 
 @njit(nogil=True, cache=True)
