@@ -57,7 +57,7 @@ from numba import njit, prange
 
 from . import simd
 from .vnni_rows import (CORRECTIONS_AT, LAYOUT_K, LAYOUT_Q4, LAYOUT_Q8, N_LIMBS, ROWS_PER_STEP, SCALES_AT, SUMS_AT,
-                        block_heads, chained_limbs, dpbusd, lane_blocks, lanes_of, load_at, make_rows_dot,
+                        RowStep, block_heads, chained_limbs, dpbusd, lane_blocks, lanes_of, load_at, make_rows_dot,
                         prefetch_ahead, quantize_activation, record_part, splat_i32, times_256)
 
 # (block bytes, offset of q, weight offset k, layout) per type
@@ -160,9 +160,12 @@ def _block_pair_unit(kind):
     return unit, tail
 
 
-def _block_pair_rows_dot(kind, n_rows):
-    unit, tail = _block_pair_unit(kind)
-    return make_rows_dot(n_rows, 2 if kind == "q4_1" else 1, lambda builder, c, nb: builder.lshr(nb, c(1)), unit, tail)
+def _block_pairs(builder, c, nb):
+    return builder.lshr(nb, c(1))
+
+
+def _block_pair_step(kind):
+    return RowStep(2 if kind == "q4_1" else 1, _block_pairs, *_block_pair_unit(kind))
 
 
 # --- K-quants: a step is a super-block of 256 values, four block pairs of records -----------------------------
@@ -253,13 +256,8 @@ def _super_blocks(builder, c, nb):
     return builder.lshr(nb, c(3))
 
 
-def _q4_k_rows_dot(n_rows):
-    return make_rows_dot(n_rows, 2, _super_blocks, _q4_k_unit,
-                         finish=lambda builder, accs: builder.fsub(accs[0], accs[1]))
-
-
-def _q6_k_rows_dot(n_rows):
-    return make_rows_dot(n_rows, 1, _super_blocks, _q6_k_unit)
+def _minus_minima(builder, accs):
+    return builder.fsub(accs[0], accs[1])
 
 
 # --- matrix × vector ----------------------------------------------------------------------------------
@@ -270,46 +268,12 @@ BLOCK_BYTES = (18, 20, 34, 144, 210, 22)
 BLOCK_VALUES = (32, 32, 32, 256, 256, 32)
 LAYOUTS = (LAYOUT_Q4, LAYOUT_Q4, LAYOUT_Q8, LAYOUT_K, LAYOUT_K, LAYOUT_Q4)
 
-_rows_dot_q4_0, _row_dot_q4_0 = (_block_pair_rows_dot("q4_0", n) for n in (ROWS_PER_STEP, 1))
-_rows_dot_q4_1, _row_dot_q4_1 = (_block_pair_rows_dot("q4_1", n) for n in (ROWS_PER_STEP, 1))
-_rows_dot_q8_0, _row_dot_q8_0 = (_block_pair_rows_dot("q8_0", n) for n in (ROWS_PER_STEP, 1))
-_rows_dot_q5_0, _row_dot_q5_0 = (_block_pair_rows_dot("q5_0", n) for n in (ROWS_PER_STEP, 1))
-_rows_dot_q4_k, _row_dot_q4_k = (_q4_k_rows_dot(n) for n in (ROWS_PER_STEP, 1))
-_rows_dot_q6_k, _row_dot_q6_k = (_q6_k_rows_dot(n) for n in (ROWS_PER_STEP, 1))
-
-
-@njit(nogil=True, cache=True)
-def _dot_rows(kind, n_rows, row_addr, row_stride, records, nb, out_addr):
-    """The kind's row kernel for a step of ROWS_PER_STEP rows or for one row (a predictable branch per step)."""
-    if kind == Q4_0:
-        if n_rows == ROWS_PER_STEP:
-            _rows_dot_q4_0(row_addr, row_stride, records, nb, out_addr)
-        else:
-            _row_dot_q4_0(row_addr, row_stride, records, nb, out_addr)
-    elif kind == Q4_1:
-        if n_rows == ROWS_PER_STEP:
-            _rows_dot_q4_1(row_addr, row_stride, records, nb, out_addr)
-        else:
-            _row_dot_q4_1(row_addr, row_stride, records, nb, out_addr)
-    elif kind == Q8_0:
-        if n_rows == ROWS_PER_STEP:
-            _rows_dot_q8_0(row_addr, row_stride, records, nb, out_addr)
-        else:
-            _row_dot_q8_0(row_addr, row_stride, records, nb, out_addr)
-    elif kind == Q4_K:
-        if n_rows == ROWS_PER_STEP:
-            _rows_dot_q4_k(row_addr, row_stride, records, nb, out_addr)
-        else:
-            _row_dot_q4_k(row_addr, row_stride, records, nb, out_addr)
-    elif kind == Q6_K:
-        if n_rows == ROWS_PER_STEP:
-            _rows_dot_q6_k(row_addr, row_stride, records, nb, out_addr)
-        else:
-            _row_dot_q6_k(row_addr, row_stride, records, nb, out_addr)
-    elif n_rows == ROWS_PER_STEP:
-        _rows_dot_q5_0(row_addr, row_stride, records, nb, out_addr)
-    else:
-        _row_dot_q5_0(row_addr, row_stride, records, nb, out_addr)
+STEPS = {Q4_0: _block_pair_step("q4_0"), Q4_1: _block_pair_step("q4_1"), Q8_0: _block_pair_step("q8_0"),
+         Q5_0: _block_pair_step("q5_0"), Q4_K: RowStep(2, _super_blocks, _q4_k_unit, finish=_minus_minima),
+         Q6_K: RowStep(1, _super_blocks, _q6_k_unit)}
+# One kernel for steps of ROWS_PER_STEP rows and one for a last single row, each switching on the kind
+_rows_dot = make_rows_dot(ROWS_PER_STEP, [STEPS[kind] for kind in range(len(STEPS))])
+_row_dot = make_rows_dot(1, [STEPS[kind] for kind in range(len(STEPS))])
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -330,9 +294,9 @@ def matvec(kind, data, x, out):
     n_steps = data.shape[0] // ROWS_PER_STEP
     for g in prange(n_steps):
         r = g * ROWS_PER_STEP
-        _dot_rows(kind, ROWS_PER_STEP, row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
+        _rows_dot(kind, row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
     for r in range(n_steps * ROWS_PER_STEP, data.shape[0]):
-        _dot_rows(kind, 1, row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
+        _row_dot(kind, row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
     return buf.size > 0  # True; buf is used here so that it outlives the loop that reads it by address
 
 

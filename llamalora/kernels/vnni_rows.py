@@ -7,6 +7,8 @@ make_rows_dot builds a kernel that runs a type's step (a block pair, a super-blo
 each row's stream prefetched PREFETCH_BYTES ahead; the IR helpers are the pieces the steps are made of.
 """
 
+from typing import Callable, NamedTuple
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -246,44 +248,64 @@ def record_part(builder, c, records, pair_index, offset, vtype):
     return load_at(builder, records, builder.add(builder.mul(pair_index, c(PAIR_BYTES)), c(offset)), vtype, 64)
 
 
-def make_rows_dot(n_rows, n_accumulators, n_units, unit, tail=None, finish=None):
-    """Intrinsic (row_addr, row_stride, records_addr, nb, out_addr) -> None: out[k] = row k · x for n_rows rows
-    (row k at row_addr + k·row_stride) of nb blocks of 32 values, x as quantize_activation's records.
+class RowStep(NamedTuple):
+    """A type's part of make_rows_dot's kernel: n_units(builder, c, nb) -> how many steps along the rows;
+    unit(env, index, prefetch) emits one step for all rows (env: builder, c (an intp constant), nb, rows (i8*),
+    records (i8*), mask (TIMES_256_MASK), acc[k][a] (float <16 x f32> accumulators a of row k)); tail(env) what
+    follows the loop (an odd last block); finish(builder, accumulators of a row) the row's 16 lanes (default:
+    their sum)."""
+    n_accumulators: int
+    n_units: Callable
+    unit: Callable
+    tail: Callable | None = None
+    finish: Callable | None = None
 
-    The type's part: n_units(builder, c, nb) -> how many steps along the rows; unit(env, index, prefetch) emits
-    one step for all rows (env: builder, c (an intp constant), rows (i8*), records (i8*), mask (TIMES_256_MASK),
-    acc[k][a] (float <16 x f32> accumulators a of row k)); tail(env) what follows the loop (an odd last block);
-    finish(builder, accumulators of a row) the row's 16 lanes (default: their sum)."""
+
+def make_rows_dot(n_rows, steps):
+    """Intrinsic (kind, row_addr, row_stride, records_addr, nb, out_addr) -> None: out[k] = row k · x for n_rows
+    rows (row k at row_addr + k·row_stride) of nb blocks of 32 values, x as quantize_activation's records, by
+    the RowStep steps[kind] (a switch on kind around the types' loops; another kind does nothing)."""
 
     @intrinsic
-    def rows_dot(typingctx, row_addr, row_stride, records_addr, nb, out_addr):
-        sig = types.none(types.intp, types.intp, types.intp, types.intp, types.intp)
+    def rows_dot(typingctx, kind, row_addr, row_stride, records_addr, nb, out_addr):
+        sig = types.none(types.intp, types.intp, types.intp, types.intp, types.intp, types.intp)
 
         def codegen(context, builder, signature, args):
-            row_addr, row_stride, records_addr, nb, out_addr = args
+            kind, row_addr, row_stride, records_addr, nb, out_addr = args
             intp = nb.type
             c = lambda v: ir.Constant(intp, v)  # noqa: E731
-            env = {"builder": builder, "c": c, "nb": nb}
-            env["rows"] = [builder.inttoptr(builder.add(row_addr, builder.mul(row_stride, c(k))), _i8.as_pointer())
-                           for k in range(n_rows)]
-            env["records"] = records = builder.inttoptr(records_addr, _i8.as_pointer())
-            zero = ir.Constant(_v16f, [0.0] * 16)
-            env["acc"] = [[cgutils.alloca_once_value(builder, zero) for _ in range(n_accumulators)]
-                          for _ in range(n_rows)]
+            rows = [builder.inttoptr(builder.add(row_addr, builder.mul(row_stride, c(k))), _i8.as_pointer())
+                    for k in range(n_rows)]
+            records = builder.inttoptr(records_addr, _i8.as_pointer())
             n_pairs = builder.lshr(builder.add(nb, c(1)), c(1))
-            env["mask"] = load_at(builder, records, builder.mul(n_pairs, c(PAIR_BYTES)), _v64b, 64)
-            with cgutils.for_range(builder, n_units(builder, c, nb)) as loop:
-                unit(env, loop.index, PREFETCH_BYTES > 0)
-            if tail is not None:
-                tail(env)
+            mask = load_at(builder, records, builder.mul(n_pairs, c(PAIR_BYTES)), _v64b, 64)
             out = builder.inttoptr(out_addr, _f32.as_pointer())
-            for k in range(n_rows):
-                accs = [builder.load(a) for a in env["acc"][k]]
-                total = finish(builder, accs) if finish is not None else accs[0]
-                if finish is None:
-                    for a in accs[1:]:
-                        total = builder.fadd(total, a)
-                builder.store(simd._reduce(builder, total), builder.gep(out, [c(k)]))
+            done = builder.append_basic_block("rows_dot.done")
+            switch = builder.switch(kind, done)
+            for k_index, step in enumerate(steps):
+                block = builder.append_basic_block(f"rows_dot.kind{k_index}")
+                switch.add_case(c(k_index), block)
+                builder.position_at_end(block)
+                zero = ir.Constant(_v16f, [0.0] * 16)
+                acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(step.n_accumulators)]
+                       for _ in range(n_rows)]
+                env = {"builder": builder, "c": c, "nb": nb, "rows": rows, "records": records, "mask": mask,
+                       "acc": acc}
+                with cgutils.for_range(builder, step.n_units(builder, c, nb)) as loop:
+                    step.unit(env, loop.index, PREFETCH_BYTES > 0)
+                if step.tail is not None:
+                    step.tail(env)
+                for k in range(n_rows):
+                    accs = [builder.load(a) for a in acc[k]]
+                    if step.finish is not None:
+                        total = step.finish(builder, accs)
+                    else:
+                        total = accs[0]
+                        for a in accs[1:]:
+                            total = builder.fadd(total, a)
+                    builder.store(simd._reduce(builder, total), builder.gep(out, [c(k)]))
+                builder.branch(done)
+            builder.position_at_end(done)
             return context.get_dummy_value()
 
         return sig, codegen
