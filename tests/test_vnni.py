@@ -2,7 +2,7 @@
 on real, random and adversarial blocks; extreme activations fall back to the portable kernels.
 
 The bound (llamalora/kernels/vnni.py): a block b of the kernel multiplies integers q'_j (Q4_0: q - 8,
-Q4_1: q, Q8_0: q) by X_j = round(x_j / s_b), s_b = max_b|x| / 8355000, so each x_j is used with an error
+Q4_1: q, Q8_0: q, Q5_0: q - 16) by X_j = round(x_j / s_b), s_b = max_b|x| / 8355000, so each x_j is used with an error
 |δ_j| ≤ s_b/2 ≤ 1.01·2^-24·max_b|x|, contributing at most 1.01·2^-24·A, A = Σ_b max_b|x|·Σ_j |d_b q'_j|.
 The rest is float32 rounding: per lane, t → float (1), d·s (1), the FMA into the accumulator over nb/2 block
 pairs (nb/2), Q8_0's last limb (2) or Q4_1's lane sums of x (3), the 16-lane reduction (4) and the last add
@@ -17,13 +17,14 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import quants
 
-from llamalora.kernels import q4_0, q4_1, q8_0, simd, vnni
+from llamalora.kernels import q4_0, q4_1, q5_0, q8_0, simd, vnni
 
 pytestmark = pytest.mark.skipif(not vnni.host_has_vnni(), reason="the host has no AVX-512 VNNI")
 
-KERNELS = {T.Q4_0: vnni.q4_0_matvec, T.Q4_1: vnni.q4_1_matvec, T.Q8_0: vnni.q8_0_matvec}
-MODULES = {T.Q4_0: q4_0, T.Q4_1: q4_1, T.Q8_0: q8_0}
-BLOCK_BYTES = {T.Q4_0: 18, T.Q4_1: 20, T.Q8_0: 34}
+KERNELS = {T.Q4_0: vnni.q4_0_matvec, T.Q4_1: vnni.q4_1_matvec, T.Q8_0: vnni.q8_0_matvec, T.Q5_0: vnni.q5_0_matvec}
+MODULES = {T.Q4_0: q4_0, T.Q4_1: q4_1, T.Q8_0: q8_0, T.Q5_0: q5_0}
+BLOCK_BYTES = {T.Q4_0: 18, T.Q4_1: 20, T.Q8_0: 34, T.Q5_0: 22}
+ALL_TYPES = [T.Q4_0, T.Q4_1, T.Q8_0, T.Q5_0]
 
 
 def decompose(data, qtype):
@@ -34,6 +35,11 @@ def decompose(data, qtype):
     m = np.zeros_like(d)
     if qtype == T.Q8_0:
         q = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).astype(np.int64)
+    elif qtype == T.Q5_0:
+        qs = blocks[:, :, 6:].astype(np.int64)
+        qh = np.ascontiguousarray(blocks[:, :, 2:6]).view(np.uint32).astype(np.int64)  # [rows, nb, 1]
+        fifth = (qh >> np.arange(32)) & 1
+        q = np.concatenate([qs & 15, qs >> 4], axis=2) + 16 * fifth - 16
     else:
         offset = 4 if qtype == T.Q4_1 else 2
         qs = blocks[:, :, offset:].astype(np.int64)
@@ -80,13 +86,18 @@ def raw_blocks(rng, qtype, n_rows, nb, d_scale=0.01):
     return data.reshape(n_rows, nb * bb)
 
 
-def portable_matvec(data, qtype, x, out):
-    """The portable (float) kernel the type module runs when the integer one is off or refuses x."""
-    scales = MODULES[qtype].scales(data)
+def portable(qtype, data, x):
+    """The portable kernel's W·x (the block scales widened from the rows)."""
+    out = np.empty(data.shape[0], np.float32)
+    module = MODULES[qtype]
+    scales = module.scales(data)
     if qtype == T.Q8_0:
         simd.q8_matvec(data, scales[0], x, out)
+    elif qtype == T.Q5_0:
+        module._matvec(data, *scales, x, out)
     else:
-        simd.q4_matvec(data, scales[0], scales[1], MODULES[qtype].QS_OFFSET, MODULES[qtype].TYPE_SIZE, x, out)
+        simd.q4_matvec(data, scales[0], scales[1], module.QS_OFFSET, module.TYPE_SIZE, x, out)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +120,7 @@ def test_real_matrices_within_float32_rounding(smollm2_tensors):
         assert np.max(err / M) < 1e-5
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0])
+@pytest.mark.parametrize("qtype", ALL_TYPES)
 @pytest.mark.parametrize("nb", [1, 2, 3, 5, 18, 49])
 def test_random_blocks_any_block_count(qtype, nb):
     rng = np.random.default_rng(nb)
@@ -118,7 +129,7 @@ def test_random_blocks_any_block_count(qtype, nb):
     check(data, qtype, x)
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0])
+@pytest.mark.parametrize("qtype", ALL_TYPES)
 def test_adversarial_activations(qtype):
     rng = np.random.default_rng(3)
     nb = 7
@@ -143,7 +154,7 @@ def test_adversarial_activations(qtype):
             assert np.all(out == 0)
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0])
+@pytest.mark.parametrize("qtype", ALL_TYPES)
 def test_extreme_weights(qtype):
     """Every byte at its extreme (Q8_0: all -128 or all 127; 4-bit: all nibbles 0 or 15) with the largest
     scales a half holds and activations at ±max: the int32 lanes must not overflow."""
@@ -174,7 +185,7 @@ def test_rows_may_be_a_strided_view():
         assert np.array_equal(out, out_contiguous)
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0])
+@pytest.mark.parametrize("qtype", ALL_TYPES)
 def test_extreme_activations_fall_back_to_the_portable_kernel(qtype):
     rng = np.random.default_rng(7)
     nb = 5
@@ -191,9 +202,7 @@ def test_extreme_activations_fall_back_to_the_portable_kernel(qtype):
         assert not KERNELS[qtype](data, x, out)
         assert np.all(out == 7.0)  # untouched
         MODULES[qtype].matvec(prepared, x, out)
-        portable = np.empty(16, np.float32)
-        portable_matvec(data, qtype, x, portable)
-        assert np.array_equal(out, portable, equal_nan=True)
+        assert np.array_equal(out, portable(qtype, data, x), equal_nan=True)
 
 
 def test_type_modules_use_the_integer_kernel_when_enabled():
@@ -201,12 +210,11 @@ def test_type_modules_use_the_integer_kernel_when_enabled():
     for qtype, kernel in KERNELS.items():
         data = raw_blocks(rng, qtype, 20, 6)
         x = rng.standard_normal(6 * 32).astype(np.float32)
-        direct, portable, via_module = (np.empty(20, np.float32) for _ in range(3))
+        direct, via_module = (np.empty(20, np.float32) for _ in range(2))
         kernel(data, x, direct)
         prepared = MODULES[qtype].prepare(data, 6 * 32)
-        portable_matvec(data, qtype, x, portable)
         MODULES[qtype].matvec(prepared, x, via_module)
-        assert np.array_equal(via_module, direct if vnni.ENABLED else portable)
+        assert np.array_equal(via_module, direct if vnni.ENABLED else portable(qtype, data, x))
 
 
 def test_bad_layout_is_refused():

@@ -68,7 +68,7 @@ def uniform_arrays(weight) -> tuple:
         arrays = (NO_BYTES, NO_FLOATS, NO_FLOATS, prepared[0])
     elif kind in (F16, BF16):
         arrays = (prepared[0].view(np.uint8), NO_FLOATS, NO_FLOATS, NO_FLOATS)
-    elif kind in (Q4_0, Q4_1, Q8_0) and len(prepared) == 1:  # scales read from the blocks (VNNI kernels)
+    elif kind in (Q4_0, Q4_1, Q8_0, Q5_0, Q4_K, Q6_K) and len(prepared) == 1:  # scales read in the blocks (VNNI)
         arrays = (prepared[0], NO_FLOATS, NO_FLOATS, NO_FLOATS)
     elif kind == Q8_0:
         arrays = (prepared[0], prepared[1], NO_FLOATS, NO_FLOATS)
@@ -107,9 +107,15 @@ def matvec(kind, data, scale, minimum, widened, x, out):
     elif kind == F16:
         f16._matvec(data.view(np.uint16), x, out)
     elif kind == Q4_K:
-        q4_k._matvec(data, scale, minimum, x, out)
+        if not (INTEGER_KERNELS and vnni.q4_k_matvec(data, x, out)):
+            if scale.shape[0] == 0:
+                scale, minimum = q4_k.scales(data)
+            q4_k._matvec(data, scale, minimum, x, out)
     elif kind == Q6_K:
-        q6_k._matvec(data, scale, minimum, x, out)
+        if not (INTEGER_KERNELS and vnni.q6_k_matvec(data, x, out)):
+            if scale.shape[0] == 0:
+                scale, minimum = q6_k.scales(data)
+            q6_k._matvec(data, scale, minimum, x, out)
     elif kind == Q5_K:
         q5_k._matvec(data, scale, minimum, x, out)
     elif kind == Q3_K:
@@ -117,7 +123,10 @@ def matvec(kind, data, scale, minimum, widened, x, out):
     elif kind == Q2_K:
         q2_k._matvec(data, scale, minimum, x, out)
     elif kind == Q5_0:
-        q5_0._matvec(data, scale, minimum, x, out)
+        if not (INTEGER_KERNELS and vnni.q5_0_matvec(data, x, out)):
+            if scale.shape[0] == 0:
+                scale, minimum = q5_0.scales(data)
+            q5_0._matvec(data, scale, minimum, x, out)
     elif kind == Q5_1:
         q5_1._matvec(data, scale, minimum, x, out)
     elif kind == IQ4_NL:

@@ -7,11 +7,11 @@ sub-block 2i in their low nibbles and sub-block 2i+1 in their high nibbles.
 
 import numpy as np
 from gguf import GGMLQuantizationType as GGMLType
-from numba import njit
+from numba import njit, prange
 
-from . import blockdot, kquants_ref
+from . import blockdot, kquants_ref, vnni
 from .blockdot import bits, load_bytes, to_float
-from .f16 import half_bits_to_float
+from .f16 import half_to_float
 
 BLOCK_SIZE = 256
 TYPE_SIZE = 144
@@ -54,19 +54,39 @@ def _dequantize_rows(data, scale, minimum, out):
     blockdot.dequantize_rows(KIND, data, scale, minimum, out)
 
 
+@njit(parallel=True, nogil=True, cache=True)
+def scales(data):
+    """Per sub-block of 32 the float32 scale d·sc and minimum −dmin·m of raw rows, [n_rows, n_cols/32] each (what
+    the portable kernels read; exact products)."""
+    n_sb = data.shape[1] // TYPE_SIZE
+    scale = np.empty((data.shape[0], 8 * n_sb), dtype=np.float32)
+    minimum = np.empty((data.shape[0], 8 * n_sb), dtype=np.float32)
+    for r in prange(data.shape[0]):
+        for b in range(n_sb):
+            at = b * TYPE_SIZE
+            d = half_to_float(np.uint16(data[r, at]) | (np.uint16(data[r, at + 1]) << 8))
+            dmin = half_to_float(np.uint16(data[r, at + 2]) | (np.uint16(data[r, at + 3]) << 8))
+            for j in range(8):  # scale_min_codes, one sub-block
+                if j < 4:
+                    sc, m = data[r, at + 4 + j] & 63, data[r, at + 8 + j] & 63
+                else:
+                    sc = (data[r, at + 8 + j] & 15) | ((data[r, at + j] >> 6) << 4)
+                    m = (data[r, at + 8 + j] >> 4) | ((data[r, at + 4 + j] >> 6) << 4)
+                scale[r, 8 * b + j] = d * np.float32(sc)
+                minimum[r, 8 * b + j] = -(dmin * np.float32(m))
+    return scale, minimum
+
+
 def prepare(data: np.ndarray, n_cols: int) -> tuple:
-    """The raw rows and, per sub-block of 32, the float32 scale d·sc and minimum −dmin·m."""
-    blocks = data.reshape(data.shape[0], -1, TYPE_SIZE)
-    d = half_bits_to_float(blocks[:, :, 0:2])[..., None]
-    dmin = half_bits_to_float(blocks[:, :, 2:4])[..., None]
-    sc, mn = scale_min_codes(blocks[:, :, 4:16])
-    scale = (d * sc.astype(np.float32)).reshape(data.shape[0], -1)
-    minimum = -(dmin * mn.astype(np.float32)).reshape(data.shape[0], -1)
-    return data, np.ascontiguousarray(scale), np.ascontiguousarray(minimum)
+    """The raw rows and, for the portable kernels, the sub-blocks' float32 scales and minima (`scales`). The VNNI
+    kernel decodes them from the blocks, so there the rows alone are kept; prompt batches and the rare declined
+    activation widen them per call."""
+    return (data,) if vnni.ENABLED else (data, *scales(data))
 
 
 def dequantize(data: np.ndarray, n_cols: int) -> np.ndarray:
-    return blockdot.dequantize_prepared(_dequantize_rows, prepare(np.ascontiguousarray(data), n_cols), n_cols)
+    data = np.ascontiguousarray(data)
+    return blockdot.dequantize_prepared(_dequantize_rows, (data, *scales(data)), n_cols)
 
 
 def quantize(x: np.ndarray) -> np.ndarray:
@@ -78,8 +98,11 @@ def quantize(x: np.ndarray) -> np.ndarray:
 
 
 def matvec(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
-    _matvec(*prepared, x, out)
+    data = prepared[0]
+    if not (vnni.ENABLED and vnni.q4_k_matvec(data, x, out)):  # the integer kernel declines extreme x
+        _matvec(data, *(prepared[1:] if len(prepared) > 1 else scales(data)), x, out)
 
 
 def matmul(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
-    _matmul(*prepared, x, out)
+    data = prepared[0]
+    _matmul(data, *(prepared[1:] if len(prepared) > 1 else scales(data)), x, out)

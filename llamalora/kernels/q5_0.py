@@ -9,9 +9,9 @@ import numpy as np
 from gguf import GGMLQuantizationType as GGMLType
 from numba import njit, prange
 
-from . import blockdot
+from . import blockdot, vnni
 from .blockdot import bits, ivec, load_bytes, load_u32_splat, to_float
-from .f16 import float_to_half_bits, half_bits_to_float
+from .f16 import block_halves, float_to_half_bits
 
 BLOCK_SIZE = 32
 TYPE_SIZE = 22
@@ -53,15 +53,23 @@ def _dequantize_rows(data, scale, minimum, out):
     blockdot.dequantize_rows(KIND, data, scale, minimum, out)
 
 
+@njit(nogil=True, cache=True)
+def scales(data):
+    """The block scales widened to float32, [n_rows, n_blocks], twice (also the portable kernels' unused minima)."""
+    d = block_halves(data, TYPE_SIZE, 0)
+    return d, d
+
+
 def prepare(data: np.ndarray, n_cols: int) -> tuple:
-    """The raw rows and the block scales widened to float32 (also passed as the unused minima)."""
-    blocks = data.reshape(data.shape[0], -1, TYPE_SIZE)
-    d = np.ascontiguousarray(half_bits_to_float(blocks[:, :, 0:2]))
-    return data, d, d
+    """The raw rows and, for the portable kernels, the widened block scales (`scales`). The VNNI kernel reads the
+    halves in the blocks, so there the rows alone are kept; prompt batches and the rare declined activation widen
+    them per call."""
+    return (data,) if vnni.ENABLED else (data, *scales(data))
 
 
 def dequantize(data: np.ndarray, n_cols: int) -> np.ndarray:
-    return blockdot.dequantize_prepared(_dequantize_rows, prepare(np.ascontiguousarray(data), n_cols), n_cols)
+    data = np.ascontiguousarray(data)
+    return blockdot.dequantize_prepared(_dequantize_rows, (data, *scales(data)), n_cols)
 
 
 def quantize(x: np.ndarray) -> np.ndarray:
@@ -103,8 +111,11 @@ def quantize_rows(x, out):
 
 
 def matvec(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
-    _matvec(*prepared, x, out)
+    data = prepared[0]
+    if not (vnni.ENABLED and vnni.q5_0_matvec(data, x, out)):  # the integer kernel declines extreme x
+        _matvec(data, *(prepared[1:] if len(prepared) > 1 else scales(data)), x, out)
 
 
 def matmul(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
-    _matmul(*prepared, x, out)
+    data = prepared[0]
+    _matmul(data, *(prepared[1:] if len(prepared) > 1 else scales(data)), x, out)

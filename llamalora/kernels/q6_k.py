@@ -8,11 +8,11 @@ of qh[32n + l] on top.
 
 import numpy as np
 from gguf import GGMLQuantizationType as GGMLType
-from numba import njit
+from numba import njit, prange
 
-from . import blockdot, kquants_ref
+from . import blockdot, kquants_ref, vnni
 from .blockdot import bits, ivec, load_bytes, to_float
-from .f16 import half_bits_to_float
+from .f16 import half_to_float
 
 BLOCK_SIZE = 256
 TYPE_SIZE = 210
@@ -50,17 +50,32 @@ def _dequantize_rows(data, scale, minimum, out):
     blockdot.dequantize_rows(KIND, data, scale, minimum, out)
 
 
+@njit(parallel=True, nogil=True, cache=True)
+def scales(data):
+    """Per sub-block of 16 the float32 scale d·sc of raw rows, [n_rows, n_cols/16], passed twice (as the kernels'
+    unused minima too): what the portable kernels read (exact products)."""
+    n_sb = data.shape[1] // TYPE_SIZE
+    scale = np.empty((data.shape[0], 16 * n_sb), dtype=np.float32)
+    for r in prange(data.shape[0]):
+        for b in range(n_sb):
+            at = b * TYPE_SIZE
+            d = half_to_float(np.uint16(data[r, at + D_OFFSET]) | (np.uint16(data[r, at + D_OFFSET + 1]) << 8))
+            for j in range(16):
+                sc = np.int64(data[r, at + SCALES_OFFSET + j])
+                scale[r, 16 * b + j] = d * np.float32(sc - 256 if sc > 127 else sc)
+    return scale, scale
+
+
 def prepare(data: np.ndarray, n_cols: int) -> tuple:
-    """The raw rows and, per sub-block of 16, the float32 scale d·sc (also passed as the unused minima)."""
-    blocks = data.reshape(data.shape[0], -1, TYPE_SIZE)
-    d = half_bits_to_float(blocks[:, :, D_OFFSET:D_OFFSET + 2])[..., None]
-    sc = np.ascontiguousarray(blocks[:, :, SCALES_OFFSET:SCALES_OFFSET + 16]).view(np.int8).astype(np.float32)
-    scale = np.ascontiguousarray((d * sc).reshape(data.shape[0], -1))
-    return data, scale, scale
+    """The raw rows and, for the portable kernels, the sub-blocks' float32 scales (`scales`). The VNNI kernel
+    reads them from the blocks, so there the rows alone are kept; prompt batches and the rare declined activation
+    widen them per call."""
+    return (data,) if vnni.ENABLED else (data, *scales(data))
 
 
 def dequantize(data: np.ndarray, n_cols: int) -> np.ndarray:
-    return blockdot.dequantize_prepared(_dequantize_rows, prepare(np.ascontiguousarray(data), n_cols), n_cols)
+    data = np.ascontiguousarray(data)
+    return blockdot.dequantize_prepared(_dequantize_rows, (data, *scales(data)), n_cols)
 
 
 def quantize(x: np.ndarray) -> np.ndarray:
@@ -72,8 +87,11 @@ def quantize(x: np.ndarray) -> np.ndarray:
 
 
 def matvec(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
-    _matvec(*prepared, x, out)
+    data = prepared[0]
+    if not (vnni.ENABLED and vnni.q6_k_matvec(data, x, out)):  # the integer kernel declines extreme x
+        _matvec(data, *(prepared[1:] if len(prepared) > 1 else scales(data)), x, out)
 
 
 def matmul(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
-    _matmul(*prepared, x, out)
+    data = prepared[0]
+    _matmul(data, *(prepared[1:] if len(prepared) > 1 else scales(data)), x, out)
