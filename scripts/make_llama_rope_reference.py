@@ -20,13 +20,13 @@ import sys
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFWriter, TokenType
+from gguf import GGMLQuantizationType
 from transformers import LlamaConfig, LlamaForCausalLM
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from make_qwen2_reference import SPECIALS, tiny_bpe  # noqa: E402
+from make_qwen2_reference import finish_gguf, start_gguf, tiny_bpe  # noqa: E402
 
 DATA = os.path.join(ROOT, "tests", "data")
 GGUF_PATH = os.path.join(DATA, "llama3-rope-tiny.gguf")
@@ -106,34 +106,12 @@ def gguf_tensors(model: LlamaForCausalLM):
 
 
 def write_gguf(model: LlamaForCausalLM, tokens: list[str], merges: list[str]) -> None:
-    c = model.config
-    writer = GGUFWriter(GGUF_PATH, "llama")
-    writer.add_name("llama3-rope-tiny")
-    writer.add_context_length(c.max_position_embeddings)
-    writer.add_embedding_length(c.hidden_size)
-    writer.add_block_count(c.num_hidden_layers)
-    writer.add_feed_forward_length(c.intermediate_size)
-    writer.add_head_count(c.num_attention_heads)
-    writer.add_head_count_kv(c.num_key_value_heads)
-    writer.add_rope_freq_base(THETA)
+    writer = start_gguf(GGUF_PATH, "llama", "llama3-rope-tiny", model.config, THETA, tokens, merges, "llama-bpe")
     writer.add_rope_dimension_count(HEAD_DIM)
-    writer.add_layer_norm_rms_eps(float(c.rms_norm_eps))
-    writer.add_file_type(0)  # all F32
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("llama-bpe")
-    writer.add_token_list(tokens)
-    writer.add_token_types([int(TokenType.CONTROL if t in SPECIALS else TokenType.NORMAL) for t in tokens])
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(tokens.index("<|endoftext|>"))
-    writer.add_eos_token_id(tokens.index("<|endoftext|>"))
-    writer.add_add_bos_token(False)
     writer.add_tensor("rope_freqs.weight", llama3_rope_factors(), raw_dtype=GGMLQuantizationType.F32)
     for name, data in gguf_tensors(model):
         writer.add_tensor(name, np.ascontiguousarray(data), raw_dtype=GGMLQuantizationType.F32)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_gguf(writer)
 
 
 def main() -> int:

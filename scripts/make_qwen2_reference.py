@@ -99,36 +99,48 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{parts[module]}.{kind}"
 
 
-def write_gguf(model: Qwen2ForCausalLM, tokens: list[str], merges: list[str]) -> None:
-    c = model.config
-    writer = GGUFWriter(GGUF_PATH, "qwen2")
-    writer.add_name("qwen2-tiny")
+def start_gguf(path: str, arch: str, name: str, c, rope_theta: float, tokens: list[str], merges: list[str],
+               pre: str) -> GGUFWriter:
+    """A GGUFWriter at path with the hyperparameters of the transformers config c (all tensors F32) and the
+    byte-level BPE vocabulary, as convert_hf_to_gguf.py writes them; the caller adds tensors and writes."""
+    writer = GGUFWriter(path, arch)
+    writer.add_name(name)
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
     writer.add_block_count(c.num_hidden_layers)
     writer.add_feed_forward_length(c.intermediate_size)
     writer.add_head_count(c.num_attention_heads)
     writer.add_head_count_kv(c.num_key_value_heads)
-    writer.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    writer.add_rope_freq_base(float(rope_theta))
     writer.add_layer_norm_rms_eps(float(c.rms_norm_eps))
     writer.add_file_type(0)  # all F32
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types([int(TokenType.CONTROL if t in SPECIALS else TokenType.NORMAL) for t in tokens])
     writer.add_token_merges(merges)
     endoftext = tokens.index("<|endoftext|>")
     writer.add_bos_token_id(endoftext)
     writer.add_eos_token_id(endoftext)
-    writer.add_pad_token_id(endoftext)
     writer.add_add_bos_token(False)
-    for name, p in model.state_dict().items():
-        data = p.detach().to(torch.float32).numpy()
-        writer.add_tensor(gguf_name(name), np.ascontiguousarray(data), raw_dtype=GGMLQuantizationType.F32)
+    return writer
+
+
+def finish_gguf(writer: GGUFWriter) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def write_gguf(model: Qwen2ForCausalLM, tokens: list[str], merges: list[str]) -> None:
+    c = model.config
+    writer = start_gguf(GGUF_PATH, "qwen2", "qwen2-tiny", c, c.rope_parameters["rope_theta"], tokens, merges, "qwen2")
+    writer.add_pad_token_id(tokens.index("<|endoftext|>"))
+    for name, p in model.state_dict().items():
+        data = p.detach().to(torch.float32).numpy()
+        writer.add_tensor(gguf_name(name), np.ascontiguousarray(data), raw_dtype=GGMLQuantizationType.F32)
+    finish_gguf(writer)
 
 
 def main() -> int:
