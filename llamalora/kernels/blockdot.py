@@ -343,7 +343,7 @@ def matmul(kind, data, scale, minimum, X, out):
             r = r0 + i
             row_dequantize(kind, row_addr + r * row_stride, scale_addr + r * scale_stride,
                            minimum_addr + r * minimum_stride, tile.ctypes.data + i * tile.strides[0], nb)
-        simd._tile_times_batch(tile, n_valid, X, out, r0)
+        simd.tile_times_batch(tile, n_valid, X, out, r0)
 
 
 def dequantize_prepared(dequantize_rows_of_type, prepared: tuple, n_cols: int) -> np.ndarray:

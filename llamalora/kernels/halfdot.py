@@ -56,15 +56,6 @@ def hardware_f16() -> bool:
 F16_KIND = F16 if hardware_f16() else F16_PORTABLE
 
 
-def wide_registers() -> bool:
-    """Whether the target numba compiles for has 32 vector registers of 16 floats (AVX-512)."""
-    features = config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features()
-    return "+avx512f" in features.split(",")
-
-
-WIDE_TILES = wide_registers()
-
-
 def _ivec(width, value):
     return ir.Constant(ir.VectorType(_i32, width), [value] * width)
 
@@ -183,13 +174,6 @@ def widen_row(typingctx, kind, row_addr, out_addr, n):
     return sig, codegen
 
 
-TILE_ROWS, TILE_TOKENS = 6, 4  # 24 accumulators + 6 row vectors of AVX-512's 32 registers
-ROW_TILE = 48  # rows widened to float32 per matmul work item (a multiple of TILE_ROWS)
-# simd's tile loop with 16-lane vectors, for AVX-512 targets (WIDE_TILES): each FMA does twice the work of an
-# 8-lane one. On 16-register targets the accumulators would spill, so they keep simd's loop.
-_tile_times_batch = simd.make_tile_times_batch(LANES, TILE_ROWS, TILE_TOKENS)
-
-
 @njit(nogil=True, cache=True)
 def check_layout(bits, x, out):
     if bits.strides[1] != 2 or x.strides[-1] != 4 or (x.ndim == 2 and x.strides[0] % 4 != 0):
@@ -233,8 +217,7 @@ def matmul(kind, bits, X, out):
             for t in range(n_tokens):
                 _rows_times_vector(kind, bits, X[t], out[t], g)
         return
-    wide = WIDE_TILES and n % LANES == 0
-    row_tile = ROW_TILE if wide else simd.ROW_TILE
+    row_tile = simd.ROW_TILE
     addr, stride = bits.ctypes.data, bits.strides[0]
     for g in prange((n_rows + row_tile - 1) // row_tile):
         r0 = g * row_tile
@@ -242,10 +225,7 @@ def matmul(kind, bits, X, out):
         tile = np.zeros((row_tile, n), dtype=np.float32)
         for i in range(n_valid):
             widen_row(kind, addr + (r0 + i) * stride, tile.ctypes.data + i * tile.strides[0], n)
-        if wide:
-            _tile_times_batch(tile, n_valid, X, out, r0)
-        else:
-            simd._tile_times_batch(tile, n_valid, X, out, r0)
+        simd.tile_times_batch(tile, n_valid, X, out, r0)
 
 
 def kind_kernels(kind):
