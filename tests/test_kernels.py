@@ -140,3 +140,7 @@ def test_low_rank_delta_matches_float64(r, n_cols, n_rows):
     assert np.abs(batch - expected).max() <= bound
     with pytest.raises(ValueError, match="C-contiguous"):
         kernels.add_low_rank_matvec(a, scaled_bt, np.repeat(x[0], 2)[::2], one)
+    if r == 1:  # numpy's transpose of a [n, 1] array: C-contiguous, with a row stride of 4 (lora_deltas makes these)
+        one_t = start[0].copy()
+        kernels.add_low_rank_matvec(a, np.ascontiguousarray(scaled_bt.T.copy().T), x[0], one_t)
+        assert np.array_equal(one_t, one)

@@ -263,9 +263,10 @@ def add_low_rank_matvec(a, scaled_bt, x, out):
     scaled_bt [r, n_rows] (s·B transposed, so that both factors are read row by row, once). One thread: a
     delta is small (r·(n_rows + n_cols) values) and a parallel launch per delta would cost more than it saves."""
     r, n_cols = a.shape
+    # (a rank-1 factor's row stride is free: numpy calls such an array C-contiguous whatever it says)
     if (scaled_bt.shape != (r, out.shape[0]) or x.shape[0] != n_cols or a.strides[1] != 4
-            or a.strides[0] != 4 * n_cols or scaled_bt.strides[1] != 4 or scaled_bt.strides[0] != 4 * out.shape[0]
-            or x.strides[0] != 4 or out.strides[0] != 4):
+            or (r > 1 and (a.strides[0] != 4 * n_cols or scaled_bt.strides[0] != 4 * out.shape[0]))
+            or scaled_bt.strides[1] != 4 or x.strides[0] != 4 or out.strides[0] != 4):
         raise ValueError("low-rank factors, x and out must be C-contiguous float32 of matching shapes")
     t = np.empty(r, dtype=np.float32)
     rank_dots(a.ctypes.data, r, x.ctypes.data, n_cols, t.ctypes.data)
