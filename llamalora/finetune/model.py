@@ -16,7 +16,8 @@ import numpy as np
 from numba import njit
 
 from ..llama import LlamaConfig, rope_tables
-from .tiles import BaseWeight, add_times_w, base_weight, rows, thread_buffer, times_wt
+from .blas import gemm
+from .tiles import BaseWeight, add_times_w, base_weight, rows, times_wt
 
 # llama.cpp finetune's names for the seven adapted weights (--rank-wq ... --rank-w3) → GGUF tensor parts.
 LORA_TARGETS = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
@@ -146,26 +147,24 @@ def linear_fwd(w: BaseWeight, x, lora):
     if lora is None:
         return y, None
     a, b, s = lora
-    u = x @ a.T
-    delta = np.matmul(u, b.T, out=thread_buffer("lora", y.shape, y.dtype))
-    delta *= x.dtype.type(s)
-    y += delta
+    u = gemm(x, a.T, np.empty((x.shape[0], a.shape[0]), dtype=x.dtype))
+    gemm(u, b.T, y, s, 1.0)  # y += s · u @ B.T in one pass over y
     return y, u
 
 
-def linear_bwd(w: BaseWeight, x, u, dy, lora, name, grads, dx):
-    """dx += dy @ (W + s·B·A) (dx None: not wanted); the adapter's gradients added into grads."""
+def linear_bwd(w: BaseWeight, x, u, dy, lora, name, grads, dx, accumulate=True):
+    """dx += dy @ (W + s·B·A) (dx None: not wanted; accumulate False: dx's old values are ignored); the
+    adapter's gradients added into grads."""
     if dx is not None:
-        add_times_w(w, dy, dx)
+        add_times_w(w, dy, dx, accumulate)
     if lora is None:
         return
     a, b, s = lora
-    s = dy.dtype.type(s)
-    grads[f"{name}.lora_b"] += (dy.T @ u) * s
-    du = (dy @ b) * s
-    grads[f"{name}.lora_a"] += du.T @ x
+    gemm(dy.T, u, grads[f"{name}.lora_b"], s, 1.0)
+    du = gemm(dy, b, np.empty((dy.shape[0], b.shape[1]), dtype=dy.dtype), s)
+    gemm(du.T, x, grads[f"{name}.lora_a"], 1.0, 1.0)
     if dx is not None:
-        dx += np.matmul(du, a, out=thread_buffer("lora", dx.shape, dx.dtype))
+        gemm(du, a, dx, 1.0, 1.0)
 
 
 # ---- attention over [batch, ctx] samples, grouped-query, causal ----
@@ -261,20 +260,21 @@ def block_bwd(layer, loras, names, saved, dx3, n_batch, n_ctx, config, tables, g
     n = dx3.shape[0]
     cos, sin = tables
     s = saved
-    dact = np.zeros_like(s["act"])
-    linear_bwd(layer["ffn_down"], s["act"], s["ud"], dx3, loras["ffn_down"], names["ffn_down"], grads, dact)
+    dact = np.empty_like(s["act"])
+    linear_bwd(layer["ffn_down"], s["act"], s["ud"], dx3, loras["ffn_down"], names["ffn_down"], grads, dact, False)
     dg, dup = swiglu_bwd(dact, s["g"], s["up"], s["sig"], dact.dtype.type(1.0))
-    dh2 = np.zeros_like(s["h2"])
-    linear_bwd(layer["ffn_gate"], s["h2"], s["ug"], dg, loras["ffn_gate"], names["ffn_gate"], grads, dh2)
+    dh2 = np.empty_like(s["h2"])
+    linear_bwd(layer["ffn_gate"], s["h2"], s["ug"], dg, loras["ffn_gate"], names["ffn_gate"], grads, dh2, False)
     linear_bwd(layer["ffn_up"], s["h2"], s["uu"], dup, loras["ffn_up"], names["ffn_up"], grads, dh2)
     dx2 = dx3 + rms_norm_bwd(dh2, layer["ffn_norm"], s["xn2"], s["rstd2"])
-    do = np.zeros_like(s["o"])
-    linear_bwd(layer["attn_output"], s["o"], s["uo"], dx2, loras["attn_output"], names["attn_output"], grads, do)
+    do = np.empty_like(s["o"])
+    linear_bwd(layer["attn_output"], s["o"], s["uo"], dx2, loras["attn_output"], names["attn_output"], grads, do,
+               False)
     dq, dk, dv = attention_bwd(do, s["att"], n_batch, n_ctx, c)
     dq = rope(dq.reshape(n, c.n_head, c.head_dim), cos, sin, c.rope_dim, inverse=True).reshape(n, -1)
     dk = rope(dk.reshape(n, c.n_head_kv, c.head_dim), cos, sin, c.rope_dim, inverse=True).reshape(n, -1)
-    dh1 = np.zeros_like(s["h1"]) if need_dx else None
-    linear_bwd(layer["attn_q"], s["h1"], s["uq"], dq, loras["attn_q"], names["attn_q"], grads, dh1)
+    dh1 = np.empty_like(s["h1"]) if need_dx else None
+    linear_bwd(layer["attn_q"], s["h1"], s["uq"], dq, loras["attn_q"], names["attn_q"], grads, dh1, False)
     linear_bwd(layer["attn_k"], s["h1"], s["uk"], dk, loras["attn_k"], names["attn_k"], grads, dh1)
     linear_bwd(layer["attn_v"], s["h1"], s["uv"], dv, loras["attn_v"], names["attn_v"], grads, dh1)
     if not need_dx:
@@ -334,8 +334,8 @@ def forward_backward(base: BaseModel, params: dict, alpha: float, tokens, target
         return loss
     if grad_scale != 1.0:
         dlogits *= dtype(grad_scale)
-    dhf = np.zeros_like(hf)
-    add_times_w(base.output, dlogits, dhf)
+    dhf = np.empty_like(hf)
+    add_times_w(base.output, dlogits, dhf, False)
     del dlogits, logits
     dx = rms_norm_bwd(dhf, base.output_norm, xnf, rstdf)
     for i in reversed(range(c.n_layer)):
