@@ -17,6 +17,7 @@ from numba import njit
 
 from ..llama import LlamaConfig, rope_tables
 from .blas import gemm
+from .pointwise import add_rms_norm, rms_norm_bwd_into, softmax_bwd_rows, swiglu_bwd, swiglu_fwd
 from .tiles import BaseWeight, add_times_w, base_weight, rows, times_wt
 
 # llama.cpp finetune's names for the seven adapted weights (--rank-wq ... --rank-w3) → GGUF tensor parts.
@@ -89,15 +90,21 @@ def lora_scales(params: dict, alpha: float) -> dict:
 
 # ---- elementwise pieces ----
 
-def rms_norm_fwd(x, weight, eps):
-    rstd = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + x.dtype.type(eps))
-    xn = x * rstd
-    return xn * weight, xn, rstd
+def rms_norm_fwd(x, weight, eps, residual=None):
+    """h = RMSNorm(x) · weight, with xn and rstd for the backward; residual given, x += residual first (in place:
+    x then holds the sum)."""
+    h, xn = np.empty_like(x), np.empty_like(x)
+    rstd = np.empty((x.shape[0], 1), dtype=x.dtype)
+    add_rms_norm(x, residual, weight, x.dtype.type(eps), h, xn, rstd)
+    return h, xn, rstd
 
 
-def rms_norm_bwd(dy, weight, xn, rstd):
-    dxn = dy * weight
-    return rstd * (dxn - xn * np.mean(dxn * xn, axis=-1, keepdims=True))
+def rms_norm_bwd(dy, weight, xn, rstd, out=None):
+    """out + the input's gradient (out None: zeros), written into out."""
+    if out is None:
+        out = np.zeros_like(dy)
+    rms_norm_bwd_into(dy, weight, xn, rstd, out)
+    return out
 
 
 def rope(x, cos, sin, rope_dim, inverse=False):
@@ -120,23 +127,15 @@ def rotate_pairs(x, cos, sin, rope_dim, sign):
                 x[t, h, 2 * p + 1] = x0 * s + x1 * c
 
 
-def silu_parts(g):
-    sig = 1.0 / (1.0 + np.exp(-g))
-    return sig, g * sig
-
-
-@njit(nogil=True, cache=True)
-def swiglu_bwd(dact, g, up, sig, one):
-    """dg and dup of act = silu(g) * up, dup written over dact (which is not needed after)."""
-    dg = np.empty_like(dact)
-    for i in range(dact.shape[0]):
-        for j in range(dact.shape[1]):
-            a = dact[i, j]
-            sg = sig[i, j]
-            x = g[i, j]
-            dg[i, j] = a * up[i, j] * sg * (one + x * (one - sg))
-            dact[i, j] = a * (x * sg)
-    return dg, dact
+def swiglu_parts(g, up):
+    """sigmoid(g) and act = silu(g) * up, the exponentials by numpy's vector exp, in one buffer."""
+    sig = np.negative(g)
+    np.exp(sig, out=sig)
+    sig += g.dtype.type(1.0)
+    np.divide(g.dtype.type(1.0), sig, out=sig)
+    act = np.empty_like(g)
+    swiglu_fwd(g, up, sig, act)
+    return sig, act
 
 
 # ---- linear layers with an optional LoRA pair ----
@@ -208,8 +207,8 @@ def attention_bwd(dout, saved, n_batch, n_ctx, config):
     do = heads_layout(dout, n_batch, n_ctx, c.n_head_kv, group, c.head_dim)
     dp = do @ vh.swapaxes(-1, -2)
     dv = p.swapaxes(-1, -2) @ do
-    ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
-    ds *= dout.dtype.type(1.0 / math.sqrt(c.head_dim))
+    softmax_bwd_rows(p, dp, dout.dtype.type(1.0 / math.sqrt(c.head_dim)))
+    ds = dp
     dq = ds @ kh
     dk = ds.swapaxes(-1, -2) @ qh
     return (tokens_layout(dq, n_batch, n_ctx, c.n_head_kv, group, c.head_dim),
@@ -240,17 +239,16 @@ def block_fwd(layer, loras, x, n_batch, n_ctx, config, tables):
     q = rope(q.reshape(n, c.n_head, c.head_dim), cos, sin, c.rope_dim).reshape(n, -1)
     k = rope(k.reshape(n, c.n_head_kv, c.head_dim), cos, sin, c.rope_dim).reshape(n, -1)
     o, att = attention_fwd(q, k, v, n_batch, n_ctx, c)
-    y, uo = linear_fwd(layer["attn_output"], o, loras["attn_output"])
-    x2 = x + y
-    h2, xn2, rstd2 = rms_norm_fwd(x2, layer["ffn_norm"], c.rms_eps)
+    x2, uo = linear_fwd(layer["attn_output"], o, loras["attn_output"])
+    h2, xn2, rstd2 = rms_norm_fwd(x2, layer["ffn_norm"], c.rms_eps, residual=x)  # x2 = x + attention
     g, ug = linear_fwd(layer["ffn_gate"], h2, loras["ffn_gate"])
     up, uu = linear_fwd(layer["ffn_up"], h2, loras["ffn_up"])
-    sig, silu = silu_parts(g)
-    act = silu * up
+    sig, act = swiglu_parts(g, up)
     down, ud = linear_fwd(layer["ffn_down"], act, loras["ffn_down"])
     saved = dict(h1=h1, xn1=xn1, rstd1=rstd1, uq=uq, uk=uk, uv=uv, att=att, o=o, uo=uo, h2=h2, xn2=xn2,
                  rstd2=rstd2, ug=ug, uu=uu, g=g, up=up, sig=sig, act=act, ud=ud)
-    return x2 + down, saved
+    down += x2
+    return down, saved
 
 
 def block_bwd(layer, loras, names, saved, dx3, n_batch, n_ctx, config, tables, grads, need_dx=True):
@@ -266,7 +264,7 @@ def block_bwd(layer, loras, names, saved, dx3, n_batch, n_ctx, config, tables, g
     dh2 = np.empty_like(s["h2"])
     linear_bwd(layer["ffn_gate"], s["h2"], s["ug"], dg, loras["ffn_gate"], names["ffn_gate"], grads, dh2, False)
     linear_bwd(layer["ffn_up"], s["h2"], s["uu"], dup, loras["ffn_up"], names["ffn_up"], grads, dh2)
-    dx2 = dx3 + rms_norm_bwd(dh2, layer["ffn_norm"], s["xn2"], s["rstd2"])
+    dx2 = rms_norm_bwd(dh2, layer["ffn_norm"], s["xn2"], s["rstd2"], out=dx3)  # dx3 is not needed after
     do = np.empty_like(s["o"])
     linear_bwd(layer["attn_output"], s["o"], s["uo"], dx2, loras["attn_output"], names["attn_output"], grads, do,
                False)
@@ -279,7 +277,7 @@ def block_bwd(layer, loras, names, saved, dx3, n_batch, n_ctx, config, tables, g
     linear_bwd(layer["attn_v"], s["h1"], s["uv"], dv, loras["attn_v"], names["attn_v"], grads, dh1)
     if not need_dx:
         return None
-    return dx2 + rms_norm_bwd(dh1, layer["attn_norm"], s["xn1"], s["rstd1"])
+    return rms_norm_bwd(dh1, layer["attn_norm"], s["xn1"], s["rstd1"], out=dx2)
 
 
 def layer_loras(params: dict, scales: dict, i: int):

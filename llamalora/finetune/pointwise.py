@@ -1,0 +1,85 @@
+"""The training step's row-wise arithmetic as compiled loops, for float32 and float64 alike: each replaces a chain
+of numpy expressions that made a temporary and a pass over memory per operation.
+
+Row sums are the only reassociated operations (`fastmath` reassoc on the dot products alone, so that they run
+in vector lanes as numpy's own sums do); everything else is computed in the written order.
+"""
+
+import numpy as np
+from numba import njit
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc"})
+def row_dot(a, b):
+    total = a.dtype.type(0.0)
+    for j in range(a.shape[0]):
+        total += a[j] * b[j]
+    return total
+
+
+@njit(nogil=True, cache=True)
+def add_rms_norm(x, residual, weight, eps, h, xn, rstd):
+    """x += residual (residual None: x as it is), then h = xn * weight with xn = x * rstd and
+    rstd = 1 / sqrt(mean(x²) + eps), row by row; xn and rstd [n, 1] are kept for the backward."""
+    n_cols = x.shape[1]
+    one = x.dtype.type(1.0)
+    n = x.dtype.type(n_cols)
+    for i in range(x.shape[0]):
+        row = x[i]
+        if residual is not None:
+            for j in range(n_cols):
+                row[j] += residual[i, j]
+        r = one / np.sqrt(row_dot(row, row) / n + eps)
+        rstd[i, 0] = r
+        for j in range(n_cols):
+            v = row[j] * r
+            xn[i, j] = v
+            h[i, j] = v * weight[j]
+
+
+@njit(nogil=True, cache=True)
+def rms_norm_bwd_into(dy, weight, xn, rstd, out):
+    """out += rstd * (dxn - xn * mean(dxn * xn)), dxn = dy * weight: the input's gradient added to out."""
+    n_cols = dy.shape[1]
+    n = dy.dtype.type(n_cols)
+    dxn = np.empty(n_cols, dtype=dy.dtype)
+    for i in range(dy.shape[0]):
+        for j in range(n_cols):
+            dxn[j] = dy[i, j] * weight[j]
+        mean = row_dot(dxn, xn[i]) / n
+        r = rstd[i, 0]
+        for j in range(n_cols):
+            out[i, j] += r * (dxn[j] - xn[i, j] * mean)
+
+
+@njit(nogil=True, cache=True)
+def swiglu_fwd(g, up, sig, act):
+    """act = (g * sig) * up with sig = sigmoid(g) already in sig."""
+    for i in range(g.shape[0]):
+        for j in range(g.shape[1]):
+            act[i, j] = (g[i, j] * sig[i, j]) * up[i, j]
+
+
+@njit(nogil=True, cache=True)
+def swiglu_bwd(dact, g, up, sig, one):
+    """dg and dup of act = silu(g) * up, dup written over dact (which is not needed after)."""
+    dg = np.empty_like(dact)
+    for i in range(dact.shape[0]):
+        for j in range(dact.shape[1]):
+            a = dact[i, j]
+            sg = sig[i, j]
+            x = g[i, j]
+            dg[i, j] = a * up[i, j] * sg * (one + x * (one - sg))
+            dact[i, j] = a * (x * sg)
+    return dg, dact
+
+
+@njit(nogil=True, cache=True)
+def softmax_bwd_rows(p, dp, scale):
+    """dp = scale * p * (dp - sum(dp * p)) row by row (the softmax's backward, scaled), in place."""
+    rows = p.reshape(-1, p.shape[-1])
+    grads = dp.reshape(-1, dp.shape[-1])
+    for i in range(rows.shape[0]):
+        total = row_dot(grads[i], rows[i])
+        for j in range(rows.shape[1]):
+            grads[i, j] = scale * (rows[i, j] * (grads[i, j] - total))
