@@ -17,7 +17,8 @@ from numba import njit
 
 from ..llama import LlamaConfig, rope_tables
 from .blas import gemm
-from .pointwise import add_rms_norm, rms_norm_bwd_into, softmax_bwd_rows, swiglu_bwd, swiglu_fwd
+from .pointwise import (add_rms_norm, causal_scores, normalize_causal_rows, rms_norm_bwd_into,
+                        softmax_bwd_rows, swiglu_bwd, swiglu_fwd)
 from .tiles import BaseWeight, add_times_w, base_weight, rows, times_wt
 
 # llama.cpp finetune's names for the seven adapted weights (--rank-wq ... --rank-w3) → GGUF tensor parts.
@@ -179,11 +180,6 @@ def tokens_layout(x, n_batch, n_ctx, n_kv, group, head_dim):
     return np.ascontiguousarray(x).reshape(n_batch * n_ctx, n_kv * group * head_dim)
 
 
-def causal_mask(n_ctx, group):
-    pos = np.tile(np.arange(n_ctx), group)
-    return np.arange(n_ctx)[None, :] > pos[:, None]  # True where the key lies in the query's future
-
-
 def attention_fwd(q, k, v, n_batch, n_ctx, config):
     c = config
     group = c.n_head // c.n_head_kv
@@ -191,11 +187,10 @@ def attention_fwd(q, k, v, n_batch, n_ctx, config):
     kh = heads_layout(k, n_batch, n_ctx, c.n_head_kv, 1, c.head_dim)
     vh = heads_layout(v, n_batch, n_ctx, c.n_head_kv, 1, c.head_dim)
     scores = qh @ kh.swapaxes(-1, -2)
-    scores *= q.dtype.type(1.0 / math.sqrt(c.head_dim))
-    scores[..., causal_mask(n_ctx, group)] = -np.inf
-    scores -= scores.max(axis=-1, keepdims=True)
+    # the causal softmax: scale, mask and the maximum in one compiled pass, numpy's vector exp, then the sums
+    causal_scores(scores, q.dtype.type(1.0 / math.sqrt(c.head_dim)), n_ctx)
     np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
+    normalize_causal_rows(scores, n_ctx)
     out = tokens_layout(scores @ vh, n_batch, n_ctx, c.n_head_kv, group, c.head_dim)
     return out, (qh, kh, vh, scores)
 
@@ -207,7 +202,7 @@ def attention_bwd(dout, saved, n_batch, n_ctx, config):
     do = heads_layout(dout, n_batch, n_ctx, c.n_head_kv, group, c.head_dim)
     dp = do @ vh.swapaxes(-1, -2)
     dv = p.swapaxes(-1, -2) @ do
-    softmax_bwd_rows(p, dp, dout.dtype.type(1.0 / math.sqrt(c.head_dim)))
+    softmax_bwd_rows(p, dp, dout.dtype.type(1.0 / math.sqrt(c.head_dim)), n_ctx)
     ds = dp
     dq = ds @ kh
     dk = ds.swapaxes(-1, -2) @ qh

@@ -75,11 +75,55 @@ def swiglu_bwd(dact, g, up, sig, one):
 
 
 @njit(nogil=True, cache=True)
-def softmax_bwd_rows(p, dp, scale):
-    """dp = scale * p * (dp - sum(dp * p)) row by row (the softmax's backward, scaled), in place."""
+def softmax_bwd_rows(p, dp, scale, n_ctx):
+    """dp = scale * p * (dp - sum(dp * p)) row by row (the causal softmax's backward, scaled), in place; the keys
+    after the query's position (p 0) get 0."""
     rows = p.reshape(-1, p.shape[-1])
     grads = dp.reshape(-1, dp.shape[-1])
+    zero = dp.dtype.type(0.0)
     for i in range(rows.shape[0]):
-        total = row_dot(grads[i], rows[i])
-        for j in range(rows.shape[1]):
+        last = i % n_ctx
+        total = row_dot(grads[i][: last + 1], rows[i][: last + 1])
+        for j in range(last + 1):
             grads[i, j] = scale * (rows[i, j] * (grads[i, j] - total))
+        for j in range(last + 1, rows.shape[1]):
+            grads[i, j] = zero
+
+
+@njit(nogil=True, cache=True)
+def causal_scores(scores, scale, n_ctx):
+    """scores [..., rows, n_ctx] (row i: the query at position i % n_ctx) → scale * scores - the row's maximum
+    over the keys up to that position, -inf for later keys: ready for exp."""
+    rows = scores.reshape(-1, scores.shape[-1])
+    minus_inf = scores.dtype.type(-np.inf)
+    for i in range(rows.shape[0]):
+        last = i % n_ctx
+        row = rows[i]
+        top = minus_inf
+        for j in range(last + 1):
+            v = row[j] * scale
+            row[j] = v
+            top = max(top, v)
+        for j in range(last + 1):
+            row[j] -= top
+        for j in range(last + 1, row.shape[0]):
+            row[j] = minus_inf
+
+
+@njit(nogil=True, cache=True)
+def normalize_causal_rows(p, n_ctx):
+    """Each row of exponentials divided by its sum (the keys after the query's position are 0 already)."""
+    rows = p.reshape(-1, p.shape[-1])
+    for i in range(rows.shape[0]):
+        last = i % n_ctx
+        total = row_sum(rows[i][: last + 1])
+        for j in range(last + 1):
+            rows[i, j] /= total
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc"})
+def row_sum(a):
+    total = a.dtype.type(0.0)
+    for j in range(a.shape[0]):
+        total += a[j]
+    return total
