@@ -127,3 +127,29 @@ def row_sum(a):
     for j in range(a.shape[0]):
         total += a[j]
     return total
+
+
+@njit(nogil=True, cache=True)
+def softmax_minus_onehot(exps, targets, picked, scale, losses):
+    """Rows of exponentials → (softmax - one-hot of the target) * scale in place; losses[i] = log(sum) - picked[i]
+    in float64."""
+    one = exps.dtype.type(1.0)
+    for i in range(exps.shape[0]):
+        row = exps[i]
+        # summed in float64: the vocabulary's 49152 terms in a few vector lanes would lose the digits that the
+        # gradient (softmax - one-hot, which nearly cancels) keeps
+        total = exps.dtype.type(row_sum_wide(row))
+        losses[i] = np.log(np.float64(total)) - np.float64(picked[i])
+        t = targets[i]
+        target_p = row[t] / total
+        for j in range(row.shape[0]):
+            row[j] = (row[j] / total) * scale
+        row[t] = (target_p - one) * scale
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc"})
+def row_sum_wide(a):
+    total = 0.0
+    for j in range(a.shape[0]):
+        total += np.float64(a[j])
+    return total
