@@ -129,7 +129,8 @@ def rotate_pairs(x, cos, sin, rope_dim, sign):
 
 
 def swiglu_parts(g, up):
-    """sigmoid(g) and act = silu(g) * up, the exponentials by numpy's vector exp, in one buffer."""
+    """sigmoid(g) and act = silu(g) * up: the sigmoid by numpy's vector exp, its four passes in place on one
+    buffer."""
     sig = np.negative(g)
     np.exp(sig, out=sig)
     sig += g.dtype.type(1.0)
@@ -247,8 +248,9 @@ def block_fwd(layer, loras, x, n_batch, n_ctx, config, tables):
 
 
 def block_bwd(layer, loras, names, saved, dx3, n_batch, n_ctx, config, tables, grads, need_dx=True):
-    """Gradient of the block's input from that of its output; adapter gradients added into grads.
-    need_dx False (the first block: the embeddings are frozen) skips the products that only serve dx."""
+    """Gradient of the block's input from that of its output (computed in dx3's memory, which is overwritten);
+    adapter gradients added into grads. need_dx False (the first block: the embeddings are frozen) skips the
+    products that only serve dx."""
     c = config
     n = dx3.shape[0]
     cos, sin = tables
