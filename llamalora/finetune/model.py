@@ -16,7 +16,10 @@ import numpy as np
 from numba import njit
 
 from ..llama import LlamaConfig, rope_tables
-from .tiles import BaseWeight, add_times_w, base_weight, rows, thread_buffer, times_wt
+from .blas import gemm
+from .pointwise import (add_rms_norm, causal_scores, normalize_causal_rows, rms_norm_bwd_into,
+                        softmax_bwd_rows, softmax_minus_onehot, swiglu_bwd, swiglu_fwd)
+from .tiles import BaseWeight, add_times_w, base_weight, rows, times_wt
 
 # llama.cpp finetune's names for the seven adapted weights (--rank-wq ... --rank-w3) → GGUF tensor parts.
 LORA_TARGETS = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
@@ -88,15 +91,21 @@ def lora_scales(params: dict, alpha: float) -> dict:
 
 # ---- elementwise pieces ----
 
-def rms_norm_fwd(x, weight, eps):
-    rstd = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + x.dtype.type(eps))
-    xn = x * rstd
-    return xn * weight, xn, rstd
+def rms_norm_fwd(x, weight, eps, residual=None):
+    """h = RMSNorm(x) · weight, with xn and rstd for the backward; residual given, x += residual first (in place:
+    x then holds the sum)."""
+    h, xn = np.empty_like(x), np.empty_like(x)
+    rstd = np.empty((x.shape[0], 1), dtype=x.dtype)
+    add_rms_norm(x, residual, weight, x.dtype.type(eps), h, xn, rstd)
+    return h, xn, rstd
 
 
-def rms_norm_bwd(dy, weight, xn, rstd):
-    dxn = dy * weight
-    return rstd * (dxn - xn * np.mean(dxn * xn, axis=-1, keepdims=True))
+def rms_norm_bwd(dy, weight, xn, rstd, out=None):
+    """out + the input's gradient (out None: zeros), written into out."""
+    if out is None:
+        out = np.zeros_like(dy)
+    rms_norm_bwd_into(dy, weight, xn, rstd, out)
+    return out
 
 
 def rope(x, cos, sin, rope_dim, inverse=False):
@@ -119,23 +128,16 @@ def rotate_pairs(x, cos, sin, rope_dim, sign):
                 x[t, h, 2 * p + 1] = x0 * s + x1 * c
 
 
-def silu_parts(g):
-    sig = 1.0 / (1.0 + np.exp(-g))
-    return sig, g * sig
-
-
-@njit(nogil=True, cache=True)
-def swiglu_bwd(dact, g, up, sig, one):
-    """dg and dup of act = silu(g) * up, dup written over dact (which is not needed after)."""
-    dg = np.empty_like(dact)
-    for i in range(dact.shape[0]):
-        for j in range(dact.shape[1]):
-            a = dact[i, j]
-            sg = sig[i, j]
-            x = g[i, j]
-            dg[i, j] = a * up[i, j] * sg * (one + x * (one - sg))
-            dact[i, j] = a * (x * sg)
-    return dg, dact
+def swiglu_parts(g, up):
+    """sigmoid(g) and act = silu(g) * up: the sigmoid by numpy's vector exp, its four passes in place on one
+    buffer."""
+    sig = np.negative(g)
+    np.exp(sig, out=sig)
+    sig += g.dtype.type(1.0)
+    np.divide(g.dtype.type(1.0), sig, out=sig)
+    act = np.empty_like(g)
+    swiglu_fwd(g, up, sig, act)
+    return sig, act
 
 
 # ---- linear layers with an optional LoRA pair ----
@@ -146,26 +148,24 @@ def linear_fwd(w: BaseWeight, x, lora):
     if lora is None:
         return y, None
     a, b, s = lora
-    u = x @ a.T
-    delta = np.matmul(u, b.T, out=thread_buffer("lora", y.shape, y.dtype))
-    delta *= x.dtype.type(s)
-    y += delta
+    u = gemm(x, a.T, np.empty((x.shape[0], a.shape[0]), dtype=x.dtype))
+    gemm(u, b.T, y, s, 1.0)  # y += s · u @ B.T in one pass over y
     return y, u
 
 
-def linear_bwd(w: BaseWeight, x, u, dy, lora, name, grads, dx):
-    """dx += dy @ (W + s·B·A) (dx None: not wanted); the adapter's gradients added into grads."""
+def linear_bwd(w: BaseWeight, x, u, dy, lora, name, grads, dx, accumulate=True):
+    """dx += dy @ (W + s·B·A) (dx None: not wanted; accumulate False: dx's old values are ignored); the
+    adapter's gradients added into grads."""
     if dx is not None:
-        add_times_w(w, dy, dx)
+        add_times_w(w, dy, dx, accumulate)
     if lora is None:
         return
     a, b, s = lora
-    s = dy.dtype.type(s)
-    grads[f"{name}.lora_b"] += (dy.T @ u) * s
-    du = (dy @ b) * s
-    grads[f"{name}.lora_a"] += du.T @ x
+    gemm(dy.T, u, grads[f"{name}.lora_b"], s, 1.0)
+    du = gemm(dy, b, np.empty((dy.shape[0], b.shape[1]), dtype=dy.dtype), s)
+    gemm(du.T, x, grads[f"{name}.lora_a"], 1.0, 1.0)
     if dx is not None:
-        dx += np.matmul(du, a, out=thread_buffer("lora", dx.shape, dx.dtype))
+        gemm(du, a, dx, 1.0, 1.0)
 
 
 # ---- attention over [batch, ctx] samples, grouped-query, causal ----
@@ -181,11 +181,6 @@ def tokens_layout(x, n_batch, n_ctx, n_kv, group, head_dim):
     return np.ascontiguousarray(x).reshape(n_batch * n_ctx, n_kv * group * head_dim)
 
 
-def causal_mask(n_ctx, group):
-    pos = np.tile(np.arange(n_ctx), group)
-    return np.arange(n_ctx)[None, :] > pos[:, None]  # True where the key lies in the query's future
-
-
 def attention_fwd(q, k, v, n_batch, n_ctx, config):
     c = config
     group = c.n_head // c.n_head_kv
@@ -193,11 +188,10 @@ def attention_fwd(q, k, v, n_batch, n_ctx, config):
     kh = heads_layout(k, n_batch, n_ctx, c.n_head_kv, 1, c.head_dim)
     vh = heads_layout(v, n_batch, n_ctx, c.n_head_kv, 1, c.head_dim)
     scores = qh @ kh.swapaxes(-1, -2)
-    scores *= q.dtype.type(1.0 / math.sqrt(c.head_dim))
-    scores[..., causal_mask(n_ctx, group)] = -np.inf
-    scores -= scores.max(axis=-1, keepdims=True)
+    # the causal softmax: scale, mask and the maximum in one compiled pass, numpy's vector exp, then the sums
+    causal_scores(scores, q.dtype.type(1.0 / math.sqrt(c.head_dim)), n_ctx)
     np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
+    normalize_causal_rows(scores, n_ctx)
     out = tokens_layout(scores @ vh, n_batch, n_ctx, c.n_head_kv, group, c.head_dim)
     return out, (qh, kh, vh, scores)
 
@@ -209,8 +203,8 @@ def attention_bwd(dout, saved, n_batch, n_ctx, config):
     do = heads_layout(dout, n_batch, n_ctx, c.n_head_kv, group, c.head_dim)
     dp = do @ vh.swapaxes(-1, -2)
     dv = p.swapaxes(-1, -2) @ do
-    ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
-    ds *= dout.dtype.type(1.0 / math.sqrt(c.head_dim))
+    softmax_bwd_rows(p, dp, dout.dtype.type(1.0 / math.sqrt(c.head_dim)), n_ctx)
+    ds = dp
     dq = ds @ kh
     dk = ds.swapaxes(-1, -2) @ qh
     return (tokens_layout(dq, n_batch, n_ctx, c.n_head_kv, group, c.head_dim),
@@ -243,45 +237,46 @@ def block_fwd(layer, loras, x, n_batch, n_ctx, config, tables):
     q = rope(q.reshape(n, c.n_head, c.head_dim), cos, sin, c.rope_dim).reshape(n, -1)
     k = rope(k.reshape(n, c.n_head_kv, c.head_dim), cos, sin, c.rope_dim).reshape(n, -1)
     o, att = attention_fwd(q, k, v, n_batch, n_ctx, c)
-    y, uo = linear_fwd(layer["attn_output"], o, loras["attn_output"])
-    x2 = x + y
-    h2, xn2, rstd2 = rms_norm_fwd(x2, layer["ffn_norm"], c.rms_eps)
+    x2, uo = linear_fwd(layer["attn_output"], o, loras["attn_output"])
+    h2, xn2, rstd2 = rms_norm_fwd(x2, layer["ffn_norm"], c.rms_eps, residual=x)  # x2 = x + attention
     g, ug = linear_fwd(layer["ffn_gate"], h2, loras["ffn_gate"])
     up, uu = linear_fwd(layer["ffn_up"], h2, loras["ffn_up"])
-    sig, silu = silu_parts(g)
-    act = silu * up
+    sig, act = swiglu_parts(g, up)
     down, ud = linear_fwd(layer["ffn_down"], act, loras["ffn_down"])
     saved = dict(h1=h1, xn1=xn1, rstd1=rstd1, uq=uq, uk=uk, uv=uv, att=att, o=o, uo=uo, h2=h2, xn2=xn2,
                  rstd2=rstd2, ug=ug, uu=uu, g=g, up=up, sig=sig, act=act, ud=ud)
-    return x2 + down, saved
+    down += x2
+    return down, saved
 
 
 def block_bwd(layer, loras, names, saved, dx3, n_batch, n_ctx, config, tables, grads, need_dx=True):
-    """Gradient of the block's input from that of its output; adapter gradients added into grads.
-    need_dx False (the first block: the embeddings are frozen) skips the products that only serve dx."""
+    """Gradient of the block's input from that of its output (computed in dx3's memory, which is overwritten);
+    adapter gradients added into grads. need_dx False (the first block: the embeddings are frozen) skips the
+    products that only serve dx."""
     c = config
     n = dx3.shape[0]
     cos, sin = tables
     s = saved
-    dact = np.zeros_like(s["act"])
-    linear_bwd(layer["ffn_down"], s["act"], s["ud"], dx3, loras["ffn_down"], names["ffn_down"], grads, dact)
+    dact = np.empty_like(s["act"])
+    linear_bwd(layer["ffn_down"], s["act"], s["ud"], dx3, loras["ffn_down"], names["ffn_down"], grads, dact, False)
     dg, dup = swiglu_bwd(dact, s["g"], s["up"], s["sig"], dact.dtype.type(1.0))
-    dh2 = np.zeros_like(s["h2"])
-    linear_bwd(layer["ffn_gate"], s["h2"], s["ug"], dg, loras["ffn_gate"], names["ffn_gate"], grads, dh2)
+    dh2 = np.empty_like(s["h2"])
+    linear_bwd(layer["ffn_gate"], s["h2"], s["ug"], dg, loras["ffn_gate"], names["ffn_gate"], grads, dh2, False)
     linear_bwd(layer["ffn_up"], s["h2"], s["uu"], dup, loras["ffn_up"], names["ffn_up"], grads, dh2)
-    dx2 = dx3 + rms_norm_bwd(dh2, layer["ffn_norm"], s["xn2"], s["rstd2"])
-    do = np.zeros_like(s["o"])
-    linear_bwd(layer["attn_output"], s["o"], s["uo"], dx2, loras["attn_output"], names["attn_output"], grads, do)
+    dx2 = rms_norm_bwd(dh2, layer["ffn_norm"], s["xn2"], s["rstd2"], out=dx3)  # dx3 is not needed after
+    do = np.empty_like(s["o"])
+    linear_bwd(layer["attn_output"], s["o"], s["uo"], dx2, loras["attn_output"], names["attn_output"], grads, do,
+               False)
     dq, dk, dv = attention_bwd(do, s["att"], n_batch, n_ctx, c)
     dq = rope(dq.reshape(n, c.n_head, c.head_dim), cos, sin, c.rope_dim, inverse=True).reshape(n, -1)
     dk = rope(dk.reshape(n, c.n_head_kv, c.head_dim), cos, sin, c.rope_dim, inverse=True).reshape(n, -1)
-    dh1 = np.zeros_like(s["h1"]) if need_dx else None
-    linear_bwd(layer["attn_q"], s["h1"], s["uq"], dq, loras["attn_q"], names["attn_q"], grads, dh1)
+    dh1 = np.empty_like(s["h1"]) if need_dx else None
+    linear_bwd(layer["attn_q"], s["h1"], s["uq"], dq, loras["attn_q"], names["attn_q"], grads, dh1, False)
     linear_bwd(layer["attn_k"], s["h1"], s["uk"], dk, loras["attn_k"], names["attn_k"], grads, dh1)
     linear_bwd(layer["attn_v"], s["h1"], s["uv"], dv, loras["attn_v"], names["attn_v"], grads, dh1)
     if not need_dx:
         return None
-    return dx2 + rms_norm_bwd(dh1, layer["attn_norm"], s["xn1"], s["rstd1"])
+    return rms_norm_bwd(dh1, layer["attn_norm"], s["xn1"], s["rstd1"], out=dx2)
 
 
 def layer_loras(params: dict, scales: dict, i: int):
@@ -293,18 +288,27 @@ def layer_loras(params: dict, scales: dict, i: int):
 
 # ---- the whole model ----
 
-def cross_entropy(logits, targets):
-    """Mean negative log-likelihood and its gradient wrt logits (softmax - one-hot) / n, computed in place."""
+# Rows of logits taken together while they stay in the cache: the exponentials by numpy's vector exp between
+# two compiled passes, so that the [tokens, vocabulary] array goes through memory once instead of once per operation.
+CROSS_ENTROPY_ROWS = 8
+
+
+def cross_entropy(logits, targets, grad_scale=1.0):
+    """Mean negative log-likelihood and its gradient wrt logits, (softmax - one-hot) · grad_scale / n, computed
+    in place."""
     n = logits.shape[0]
-    logits -= logits.max(axis=-1, keepdims=True)
-    picked = logits[np.arange(n), targets].copy()
-    np.exp(logits, out=logits)
-    total = logits.sum(axis=-1, keepdims=True)
-    loss = float(np.mean(np.log(total[:, 0].astype(np.float64)) - picked.astype(np.float64)))
-    logits /= total
-    logits[np.arange(n), targets] -= 1.0
-    logits *= logits.dtype.type(1.0 / n)
-    return loss, logits
+    targets = np.ascontiguousarray(targets, dtype=np.int64)
+    scale = logits.dtype.type(1.0 / n if grad_scale == 1.0 else grad_scale / n)
+    picked = np.empty(n, dtype=logits.dtype)
+    losses = np.empty(n, dtype=np.float64)
+    for r0 in range(0, n, CROSS_ENTROPY_ROWS):
+        rows = slice(r0, min(n, r0 + CROSS_ENTROPY_ROWS))
+        block = logits[rows]
+        block -= block.max(axis=-1, keepdims=True)
+        picked[rows] = block[np.arange(block.shape[0]), targets[rows]]
+        np.exp(block, out=block)
+        softmax_minus_onehot(block, targets[rows], picked[rows], scale, losses[rows])
+    return float(np.mean(losses)), logits
 
 
 def forward_backward(base: BaseModel, params: dict, alpha: float, tokens, targets, grads: dict | None = None,
@@ -331,13 +335,11 @@ def forward_backward(base: BaseModel, params: dict, alpha: float, tokens, target
     hf, xnf, rstdf = rms_norm_fwd(x, base.output_norm, c.rms_eps)
     del x
     logits = times_wt(base.output, hf)
-    loss, dlogits = cross_entropy(logits, np.asarray(targets).reshape(-1))
+    loss, dlogits = cross_entropy(logits, np.asarray(targets).reshape(-1), grad_scale)
     if grads is None:
         return loss
-    if grad_scale != 1.0:
-        dlogits *= dtype(grad_scale)
-    dhf = np.zeros_like(hf)
-    add_times_w(base.output, dlogits, dhf)
+    dhf = np.empty_like(hf)
+    add_times_w(base.output, dlogits, dhf, False)
     del dlogits, logits
     dx = rms_norm_bwd(dhf, base.output_norm, xnf, rstdf)
     for i in reversed(range(c.n_layer)):

@@ -7,8 +7,6 @@ same numbers as a run that never stopped.
 """
 
 import ctypes
-import glob
-import os
 import signal
 import sys
 import threading
@@ -18,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InputError
+from .blas import openblas_function
 from .data import BatchOptions, make_samples, next_batch, start_order
 from .model import LORA_TARGETS, forward_backward, init_lora, lora_shapes, load_base, zeros_like_params
 from .optim import AdamW, clip_grad_norm, scheduled_lr
@@ -67,21 +66,6 @@ class FinetuneOptions:
 # Options a checkpoint records and a resume must repeat: they decide the shapes or the sample order.
 RESUME_MUST_MATCH = ("n_ctx", "n_batch", "grad_acc", "lora_alpha", "sample_start", "include_sample_start",
                      "fill_with_next_samples", "sample_random_offsets", "separate_with_eos", "separate_with_bos")
-
-
-def openblas_function(suffix: str):
-    """A function of the OpenBLAS numpy ships with (openblas_<suffix> under its prefixed names), or None."""
-    for path in glob.glob(os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs", "*openblas*")):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix in ("scipy_openblas_", "openblas_"):
-            for tail in ("64_", ""):
-                function = getattr(lib, f"{prefix}{suffix}{tail}", None)
-                if function is not None:
-                    return function
-    return None
 
 
 def set_blas_threads(n: int) -> bool:
