@@ -7,8 +7,8 @@ exact float32 scale (Q4_K: d·sc, q' = q, m = −dmin·m_code; Q6_K: d·sc, q' =
 blocks of 32 (four per Q4_K sub-block pair, two per Q6_K sub-block of 16 ... a sub-block never straddles one)
 are used as s_b·X_j with |x_j − s_b·X_j| ≤ 1.01·2^-24·max_b|x|, so with A = Σ_b max_b|x|·Σ_j |D q'_j| and
 M = Σ_b Σ_j (|D q'_j| + |m_j|)·|x_j|: |error| ≤ 2^-24·((nb/2 + 10)·M + 1.02·A), nb the number of 32-blocks.
-The roundings per lane: t → float, D·s, the FMA over nb/2 block pairs, Q4_K's lane sums of x (3) with their own
-FMA chain and the final subtraction, the 16-lane reduction (4). K-quant rows are whole super-blocks of 256, so
+The roundings per lane: t → float, D·s, the FMA over nb/2 block pairs, Q4_K's block sums of x (1, from float64)
+with their own FMA chain (one per super-block) and the final subtraction, the 16-lane reduction (4). K-quant rows are whole super-blocks of 256, so
 nb is always even (no odd last block here).
 """
 

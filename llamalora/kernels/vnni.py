@@ -24,11 +24,11 @@ activation becomes integers instead, once per call, finely enough that nothing i
   lanes are summed once, at the row's end.
 - K-quants (super-blocks of 256: four block pairs): the records are in plain order (a pair's 64 values in
   turn), so a lane's four weights lie in one sub-block, of 32 (Q4_K) or 16 (Q6_K): the lane's factor is
-  d·sc·s (d·sc exact in float32: an 11-bit half times a 6- or 8-bit code). Q4_K's minima go in as Q4_1's do,
-  (dmin·m)·(lane sums of x) in a second accumulator, subtracted at the end.
+  d·sc·s (d·sc exact in float32: an 11-bit half times a 6- or 8-bit code). Q4_K's minima go in once per
+  super-block, (dmin·m)·(block sums of x, kept in the K records) in a second accumulator, subtracted at the end.
 
 Error: besides δ, each output sees a few float32 roundings per block pair (t → float, d·s, the FMA, and
-for Q4_1 and Q4_K the lane sums of x and their FMA) and the final 16-lane reduction: tests/test_vnni.py and
+for Q4_1 the lane sums of x and their FMA, for Q4_K the block sums and theirs) and the final 16-lane reduction: tests/test_vnni.py and
 tests/test_vnni_k.py state the bound, 2^-24·((nb/2 + 10)·Σ_b Σ_j (|d q'_j| + |m_j|)·|x_j| + 1.02·Σ_b max_b|x|·
 Σ_j |d q'_j|) over the blocks b of 32 (d the weight's scale: Q4_K's and Q6_K's d·sc of its sub-block).
 
@@ -185,8 +185,8 @@ def _q4_k_code_tables():
 
 def _q4_k_unit(env, sb, prefetch):
     """One Q4_K super-block: pairs of sub-blocks (2p, 2p+1) are q bytes 32p..32p+31 (low nibbles: sub-block 2p,
-    high: 2p+1), in the K layout's register order. acc[0] += Σ q·X · (d·sc·s), acc[1] += (dmin·m)·(lane sums of
-    x)."""
+    high: 2p+1), in the K layout's register order. acc[0] += Σ q·X · (d·sc·s) per pair, acc[1] += (dmin·m)·(block
+    sums of x) once per super-block (from the records' sums parts)."""
     builder, c, records, mask = env["builder"], env["c"], env["records"], env["mask"]
     start = builder.mul(sb, c(144))
     a, shift, low, b, high = (ir.Constant(_v16i, t) for t in _q4_k_code_tables())
@@ -200,11 +200,15 @@ def _q4_k_unit(env, sb, prefetch):
         code = builder.or_(code, builder.and_(top, high))
         d_dmin = lanes_of(builder, block_heads(builder, row, (start,), 2), [0] * 8 + [1] * 8)
         scm.append(builder.fmul(builder.uitofp(code, _v16f), d_dmin))
-    for p in range(4):
-        pair = builder.add(builder.mul(sb, c(4)), c(p))
+    pairs = [builder.add(builder.mul(sb, c(4)), c(p)) for p in range(4)]
+    sums = record_part(builder, c, records, pairs[0], SUMS_AT, _v16f)
+    for pair in pairs[1:]:  # the eight block sums in lanes 8-15 (each lane non-zero in one record: exact)
+        sums = builder.fadd(sums, record_part(builder, c, records, pair, SUMS_AT, _v16f))
+    for acc, scales in zip(env["acc"], scm):   # lanes 0-7 add 0·(d·sc)
+        builder.store(simd._fmuladd(builder, scales, sums, builder.load(acc[1])), acc[1])
+    for p, pair in enumerate(pairs):
         limb = [record_part(builder, c, records, pair, 64 * i, _v64b) for i in range(N_LIMBS)]
         s_lanes = record_part(builder, c, records, pair, SCALES_AT, _v16f)
-        sums = record_part(builder, c, records, pair, SUMS_AT, _v16f)
         for row, acc, scales in zip(env["rows"], env["acc"], scm):
             qs = load_at(builder, row, builder.add(start, c(16 + 32 * p)), ir.VectorType(_i8, 32), 1)
             w = builder.shuffle_vector(builder.and_(qs, ir.Constant(qs.type, [15] * 32)),
@@ -212,9 +216,7 @@ def _q4_k_unit(env, sb, prefetch):
                                        ir.Constant(ir.VectorType(_i32, 64), list(range(64))))
             v = builder.sitofp(chained_limbs(builder, w, limb, mask), _v16f)
             d_lanes = lanes_of(builder, scales, [2 * p + lane // 8 for lane in range(16)])
-            m_lanes = lanes_of(builder, scales, [8 + 2 * p + lane // 8 for lane in range(16)])
             builder.store(simd._fmuladd(builder, v, builder.fmul(d_lanes, s_lanes), builder.load(acc[0])), acc[0])
-            builder.store(simd._fmuladd(builder, m_lanes, sums, builder.load(acc[1])), acc[1])
 
 
 def _q6_k_unit(env, sb, prefetch):

@@ -27,6 +27,7 @@ Q6_K_OFFSET = 32  # Q6_K's q - 32, taken out by LAYOUT_K's correction
 # lane sums of x float32[16]. The corrections take the weight offset k out of the chained limb products: Q4
 # layout (k = 8), one: -8·Σ of the lane's four X; Q8 layout (k = 128), -128·(Σ l0·256 + Σ l1) for the chained
 # top limbs and -128·Σ l2 for the last; K layout (Q6_K's k = 32; Q4_K has none), one: -32·Σ of the lane's X.
+# The K layout's sums part holds block sums instead (_put_block_sums).
 SCALES_AT = 64 * N_LIMBS
 CORRECTIONS_AT = SCALES_AT + 64
 SUMS_AT = CORRECTIONS_AT + 64 * 2
@@ -209,7 +210,21 @@ def quantize_activation(x, layout):
             _quantize_pair_q8(x0, x1, inv0, inv1, s0, s1, record)
         else:
             _quantize_pair_k(x0, x1, inv0, inv1, s0, s1, record)
+            _put_block_sums(x, p, buf[start + p * PAIR_BYTES + SUMS_AT:start + (p + 1) * PAIR_BYTES].view(np.float32))
     return buf, buf.ctypes.data + start, True
+
+
+@njit(nogil=True, cache=True)
+def _put_block_sums(x, p, sums):
+    """The K layout's sums part of pair p: its two blocks' sums of x (each rounded once, from float64) at lanes
+    8 + 2·(p mod 4) and the next, zero elsewhere: a super-block's four records add up (exactly) to its eight
+    block sums in lanes 8-15, beside Q4_K's minima."""
+    sums[:] = 0
+    for half in range(2):
+        total = 0.0
+        for j in range(64 * p + 32 * half, 64 * p + 32 * half + 32):
+            total += np.float64(x[j])
+        sums[8 + 2 * (p % 4) + half] = np.float32(total)
 
 
 # --- the row kernels -----------------------------------------------------------------------------------
