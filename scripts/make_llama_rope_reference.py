@@ -26,7 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from make_qwen2_reference import finish_gguf, start_gguf, tiny_bpe  # noqa: E402
+from make_qwen2_reference import finish_gguf, save_reference, start_gguf, tiny_bpe  # noqa: E402
 
 DATA = os.path.join(ROOT, "tests", "data")
 GGUF_PATH = os.path.join(DATA, "llama3-rope-tiny.gguf")
@@ -127,9 +127,7 @@ def main() -> int:
             out[key] = model(torch.from_numpy(ids)[None]).logits[0].numpy().astype(np.float32)
     for key in ("llama3", "linear"):
         print(f"{key}: max |logits - plain| {np.abs(out[key] - out['plain']).max():.3f}", file=sys.stderr)
-    np.savez_compressed(NPZ_PATH, **out)
-    for path in (GGUF_PATH, NPZ_PATH):
-        print(f"wrote {path} ({os.path.getsize(path)} bytes)", file=sys.stderr)
+    save_reference(NPZ_PATH, out, GGUF_PATH)
     return 0
 
 

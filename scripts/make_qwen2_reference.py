@@ -126,6 +126,12 @@ def start_gguf(path: str, arch: str, name: str, c, rope_theta: float, tokens: li
     return writer
 
 
+def save_reference(npz_path: str, arrays: dict, gguf_path: str) -> None:
+    np.savez_compressed(npz_path, **arrays)
+    for path in (gguf_path, npz_path):
+        print(f"wrote {path} ({os.path.getsize(path)} bytes)", file=sys.stderr)
+
+
 def finish_gguf(writer: GGUFWriter) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -171,9 +177,7 @@ def main() -> int:
             out[f"seq{k}_logits"] = logits
             out[f"seq{k}_greedy"] = np.array(greedy, dtype=np.int64)
             print(f"seq{k}: {len(ids)} tokens, logits std {logits.std():.3f}, greedy {greedy}", file=sys.stderr)
-    np.savez_compressed(NPZ_PATH, **out)
-    for path in (GGUF_PATH, NPZ_PATH):
-        print(f"wrote {path} ({os.path.getsize(path)} bytes)", file=sys.stderr)
+    save_reference(NPZ_PATH, out, GGUF_PATH)
     return 0
 
 
