@@ -16,39 +16,38 @@ def openblas_library_paths() -> list:
     return glob.glob(os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs", "*openblas*"))
 
 
-def openblas_function(suffix: str):
-    """A function of the OpenBLAS numpy ships with (openblas_<suffix> under its prefixed names), or None."""
+def _first_symbol(names: list):
+    """(function, name) of the first of names the OpenBLAS numpy ships with exports, or (None, None)."""
     for path in openblas_library_paths():
         try:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for prefix in ("scipy_openblas_", "openblas_"):
-            for tail in ("64_", ""):
-                function = getattr(lib, f"{prefix}{suffix}{tail}", None)
-                if function is not None:
-                    return function
-    return None
+        for name in names:
+            function = getattr(lib, name, None)
+            if function is not None:
+                return function, name
+    return None, None
+
+
+def openblas_function(suffix: str):
+    """A function of the OpenBLAS numpy ships with (openblas_<suffix> under its prefixed names), or None."""
+    return _first_symbol([f"{prefix}{suffix}{tail}" for prefix in ("scipy_openblas_", "openblas_")
+                          for tail in ("64_", "")])[0]
 
 
 def _cblas_gemm(letter: str):
     """cblas_<letter>gemm with its argument types, or None. The "64_" names take 64-bit dimensions."""
+    function, name = _first_symbol([f"{prefix}cblas_{letter}gemm{tail}" for prefix in ("scipy_", "")
+                                    for tail in ("64_", "")])
+    if function is None:
+        return None
     real = ctypes.c_float if letter == "s" else ctypes.c_double
-    for path in openblas_library_paths():
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix in ("scipy_", ""):
-            for tail, index in (("64_", ctypes.c_int64), ("", ctypes.c_int)):
-                function = getattr(lib, f"{prefix}cblas_{letter}gemm{tail}", None)
-                if function is None:
-                    continue
-                function.restype = None
-                function.argtypes = ([ctypes.c_int] * 3 + [index] * 3 + [real, ctypes.c_void_p, index, ctypes.c_void_p,
-                                                                          index, real, ctypes.c_void_p, index])
-                return function
-    return None
+    index = ctypes.c_int64 if name.endswith("64_") else ctypes.c_int
+    function.restype = None
+    function.argtypes = [ctypes.c_int] * 3 + [index] * 3 + [real, ctypes.c_void_p, index, ctypes.c_void_p, index,
+                                                              real, ctypes.c_void_p, index]
+    return function
 
 
 _GEMM = {}

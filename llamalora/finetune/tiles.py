@@ -17,6 +17,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .. import kernels
+from ..kernels import simd
 from ..errors import ModelFileError
 from .blas import gemm
 
@@ -95,12 +96,6 @@ _v16i32 = ir.VectorType(_i32, 16)
 _v16f32 = ir.VectorType(_f32, 16)
 
 
-def _splat16(builder, value):
-    undef = ir.Constant(ir.VectorType(value.type, 16), ir.Undefined)
-    one = builder.insert_element(undef, value, ir.Constant(_i32, 0))
-    return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(_i32, 16), [0] * 16))
-
-
 def _make_widen_row(kind):
     """Intrinsic (row_addr, d_addr, m_addr, out_addr, n_blocks, offset, qs_offset, type_size) -> None: the
     row's n_blocks * 32 weights as float32 at out_addr. kind "q4": d * (q - offset) + m of nibbles (byte j: low
@@ -123,14 +118,14 @@ def _make_widen_row(kind):
                 builder.store(value, builder.bitcast(builder.gep(obase, [byte_offset]), _v16f32.as_pointer()),
                               align=4)
 
-            off = _splat16(builder, builder.trunc(offset, _i32))
+            off = simd._splat(builder, builder.trunc(offset, _i32), 16)
             with cgutils.for_range(builder, n_blocks) as loop:
                 b = loop.index
                 q_off = builder.add(builder.mul(b, type_size), qs_offset)
-                d = _splat16(builder, load(dbase, builder.mul(b, ir.Constant(intp, 4)), _f32, 4))
+                d = simd._splat(builder, load(dbase, builder.mul(b, ir.Constant(intp, 4)), _f32, 4), 16)
                 out_off = builder.mul(b, ir.Constant(intp, 128))
                 if kind == "q4":
-                    m = _splat16(builder, load(mbase, builder.mul(b, ir.Constant(intp, 4)), _f32, 4))
+                    m = simd._splat(builder, load(mbase, builder.mul(b, ir.Constant(intp, 4)), _f32, 4), 16)
                     q = builder.zext(load(row, q_off, _v16i8, 1), _v16i32)
                     halves = (builder.and_(q, ir.Constant(_v16i32, [15] * 16)),
                               builder.lshr(q, ir.Constant(_v16i32, [4] * 16)))

@@ -81,41 +81,65 @@ def uniform_arrays(weight) -> tuple:
 
 
 @njit(nogil=True, cache=True)
+def vnni_driver(kind):
+    """vnni.matvec's id for a ggml type it runs, or -1."""
+    if kind == Q4_0:
+        return vnni.Q4_0
+    if kind == Q4_1:
+        return vnni.Q4_1
+    if kind == Q8_0:
+        return vnni.Q8_0
+    if kind == Q5_0:
+        return vnni.Q5_0
+    if kind == Q4_K:
+        return vnni.Q4_K
+    if kind == Q6_K:
+        return vnni.Q6_K
+    return -1
+
+
+@njit(nogil=True, cache=True)
+def widened_scales(kind, data):
+    """(scale, minimum) of raw rows as the portable kernels read them, from the type module's `scales` (Q8_0's
+    scales serve as its unused minima)."""
+    if kind == Q4_0:
+        return q4_0.scales(data)
+    if kind == Q4_1:
+        return q4_1.scales(data)
+    if kind == Q8_0:
+        d = q8_0.scales(data)[0]
+        return d, d
+    if kind == Q5_0:
+        return q5_0.scales(data)
+    if kind == Q4_K:
+        return q4_k.scales(data)
+    return q6_k.scales(data)
+
+
+@njit(nogil=True, cache=True)
 def matvec(kind, data, scale, minimum, widened, x, out):
     """out float32[n_rows] = W · x, W given as uniform_arrays gives it."""
-    # The integer kernels decline extreme activations; the portable ones then need the block scales, widened here
-    # when the weight does not keep them (see the type modules' prepare).
+    if INTEGER_KERNELS and vnni_driver(kind) >= 0:
+        if vnni.matvec(vnni_driver(kind), data, x, out):
+            return
+        # the integer kernel declined an extreme activation: the portable kernel needs the block scales, widened
+        # here when the weight does not keep them (see the type modules' prepare)
+        if scale.shape[0] == 0:
+            scale, minimum = widened_scales(kind, data)
     if kind == Q4_1:
-        if not (INTEGER_KERNELS and vnni.q4_1_matvec(data, x, out)):
-            if scale.shape[0] == 0:
-                scale = f16.block_halves(data, q4_1.TYPE_SIZE, 0)
-                minimum = f16.block_halves(data, q4_1.TYPE_SIZE, 2)
-            simd.q4_matvec(data, scale, minimum, q4_1.QS_OFFSET, q4_1.TYPE_SIZE, x, out)
+        simd.q4_matvec(data, scale, minimum, q4_1.QS_OFFSET, q4_1.TYPE_SIZE, x, out)
     elif kind == Q4_0:
-        if not (INTEGER_KERNELS and vnni.q4_0_matvec(data, x, out)):
-            if scale.shape[0] == 0:
-                scale = f16.block_halves(data, q4_0.TYPE_SIZE, 0)
-                minimum = np.float32(-8.0) * scale
-            simd.q4_matvec(data, scale, minimum, q4_0.QS_OFFSET, q4_0.TYPE_SIZE, x, out)
+        simd.q4_matvec(data, scale, minimum, q4_0.QS_OFFSET, q4_0.TYPE_SIZE, x, out)
     elif kind == Q8_0:
-        if not (INTEGER_KERNELS and vnni.q8_0_matvec(data, x, out)):
-            if scale.shape[0] == 0:
-                scale = f16.block_halves(data, q8_0.TYPE_SIZE, 0)
-            simd.q8_matvec(data, scale, x, out)
+        simd.q8_matvec(data, scale, x, out)
     elif kind == F32:
         dense.matvec(widened, x, out)
     elif kind == F16:
         f16._matvec(data.view(np.uint16), x, out)
     elif kind == Q4_K:
-        if not (INTEGER_KERNELS and vnni.q4_k_matvec(data, x, out)):
-            if scale.shape[0] == 0:
-                scale, minimum = q4_k.scales(data)
-            q4_k._matvec(data, scale, minimum, x, out)
+        q4_k._matvec(data, scale, minimum, x, out)
     elif kind == Q6_K:
-        if not (INTEGER_KERNELS and vnni.q6_k_matvec(data, x, out)):
-            if scale.shape[0] == 0:
-                scale, minimum = q6_k.scales(data)
-            q6_k._matvec(data, scale, minimum, x, out)
+        q6_k._matvec(data, scale, minimum, x, out)
     elif kind == Q5_K:
         q5_k._matvec(data, scale, minimum, x, out)
     elif kind == Q3_K:
@@ -123,10 +147,7 @@ def matvec(kind, data, scale, minimum, widened, x, out):
     elif kind == Q2_K:
         q2_k._matvec(data, scale, minimum, x, out)
     elif kind == Q5_0:
-        if not (INTEGER_KERNELS and vnni.q5_0_matvec(data, x, out)):
-            if scale.shape[0] == 0:
-                scale, minimum = q5_0.scales(data)
-            q5_0._matvec(data, scale, minimum, x, out)
+        q5_0._matvec(data, scale, minimum, x, out)
     elif kind == Q5_1:
         q5_1._matvec(data, scale, minimum, x, out)
     elif kind == IQ4_NL:
@@ -195,5 +216,5 @@ def matvec_entry(table, i, x, out):
            float_matrix(e[10], e[11], e[12]), x, out)
 
 
-for _function in (matvec, matvec_entry):
+for _function in (vnni_driver, widened_scales, matvec, matvec_entry):
     cache_follows(_function, KERNEL_SOURCES)

@@ -120,7 +120,8 @@ def block_pack_nibbles(typingctx, x_addr, lo, inv_d, bias, out_addr):
     return sig, codegen
 
 
-def scales(data: np.ndarray) -> tuple:
+@njit(nogil=True, cache=True)
+def scales(data):
     """Block scales d and minima m = -8·d of raw rows, float32[n_rows, n_blocks] each."""
     d = block_halves(data, TYPE_SIZE, 0)
     return d, np.float32(-8.0) * d

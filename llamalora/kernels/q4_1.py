@@ -71,7 +71,8 @@ def quantize_row(x, out):
             out[base + QS_OFFSET + j] = q0 | (q1 << 4)
 
 
-def scales(data: np.ndarray) -> tuple:
+@njit(nogil=True, cache=True)
+def scales(data):
     """Block scales d and minima m of raw rows, float32[n_rows, n_blocks] each."""
     return block_halves(data, TYPE_SIZE, 0), block_halves(data, TYPE_SIZE, 2)
 

@@ -60,7 +60,8 @@ def quantize_row(x, out):
             out[base + QS_OFFSET + j] = np.uint8((q if v >= 0 else -q) & 0xFF)
 
 
-def scales(data: np.ndarray) -> tuple:
+@njit(nogil=True, cache=True)
+def scales(data):
     """Block scales d of raw rows, float32[n_rows, n_blocks], as a 1-tuple."""
     return (block_halves(data, TYPE_SIZE, 0),)
 
