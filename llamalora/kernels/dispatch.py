@@ -80,22 +80,11 @@ def uniform_arrays(weight) -> tuple:
     return kind, data, scale, minimum, widened
 
 
-@njit(nogil=True, cache=True)
-def vnni_driver(kind):
-    """vnni.matvec's id for a ggml type it runs, or -1."""
-    if kind == Q4_0:
-        return vnni.Q4_0
-    if kind == Q4_1:
-        return vnni.Q4_1
-    if kind == Q8_0:
-        return vnni.Q8_0
-    if kind == Q5_0:
-        return vnni.Q5_0
-    if kind == Q4_K:
-        return vnni.Q4_K
-    if kind == Q6_K:
-        return vnni.Q6_K
-    return -1
+# vnni.matvec's id for each ggml type it runs, -1 for the others (a constant array in compiled code)
+VNNI_DRIVER = np.full(max(t.value for t in GGMLType) + 1, -1, dtype=np.int64)
+for _kind, _driver in ((Q4_0, vnni.Q4_0), (Q4_1, vnni.Q4_1), (Q8_0, vnni.Q8_0), (Q5_0, vnni.Q5_0), (Q4_K, vnni.Q4_K),
+                       (Q6_K, vnni.Q6_K)):
+    VNNI_DRIVER[_kind] = _driver
 
 
 @njit(nogil=True, cache=True)
@@ -119,8 +108,8 @@ def widened_scales(kind, data):
 @njit(nogil=True, cache=True)
 def matvec(kind, data, scale, minimum, widened, x, out):
     """out float32[n_rows] = W · x, W given as uniform_arrays gives it."""
-    if INTEGER_KERNELS and vnni_driver(kind) >= 0:
-        if vnni.matvec(vnni_driver(kind), data, x, out):
+    if INTEGER_KERNELS and VNNI_DRIVER[kind] >= 0:
+        if vnni.matvec(VNNI_DRIVER[kind], data, x, out):
             return
         # the integer kernel declined an extreme activation: the portable kernel needs the block scales, widened
         # here when the weight does not keep them (see the type modules' prepare)
@@ -216,5 +205,5 @@ def matvec_entry(table, i, x, out):
            float_matrix(e[10], e[11], e[12]), x, out)
 
 
-for _function in (vnni_driver, widened_scales, matvec, matvec_entry):
+for _function in (widened_scales, matvec, matvec_entry):
     cache_follows(_function, KERNEL_SOURCES)
