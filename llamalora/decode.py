@@ -15,7 +15,7 @@ import os
 import numpy as np
 from numba import njit
 
-from .kernels import dense, dispatch
+from .kernels import dispatch
 from .ops import attention, rms_norm, rope_inplace, swiglu
 
 SLOTS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -46,7 +46,7 @@ class LayerPlan:
         self.lora_tables = {}  # id(deltas) -> (deltas, table): the dict is kept so that its id stays its own
 
     def lora_table(self, deltas: dict | None) -> np.ndarray:
-        """int64[n_slots, 6]: (address, rows, cols) of A and of s·Bᵀ per layer weight, zeros where no delta.
+        """int64[n_slots, 6]: (address, rows, cols) of A and of packed s·B per layer weight, zeros where no delta.
         The arrays are those of `deltas` (checked here: the step reads them by address, without bounds), which the
         caller keeps alive and unchanged while it uses them."""
         if not deltas:
@@ -56,10 +56,10 @@ class LayerPlan:
             return found[1]
         for name, (n_rows, n_cols) in zip(self.names, self.shapes):
             if name in deltas:
-                a, scaled_bt = deltas[name]
-                if a.ndim != 2 or a.shape[1] != n_cols or scaled_bt.shape != (a.shape[0], n_rows):
-                    raise ValueError(f"LoRA delta of {name}: A {a.shape} and s·Bᵀ {scaled_bt.shape} do not fit "
-                                     f"a {n_rows} × {n_cols} weight")
+                a, packed_b = deltas[name]
+                if a.ndim != 2 or a.shape[1] != n_cols or packed_b.shape != (-(-n_rows // 16) * a.shape[0], 16):
+                    raise ValueError(f"LoRA delta of {name}: A {a.shape} and packed s·B {packed_b.shape} do not "
+                                     f"fit a {n_rows} × {n_cols} weight")
         table = float_table([list(deltas[name]) if name in deltas else [None, None] for name in self.names])
         while len(self.lora_tables) >= LORA_TABLES_KEPT:
             self.lora_tables.pop(next(iter(self.lora_tables)))
@@ -88,13 +88,15 @@ def run_layers(plan: LayerPlan, x: np.ndarray, cache, cos: np.ndarray, sin: np.n
 
 @njit(nogil=True, cache=True)
 def linear(weights, biases, lora, s, x, out):
-    """out = W_s · x (+ bias_s) (+ s·B_s·(A_s·x)): weight s of the tables."""
-    dispatch.matvec_entry(weights, s, x, out)
+    """out = W_s · x (+ s·B_s·(A_s·x)) (+ bias_s): weight s of the tables (the delta inside the weight's kernel,
+    which also prefetches the next weight's A)."""
+    following = min(s + 1, lora.shape[0] - 1)  # whose A the kernel prefetches (the last weight's own: no rows)
+    dispatch.matvec_entry(weights, s, x, out, dispatch.float_matrix(lora[s, 0], lora[s, 1], lora[s, 2]),
+                          dispatch.float_matrix(lora[s, 3], lora[s, 4], lora[s, 5]),
+                          dispatch.float_matrix(lora[following, 0], lora[following, 1] if following > s else 0,
+                                                lora[following, 2]))
     if biases[s, 2]:
         out += dispatch.float_matrix(biases[s, 0], 1, biases[s, 2])[0]
-    if lora[s, 1]:
-        dense.add_low_rank_matvec(dispatch.float_matrix(lora[s, 0], lora[s, 1], lora[s, 2]),
-                                  dispatch.float_matrix(lora[s, 3], lora[s, 4], lora[s, 5]), x, out)
 
 
 @njit(nogil=True, cache=True)

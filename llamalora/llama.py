@@ -305,27 +305,27 @@ class LlamaModel:
         return self._decode_plan
 
     def linear(self, weight: kernels.Weight, x: np.ndarray, deltas: dict, bias: np.ndarray | None = None) -> np.ndarray:
-        """y = x @ W.T (+ bias) (+ Σ s·(x @ A.T) @ B.T for run-time adapters); W stays in its file type."""
+        """y = x @ W.T (+ Σ s·(x @ A.T) @ B.T for run-time adapters) (+ bias); W stays in its file type."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], weight.n_rows), dtype=np.float32)
         if x.shape[0] == 1:
             kernels.matvec(weight, x[0], out[0])
         else:
             kernels.matmul(weight, x, out)
-        if bias is not None:
-            out += bias
         delta = deltas.get(weight.name) if deltas else None
         if delta is not None:
-            a, scaled_bt = delta
+            a, packed_b = delta
             if x.shape[0] == 1:
-                kernels.add_low_rank_matvec(a, scaled_bt, x[0], out[0])
+                kernels.add_low_rank_matvec(a, packed_b, x[0], out[0])
             else:
-                kernels.add_low_rank_matmul(a, scaled_bt, x, out)
+                kernels.add_low_rank_matmul(a, packed_b, x, out)
+        if bias is not None:
+            out += bias
         return out
 
     def lora_deltas(self, adapters, scales=None) -> dict:
-        """Run-time deltas {weight name: (A stacked over adapters, s·B stacked and transposed: [r, n_rows])} for
-        adapters at scales (default: each adapter's own). Cheap: no weight is touched, so any request may have
+        """Run-time deltas {weight name: (A stacked over adapters, s·B stacked and packed: kernels.pack_scaled_b)}
+        for adapters at scales (default: each adapter's own). Cheap: no weight is touched, so any request may have
         its own."""
         scales = [1.0] * len(adapters) if scales is None else list(scales)
         deltas = {}
@@ -335,7 +335,7 @@ class LlamaModel:
                      for t in [adapter.tensors.get(name)] if t is not None and t.scale * user != 0]
             if pairs:
                 deltas[name] = (np.ascontiguousarray(np.concatenate([a for a, _ in pairs]), dtype=np.float32),
-                                np.ascontiguousarray(np.concatenate([b for _, b in pairs], axis=1).T, dtype=np.float32))
+                                kernels.pack_scaled_b(np.concatenate([b for _, b in pairs], axis=1)))
         return deltas
 
     def set_lora(self, adapters, scales=None) -> None:

@@ -6,6 +6,7 @@ from gguf import GGMLQuantizationType as T
 from numba import njit
 from tiny_model import make_tiny_llama
 
+from llamalora import kernels
 from llamalora.kernels import dispatch
 from llamalora.loader import load_model
 from llamalora.llama import rms_norm, rope_tables
@@ -34,14 +35,14 @@ def both_paths(model, deltas):
 
 
 def random_deltas(model, rank, seed=0):
-    """Run-time deltas in lora_deltas' form on every layer weight: (A [r, n_cols], s·Bᵀ [r, n_rows])."""
+    """Run-time deltas in lora_deltas' form on every layer weight: (A [r, n_cols], packed s·B [n_rows, r])."""
     rng = np.random.default_rng(seed)
     deltas = {}
     for layer in model.layers:
         for w in (layer.attn_q, layer.attn_k, layer.attn_v, layer.attn_output, layer.ffn_gate, layer.ffn_up,
                   layer.ffn_down):
             deltas[w.name] = ((rng.standard_normal((rank, w.n_cols)) * 0.1).astype(np.float32),
-                              (rng.standard_normal((rank, w.n_rows)) * 0.1).astype(np.float32))
+                              kernels.pack_scaled_b(rng.standard_normal((w.n_rows, rank)) * 0.1))
     return deltas
 
 

@@ -123,24 +123,28 @@ def test_block_halves_decode_every_half_float():
 
 @pytest.mark.parametrize("r, n_cols, n_rows", [(16, 576, 1536), (8, 1536, 576), (5, 37, 83), (1, 16, 16), (33, 100, 70)])
 def test_low_rank_delta_matches_float64(r, n_cols, n_rows):
-    """out += (A·x)·s·Bᵀ, one token and a batch, for ranks and widths that leave every tail of the vector loops
-    (rows of A past the groups of four, columns past 16 and 64)."""
+    """out += s·B·(A·x), one token and a batch, for ranks and widths that leave every tail of the vector loops
+    (rows of A past the groups of four, outputs past 16 and 64)."""
     rng = np.random.default_rng(r + n_cols)
     a = rng.standard_normal((r, n_cols)).astype(np.float32)
-    scaled_bt = rng.standard_normal((r, n_rows)).astype(np.float32)
+    scaled_b = rng.standard_normal((n_rows, r)).astype(np.float32)
+    packed_b = kernels.pack_scaled_b(scaled_b)
     x = rng.standard_normal((5, n_cols)).astype(np.float32)
     start = rng.standard_normal((5, n_rows)).astype(np.float32)
-    expected = start + (x.astype(np.float64) @ a.T.astype(np.float64)) @ scaled_bt.astype(np.float64)
+    expected = start + (x.astype(np.float64) @ a.T.astype(np.float64)) @ scaled_b.T.astype(np.float64)
     bound = 1e-6 * np.abs(expected).max() * np.sqrt(r + n_cols)
     one = start[0].copy()
-    kernels.add_low_rank_matvec(a, scaled_bt, x[0], one)
+    kernels.add_low_rank_matvec(a, packed_b, x[0], one)
     assert np.abs(one - expected[0]).max() <= bound
     batch = start.copy()
-    kernels.add_low_rank_matmul(a, scaled_bt, x, batch)
+    kernels.add_low_rank_matmul(a, packed_b, x, batch)
     assert np.abs(batch - expected).max() <= bound
     with pytest.raises(ValueError, match="C-contiguous"):
-        kernels.add_low_rank_matvec(a, scaled_bt, np.repeat(x[0], 2)[::2], one)
-    if r == 1:  # numpy's transpose of a [n, 1] array: C-contiguous, with a row stride of 4 (lora_deltas makes these)
-        one_t = start[0].copy()
-        kernels.add_low_rank_matvec(a, np.ascontiguousarray(scaled_bt.T.copy().T), x[0], one_t)
-        assert np.array_equal(one_t, one)
+        kernels.add_low_rank_matvec(a, packed_b, np.repeat(x[0], 2)[::2], one)
+    with pytest.raises(ValueError, match="matching shapes"):
+        kernels.add_low_rank_matvec(a, packed_b, x[0], np.empty(n_rows + 16, np.float32))
+    if r == 1:  # numpy's view of a [1, n] slice of a wider array: C-contiguous, whatever its row stride
+        a_view = np.concatenate([a, a], axis=1)[:, :n_cols]
+        one_v = start[0].copy()
+        kernels.add_low_rank_matvec(a_view, packed_b, x[0], one_v)
+        assert np.array_equal(one_v, one)

@@ -17,12 +17,13 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from llamalora import kernels
-from llamalora.kernels import dispatch, q4_k, q6_k, vnni
+from llamalora.kernels import dispatch, low_rank, q4_k, q6_k, vnni
 
 pytestmark = pytest.mark.skipif(not vnni.host_has_vnni(), reason="the host has no AVX-512 VNNI")
 
 KERNELS = {T.Q4_K: vnni.q4_k_matvec, T.Q6_K: vnni.q6_k_matvec}
 MODULES = {T.Q4_K: q4_k, T.Q6_K: q6_k}
+NO_DELTA = (vnni.NO_FACTORS, vnni.NO_PACKED_B)
 BLOCK_BYTES = {T.Q4_K: 144, T.Q6_K: 210}
 
 
@@ -197,7 +198,7 @@ def test_extreme_activations_fall_back_to_the_portable_kernel(qtype):
         MODULES[qtype].matvec(prepared, x, out)
         assert np.array_equal(out, expected, equal_nan=True)
         compiled = np.full(16, 7.0, np.float32)
-        dispatch.matvec(kind, *arrays[1:], x, compiled)
+        dispatch.matvec(kind, *arrays[1:], x, compiled, *NO_DELTA, vnni.NO_FACTORS)
         assert np.array_equal(compiled, expected, equal_nan=True)
 
 
@@ -211,7 +212,7 @@ def test_type_modules_and_dispatch_use_the_integer_kernel_when_enabled():
         prepared = MODULES[qtype].prepare(data, 768)
         MODULES[qtype].matvec(prepared, x, via_module)
         arrays = dispatch.uniform_arrays(kernels.Weight(qtype, 16, 512, prepared))
-        dispatch.matvec(*arrays, x, compiled)
+        dispatch.matvec(*arrays, x, compiled, *NO_DELTA, vnni.NO_FACTORS)
         expected = direct if vnni.ENABLED else portable(qtype, data, x)
         assert np.array_equal(via_module, expected)
         assert np.array_equal(compiled, expected)
@@ -242,3 +243,27 @@ def test_bad_shapes_are_refused():
         vnni.q4_k_matvec(data, np.zeros(288, np.float32), out)  # not whole super-blocks
     with pytest.raises(ValueError):
         vnni.q4_k_matvec(data, np.zeros(256, np.float32), np.empty(7, np.float32))
+
+
+@pytest.mark.parametrize("rank", [16, 5])
+def test_delta_inside_the_row_loop_equals_the_delta_after_it(rank):
+    """dispatch.matvec with a run-time LoRA delta (added chunk by chunk inside the VNNI kernels' row loop) gives
+    bit for bit W·x followed by low_rank.add_low_rank_matvec, for every VNNI type, with a last chunk of 37 rows
+    that is partial and odd."""
+    from test_vnni import raw_blocks as block_rows
+
+    rng = np.random.default_rng(rank)
+    for qtype in (T.Q4_0, T.Q4_1, T.Q8_0, T.Q5_0, T.Q4_K, T.Q6_K):
+        data = raw_blocks(rng, qtype, 37, 2) if qtype in MODULES else block_rows(rng, qtype, 37, 16)
+        prepared = kernels.type_module(qtype).prepare(data, 512)
+        arrays = dispatch.uniform_arrays(kernels.Weight(qtype, 37, 512, prepared))
+        x = rng.standard_normal(512).astype(np.float32)
+        a = rng.standard_normal((rank, 512)).astype(np.float32)
+        packed_b = kernels.pack_scaled_b(rng.standard_normal((37, rank)))
+        fused, after = np.empty(37, np.float32), np.empty(37, np.float32)
+        dispatch.matvec(*arrays, x, fused, a, packed_b, vnni.NO_FACTORS)
+        dispatch.matvec(*arrays, x, after, *NO_DELTA, vnni.NO_FACTORS)
+        without = after.copy()
+        low_rank.add_low_rank_matvec(a, packed_b, x, after)
+        assert np.array_equal(fused, after), qtype.name
+        assert np.abs(fused - without).min() > 0  # the delta is there in every row

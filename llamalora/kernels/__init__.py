@@ -14,7 +14,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as GGMLType
 
 from ..errors import ModelFileError
-from . import bf16, dense, f16, f32, iq4_nl, q2_k, q3_k, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0
+from . import bf16, dense, f16, f32, iq4_nl, low_rank, q2_k, q3_k, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0
 
 # A decode step launches a few hundred small parallel loops: OpenMP starts one in about 3 µs here,
 # TBB in 11 µs and numba's own workqueue in 30 µs, so prefer OpenMP unless the user chose a layer.
@@ -124,15 +124,20 @@ def add_low_rank(w: np.ndarray, a: np.ndarray, scaled_b: np.ndarray) -> None:
     dense.add_low_rank(w, np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(scaled_b, dtype=np.float32))
 
 
-def add_low_rank_matvec(a: np.ndarray, scaled_bt: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
-    """out += (a @ x) @ scaled_bt in place for one token x float32[n_cols] (a run-time LoRA delta;
-    scaled_bt is s·B transposed, float32[r, n_rows])."""
-    dense.add_low_rank_matvec(a, scaled_bt, x, out)
+def pack_scaled_b(scaled_b: np.ndarray) -> np.ndarray:
+    """s·B float32[n_rows, r] in the layout the run-time deltas read (low_rank.pack_scaled_b)."""
+    return low_rank.pack_scaled_b(np.asarray(scaled_b, dtype=np.float32))
 
 
-def add_low_rank_matmul(a: np.ndarray, scaled_bt: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
-    """out += (x @ a.T) @ scaled_bt in place for a batch x float32[b, n_cols] (run-time LoRA deltas)."""
-    dense.add_low_rank_matmul(a, scaled_bt, x, out)
+def add_low_rank_matvec(a: np.ndarray, packed_b: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    """out += s·B·(a @ x) in place for one token x float32[n_cols] (a run-time LoRA delta; packed_b is
+    pack_scaled_b(s·B))."""
+    low_rank.add_low_rank_matvec(a, packed_b, x, out)
+
+
+def add_low_rank_matmul(a: np.ndarray, packed_b: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    """out += (x @ a.T) @ (s·B).T in place for a batch x float32[b, n_cols] (run-time LoRA deltas)."""
+    low_rank.add_low_rank_matmul(a, packed_b, x, out)
 
 
 MERGE_SOURCES = {GGMLType.F16: dense.SOURCE_F16, GGMLType.F32: dense.SOURCE_F32}

@@ -1,4 +1,4 @@
-"""Float32 matrices: F32 weights, run-time LoRA factors and the fused LoRA merge (W + B·A, requantized row by row)."""
+"""Float32 matrices: F32 weights and the fused LoRA merge (W + B·A, requantized row by row)."""
 
 import numpy as np
 from llvmlite import ir
@@ -6,7 +6,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import q4_0, q4_1, q8_0, simd
+from . import q4_0, q4_1, q8_0
 from .f16 import float_to_half_bits, widen_row
 
 
@@ -141,143 +141,3 @@ def merge_low_rank_rows(src, src_kind, a_packed, scaled_b, target_kind, out, til
                     out[i] = float_to_half_bits(w[h]).view(np.uint8)
                 else:
                     out[i] = w[h].view(np.uint8)
-
-
-# --- run-time LoRA deltas: out += s·B·(A·x) -------------------------------------------------------------
-# Plain numba loops over the factors left the four interleaved rank reductions scalar. These intrinsics keep
-# 16-lane accumulators in registers and read each factor once, front to back: a 256-token SmolLM2 Q4_1 prompt
-# with an all-linear r=16 adapter went from 0.87 to 0.92 of the speed without it (-t 1). A decoded token's
-# deltas are bound by memory either way (that adapter's 19.5 MB of float32 factors: about 1.2 ms a token).
-LANES = 16
-DOT_ROWS = 4     # rows of A per pass over x
-OUT_CHUNKS = 4   # 16-value chunks of out per pass over the ranks
-
-
-def _vector(builder, base, byte_offset, width):
-    return simd._load(builder, base, byte_offset, ir.VectorType(ir.FloatType(), width), 4)
-
-
-def _scalar(builder, base, byte_offset):
-    return builder.extract_element(_vector(builder, base, byte_offset, 1), ir.Constant(ir.IntType(32), 0))
-
-
-def _emit_rows_dot(builder, a, row0, n_rows, x, n, t):
-    """t[row0 + i] = a[row0 + i, :] · x for i < n_rows (a float32[·, n] at the i8* a; x, t float32 i8*)."""
-    intp = n.type
-    c = lambda v: ir.Constant(intp, v)
-    vf = ir.VectorType(ir.FloatType(), LANES)
-    accs = [cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * LANES)) for _ in range(n_rows)]
-    rows = [builder.mul(builder.mul(builder.add(row0, c(i)), n), c(4)) for i in range(n_rows)]
-    whole = builder.udiv(n, c(LANES))
-    with cgutils.for_range(builder, whole, intp=intp) as loop:
-        offset = builder.mul(loop.index, c(4 * LANES))
-        xv = _vector(builder, x, offset, LANES)
-        for acc, row in zip(accs, rows):
-            builder.store(simd._fmuladd(builder, _vector(builder, a, builder.add(row, offset), LANES), xv,
-                                   builder.load(acc)), acc)
-    sums = [simd._reduce(builder, builder.load(acc)) for acc in accs]
-    sums = [cgutils.alloca_once_value(builder, v) for v in sums]
-    with cgutils.for_range_slice(builder, builder.mul(whole, c(LANES)), n, c(1), intp=intp) as (j, _):
-        offset = builder.mul(j, c(4))
-        xj = _scalar(builder, x, offset)
-        for acc, row in zip(sums, rows):
-            aj = _scalar(builder, a, builder.add(row, offset))
-            builder.store(builder.fadd(builder.fmul(aj, xj), builder.load(acc)), acc)
-    for i, acc in enumerate(sums):
-        ptr = builder.gep(t, [builder.mul(builder.add(row0, c(i)), c(4))])
-        builder.store(builder.load(acc), builder.bitcast(ptr, ir.FloatType().as_pointer()))
-
-
-@intrinsic
-def rank_dots(typingctx, a_addr, r, x_addr, n, t_addr):
-    """t[k] = a[k, :] · x for k < r: a float32[r, n] at a_addr (C order), x float32[n], t float32[r];
-    DOT_ROWS rows share each load of x, each row's sum in 16 lanes, halved at the end, then the n % 16 tail."""
-    sig = types.none(types.intp, types.intp, types.intp, types.intp, types.intp)
-
-    def codegen(context, builder, signature, args):
-        a_addr, r, x_addr, n, t_addr = args
-        i8p = ir.IntType(8).as_pointer()
-        a, x, t = (builder.inttoptr(v, i8p) for v in (a_addr, x_addr, t_addr))
-        intp = n.type
-        groups = builder.udiv(r, ir.Constant(intp, DOT_ROWS))
-        with cgutils.for_range(builder, groups, intp=intp) as loop:
-            _emit_rows_dot(builder, a, builder.mul(loop.index, ir.Constant(intp, DOT_ROWS)), DOT_ROWS, x, n, t)
-        with cgutils.for_range_slice(builder, builder.mul(groups, ir.Constant(intp, DOT_ROWS)), r,
-                                     ir.Constant(intp, 1), intp=intp) as (k, _):
-            _emit_rows_dot(builder, a, k, 1, x, n, t)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-def _emit_rank_columns(builder, t, r, bt, n, out, col, width):
-    """out[col : col + width] += Σ_k t[k]·bt[k, col : col + width] (width = 16·chunks or 1), in rank order."""
-    intp = n.type
-    c = lambda v: ir.Constant(intp, v)
-    lanes = min(width, LANES)
-    vf = ir.VectorType(ir.FloatType(), lanes)
-    accs = [cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * lanes)) for _ in range(width // lanes)]
-    base = builder.mul(col, c(4))
-    with cgutils.for_range(builder, r, intp=intp) as loop:
-        k = loop.index
-        tv = simd._splat(builder, _scalar(builder, t, builder.mul(k, c(4))), lanes)
-        row = builder.add(builder.mul(builder.mul(k, n), c(4)), base)
-        for h, acc in enumerate(accs):
-            b = _vector(builder, bt, builder.add(row, c(4 * lanes * h)), lanes)
-            builder.store(simd._fmuladd(builder, tv, b, builder.load(acc)), acc)
-    for h, acc in enumerate(accs):
-        ptr = builder.bitcast(builder.gep(out, [builder.add(base, c(4 * lanes * h))]), vf.as_pointer())
-        builder.store(builder.fadd(builder.load(ptr, align=4), builder.load(acc)), ptr, align=4)
-
-
-@intrinsic
-def add_rank_columns(typingctx, t_addr, r, bt_addr, n, out_addr):
-    """out[i] += Σ_k t[k]·bt[k, i] for i < n: bt float32[r, n] at bt_addr (C order), t float32[r]. Each
-    chunk's sum over the ranks is formed apart (rank order) and added to out once; OUT_CHUNKS chunks of 16
-    outputs share each pass over the ranks, reading r rows of bt side by side."""
-    sig = types.none(types.intp, types.intp, types.intp, types.intp, types.intp)
-
-    def codegen(context, builder, signature, args):
-        t_addr, r, bt_addr, n, out_addr = args
-        i8p = ir.IntType(8).as_pointer()
-        t, bt, out = (builder.inttoptr(v, i8p) for v in (t_addr, bt_addr, out_addr))
-        intp = n.type
-        c = lambda v: ir.Constant(intp, v)
-        step = LANES * OUT_CHUNKS
-        wide_end = builder.mul(builder.udiv(n, c(step)), c(step))
-        with cgutils.for_range_slice(builder, c(0), wide_end, c(step), intp=intp) as (col, _):
-            _emit_rank_columns(builder, t, r, bt, n, out, col, step)
-        chunk_end = builder.mul(builder.udiv(n, c(LANES)), c(LANES))
-        with cgutils.for_range_slice(builder, wide_end, chunk_end, c(LANES), intp=intp) as (col, _):
-            _emit_rank_columns(builder, t, r, bt, n, out, col, LANES)
-        with cgutils.for_range_slice(builder, chunk_end, n, c(1), intp=intp) as (col, _):
-            _emit_rank_columns(builder, t, r, bt, n, out, col, 1)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@njit(nogil=True, cache=True)
-def add_low_rank_matvec(a, scaled_bt, x, out):
-    """out += (a @ x) @ scaled_bt for one token x float32[n_cols]: a run-time LoRA delta, a [r, n_cols] and
-    scaled_bt [r, n_rows] (s·B transposed, so that both factors are read row by row, once). One thread: a
-    delta is small (r·(n_rows + n_cols) values) and a parallel launch per delta would cost more than it saves."""
-    r, n_cols = a.shape
-    # (a rank-1 factor's row stride is free: numpy calls such an array C-contiguous whatever it says)
-    if (scaled_bt.shape != (r, out.shape[0]) or x.shape[0] != n_cols or a.strides[1] != 4
-            or (r > 1 and (a.strides[0] != 4 * n_cols or scaled_bt.strides[0] != 4 * out.shape[0]))
-            or scaled_bt.strides[1] != 4 or x.strides[0] != 4 or out.strides[0] != 4):
-        raise ValueError("low-rank factors, x and out must be C-contiguous float32 of matching shapes")
-    t = np.empty(r, dtype=np.float32)
-    rank_dots(a.ctypes.data, r, x.ctypes.data, n_cols, t.ctypes.data)
-    add_rank_columns(t.ctypes.data, r, scaled_bt.ctypes.data, out.shape[0], out.ctypes.data)
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def add_low_rank_matmul(a, scaled_bt, X, out):
-    """out[t] += (a @ X[t]) @ scaled_bt for a batch X float32[b, n_cols], the tokens split among the threads.
-    Compiled rather than numpy's BLAS, whose own thread pool (sized to the machine, not to -t) spins beside the
-    kernels' threads: with the other core busy, a 64-token SmolLM2 prompt with an all-linear adapter at -t 1 took
-    0.9-1.2 s through BLAS and 0.19 s here (0.175 s without the adapter)."""
-    for t in prange(X.shape[0]):
-        add_low_rank_matvec(a, scaled_bt, X[t], out[t])

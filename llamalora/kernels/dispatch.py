@@ -24,7 +24,7 @@ from numba import carray, njit, types
 from numba.core.caching import NullCache
 from numba.extending import intrinsic
 
-from . import bf16, dense, f16, iq4_nl, q2_k, q3_k, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0, simd, vnni
+from . import bf16, dense, f16, iq4_nl, low_rank, q2_k, q3_k, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0, simd, vnni
 
 # A compile-time constant: numba prunes the untaken branch, so the AVX-512 VNNI kernels are compiled only on
 # hosts that run them (and LLAMALORA_KERNELS=portable takes them out); cache_follows keys the cache on it.
@@ -106,10 +106,11 @@ def widened_scales(kind, data):
 
 
 @njit(nogil=True, cache=True)
-def matvec(kind, data, scale, minimum, widened, x, out):
-    """out float32[n_rows] = W · x, W given as uniform_arrays gives it."""
+def matvec(kind, data, scale, minimum, widened, x, out, a, packed_b, a_next):
+    """out float32[n_rows] = W · x (+ s·B·(a·x) when a has rows: a run-time LoRA delta, packed_b =
+    low_rank.pack_scaled_b(s·B)), W given as uniform_arrays gives it."""
     if INTEGER_KERNELS and VNNI_DRIVER[kind] >= 0:
-        if vnni.matvec(VNNI_DRIVER[kind], data, x, out):
+        if vnni.matvec(VNNI_DRIVER[kind], data, x, out, a, packed_b, a_next):  # the delta inside the row loop
             return
         # the integer kernel declined an extreme activation: the portable kernel needs the block scales, widened
         # here when the weight does not keep them (see the type modules' prepare)
@@ -145,6 +146,8 @@ def matvec(kind, data, scale, minimum, widened, x, out):
         bf16._matvec(data.view(np.uint16), x, out)
     else:
         raise ValueError("no compiled matvec for this weight type")
+    if a.shape[0]:
+        low_rank.add_low_rank_matvec(a, packed_b, x, out)
 
 
 # --- weights and float matrices by address ----------------------------------------------------------------
@@ -198,11 +201,11 @@ def byte_matrix(address, rows, cols):
 
 
 @njit(nogil=True, cache=True)
-def matvec_entry(table, i, x, out):
-    """out = W · x for the weight in row i of a weight_table."""
+def matvec_entry(table, i, x, out, a, packed_b, a_next):
+    """out = W · x (+ s·B·(a·x), see matvec) for the weight in row i of a weight_table."""
     e = table[i]
     matvec(e[0], byte_matrix(e[1], e[2], e[3]), float_matrix(e[4], e[5], e[6]), float_matrix(e[7], e[8], e[9]),
-           float_matrix(e[10], e[11], e[12]), x, out)
+           float_matrix(e[10], e[11], e[12]), x, out, a, packed_b, a_next)
 
 
 for _function in (widened_scales, matvec, matvec_entry):

@@ -82,6 +82,13 @@ def _reduce(builder, v):
     return builder.extract_element(v, ir.Constant(_i32, 0))
 
 
+def _prefetch(builder, address, locality=3):
+    """Prefetch the line at the i8* address for reading: locality 3 into every cache level, 2 from the second on."""
+    fnty = ir.FunctionType(ir.VoidType(), [address.type, _i32, _i32, _i32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+    builder.call(fn, [address, ir.Constant(_i32, 0), ir.Constant(_i32, locality), ir.Constant(_i32, 1)])
+
+
 def _load(builder, base, byte_offset, vtype, align):
     ptr = builder.gep(base, [byte_offset])
     return builder.load(builder.bitcast(ptr, vtype.as_pointer()), align=align)

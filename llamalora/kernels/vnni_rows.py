@@ -237,16 +237,10 @@ PREFETCH_BYTES = 8192
 ROWS_PER_STEP = 2
 
 
-def prefetch(builder, address):
-    fnty = ir.FunctionType(ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32])
-    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-    builder.call(fn, [address, ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
-
-
 def prefetch_ahead(builder, c, row, start, n_bytes):
     """Prefetch the n_bytes of row from byte `start` on, PREFETCH_BYTES ahead (one per 64-byte line)."""
     for offset in range(0, n_bytes, 64):
-        prefetch(builder, builder.gep(row, [builder.add(start, c(PREFETCH_BYTES + offset))]))
+        simd._prefetch(builder, builder.gep(row, [builder.add(start, c(PREFETCH_BYTES + offset))]))
 
 
 def chained_limbs(builder, w, limb, mask):
