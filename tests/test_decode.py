@@ -118,7 +118,7 @@ def test_deltas_of_the_wrong_shape_are_refused(tmp_path):
     """The step reads deltas by address: a misfit must be an error, not a read past an array."""
     model = load_model(make_tiny_llama(tmp_path / "m.gguf"), progress=False).model
     deltas = random_deltas(model, 4)
-    a, scaled_bt = deltas["blk.1.ffn_down.weight"]
-    deltas["blk.1.ffn_down.weight"] = (a, np.ascontiguousarray(scaled_bt[:, :-1]))
+    a, packed_b = deltas["blk.1.ffn_down.weight"]
+    deltas["blk.1.ffn_down.weight"] = (a, np.ascontiguousarray(packed_b[:-1]))  # one output row short
     with pytest.raises(ValueError, match="ffn_down"):
         model.forward([3], model.new_cache(8), lora=deltas)
