@@ -119,6 +119,6 @@ def test_deltas_of_the_wrong_shape_are_refused(tmp_path):
     model = load_model(make_tiny_llama(tmp_path / "m.gguf"), progress=False).model
     deltas = random_deltas(model, 4)
     a, packed_b = deltas["blk.1.ffn_down.weight"]
-    deltas["blk.1.ffn_down.weight"] = (a, np.ascontiguousarray(packed_b[:-1]))  # one output row short
+    deltas["blk.1.ffn_down.weight"] = (a, np.ascontiguousarray(packed_b[:-1]))  # the last chunk a rank short
     with pytest.raises(ValueError, match="ffn_down"):
         model.forward([3], model.new_cache(8), lora=deltas)
