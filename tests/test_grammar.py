@@ -1,7 +1,6 @@
 """GBNF grammars: the parser's constructs and errors, the byte-level matcher, and sampling under the grammars in
 tests/data/grammars checked by independent matchers (regexes, json, small hand-written parsers)."""
 
-import os
 
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ scale 0, --lora-base, and every refusal before anything is touched."""
 
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest

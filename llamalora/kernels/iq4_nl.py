@@ -10,7 +10,7 @@ from llvmlite import ir
 from numba import njit, prange
 
 from . import blockdot
-from .blockdot import bits, load_bytes
+from .blockdot import bits
 from .f16 import half_bits_to_float
 from .kquants_ref import GROUP_MAX_EPS, put_half
 

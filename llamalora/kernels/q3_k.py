@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as GGMLType
 from numba import njit
 
 from . import blockdot, kquants_ref
-from .blockdot import bits, ivec, load_bytes, to_float
+from .blockdot import bits, ivec, to_float
 from .f16 import half_bits_to_float
 
 BLOCK_SIZE = 256

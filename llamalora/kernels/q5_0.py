@@ -10,7 +10,7 @@ from gguf import GGMLQuantizationType as GGMLType
 from numba import njit, prange
 
 from . import blockdot, vnni
-from .blockdot import bits, ivec, load_bytes, load_u32_splat, to_float
+from .blockdot import bits, ivec, to_float
 from .f16 import block_halves, float_to_half_bits
 
 BLOCK_SIZE = 32

@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as GGMLType
 from numba import njit, prange
 
 from . import blockdot, kquants_ref, vnni
-from .blockdot import bits, ivec, load_bytes, to_float
+from .blockdot import bits, ivec, to_float
 from .f16 import half_to_float
 
 BLOCK_SIZE = 256
