@@ -89,26 +89,36 @@ def _emit_rows_dot(builder, a, row0, n_rows, x, n, t):
         builder.store(builder.load(acc), builder.bitcast(ptr, ir.FloatType().as_pointer()))
 
 
-@intrinsic
-def rank_dots(typingctx, a_addr, r, x_addr, n, t_addr):
-    """t[k] = a[k, :] · x for k < r: a float32[r, n] at a_addr (C order), x float32[n], t float32[r];
-    DOT_ROWS rows share each load of x, each row's sum in 16 lanes, halved at the end, then the n % 16 tail."""
-    sig = types.none(types.intp, types.intp, types.intp, types.intp, types.intp)
+def _five_argument_intrinsic(emit, addresses):
+    """An intrinsic of five intp arguments returning nothing: emit(builder, *args) with the arguments at the
+    positions `addresses` turned into i8* pointers."""
 
-    def codegen(context, builder, signature, args):
-        a_addr, r, x_addr, n, t_addr = args
-        i8p = ir.IntType(8).as_pointer()
-        a, x, t = (builder.inttoptr(v, i8p) for v in (a_addr, x_addr, t_addr))
-        intp = n.type
-        groups = builder.udiv(r, ir.Constant(intp, DOT_ROWS))
-        with cgutils.for_range(builder, groups, intp=intp) as loop:
-            _emit_rows_dot(builder, a, builder.mul(loop.index, ir.Constant(intp, DOT_ROWS)), DOT_ROWS, x, n, t)
-        with cgutils.for_range_slice(builder, builder.mul(groups, ir.Constant(intp, DOT_ROWS)), r,
-                                     ir.Constant(intp, 1), intp=intp) as (k, _):
-            _emit_rows_dot(builder, a, k, 1, x, n, t)
-        return context.get_dummy_value()
+    def typer(typingctx, a0, a1, a2, a3, a4):
+        def codegen(context, builder, signature, values):
+            i8p = ir.IntType(8).as_pointer()
+            emit(builder, *(builder.inttoptr(v, i8p) if i in addresses else v for i, v in enumerate(values)))
+            return context.get_dummy_value()
 
-    return sig, codegen
+        return types.none(*[types.intp] * 5), codegen
+
+    typer.__name__ = emit.__name__
+    return intrinsic(typer)
+
+
+def _rank_dots(builder, a, r, x, n, t):
+    intp = n.type
+    groups = builder.udiv(r, ir.Constant(intp, DOT_ROWS))
+    with cgutils.for_range(builder, groups, intp=intp) as loop:
+        _emit_rows_dot(builder, a, builder.mul(loop.index, ir.Constant(intp, DOT_ROWS)), DOT_ROWS, x, n, t)
+    with cgutils.for_range_slice(builder, builder.mul(groups, ir.Constant(intp, DOT_ROWS)), r,
+                                 ir.Constant(intp, 1), intp=intp) as (k, _):
+        _emit_rows_dot(builder, a, k, 1, x, n, t)
+
+
+# rank_dots(a_addr, r, x_addr, n, t_addr): t[k] = a[k, :] · x for k < r: a float32[r, n] at a_addr (C order),
+# x float32[n], t float32[r]; DOT_ROWS rows share each load of x, each row's sum in 16 lanes, halved at the end,
+# then the n % 16 tail.
+rank_dots = _five_argument_intrinsic(_rank_dots, (0, 2, 4))
 
 
 def _emit_rank_columns(builder, t, r, packed, out, col, width):
@@ -137,31 +147,24 @@ def _emit_rank_columns(builder, t, r, packed, out, col, width):
         builder.store(builder.fadd(builder.load(ptr, align=4), builder.load(acc)), ptr, align=4)
 
 
-@intrinsic
-def add_rank_columns(typingctx, t_addr, r, packed_addr, n, out_addr):
-    """out[i] += Σ_k t[k]·(s·B)[i, k] for i < n: s·B packed (pack_scaled_b) at packed_addr, t float32[r]. Each
-    output's sum over the ranks is formed apart (rank order) and added to out once; OUT_CHUNKS chunks of 16
-    outputs share each pass over the ranks."""
-    sig = types.none(types.intp, types.intp, types.intp, types.intp, types.intp)
+def _add_rank_columns(builder, t, r, packed, n, out):
+    intp = n.type
+    c = lambda v: ir.Constant(intp, v)  # noqa: E731
+    step = LANES * OUT_CHUNKS
+    wide_end = builder.mul(builder.udiv(n, c(step)), c(step))
+    with cgutils.for_range_slice(builder, c(0), wide_end, c(step), intp=intp) as (col, _):
+        _emit_rank_columns(builder, t, r, packed, out, col, step)
+    chunk_end = builder.mul(builder.udiv(n, c(LANES)), c(LANES))
+    with cgutils.for_range_slice(builder, wide_end, chunk_end, c(LANES), intp=intp) as (col, _):
+        _emit_rank_columns(builder, t, r, packed, out, col, LANES)
+    with cgutils.for_range_slice(builder, chunk_end, n, c(1), intp=intp) as (col, _):
+        _emit_rank_columns(builder, t, r, packed, out, col, 1)
 
-    def codegen(context, builder, signature, args):
-        t_addr, r, packed_addr, n, out_addr = args
-        i8p = ir.IntType(8).as_pointer()
-        t, packed, out = (builder.inttoptr(v, i8p) for v in (t_addr, packed_addr, out_addr))
-        intp = n.type
-        c = lambda v: ir.Constant(intp, v)  # noqa: E731
-        step = LANES * OUT_CHUNKS
-        wide_end = builder.mul(builder.udiv(n, c(step)), c(step))
-        with cgutils.for_range_slice(builder, c(0), wide_end, c(step), intp=intp) as (col, _):
-            _emit_rank_columns(builder, t, r, packed, out, col, step)
-        chunk_end = builder.mul(builder.udiv(n, c(LANES)), c(LANES))
-        with cgutils.for_range_slice(builder, wide_end, chunk_end, c(LANES), intp=intp) as (col, _):
-            _emit_rank_columns(builder, t, r, packed, out, col, LANES)
-        with cgutils.for_range_slice(builder, chunk_end, n, c(1), intp=intp) as (col, _):
-            _emit_rank_columns(builder, t, r, packed, out, col, 1)
-        return context.get_dummy_value()
 
-    return sig, codegen
+# add_rank_columns(t_addr, r, packed_addr, n, out_addr): out[i] += Σ_k t[k]·(s·B)[i, k] for i < n, s·B packed
+# (pack_scaled_b) at packed_addr, t float32[r]. Each output's sum over the ranks is formed apart (rank order) and
+# added to out once; OUT_CHUNKS chunks of 16 outputs share each pass over the ranks.
+add_rank_columns = _five_argument_intrinsic(_add_rank_columns, (0, 2, 4))
 
 
 @njit(nogil=True, cache=True)
