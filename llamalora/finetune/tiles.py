@@ -159,10 +159,11 @@ def q8_rows(data, scales, r0, out, i0, i1, b0):
 
 # ---- the products, as tasks for the thread team (team.py) ----
 #
-# A forward product's tasks are row tiles of W (columns of the result); a backward product's are column bands of
-# W (columns of dx), each adding its band's row tiles in order, so that no two tasks write the same numbers and
-# every sum is made in one order whatever the number of threads. One thread runs one band, all columns: the
-# same tiles and the same sums as the forward's.
+# A forward product's tasks are shares of W's rows (columns of the result; the rows of several weights that read
+# one input laid end to end); a backward product's are column bands of W (columns of dx), each adding its band's
+# row tiles in order, so that no two tasks write the same numbers and every sum is made in one order whatever
+# the number of threads (splitting W's rows instead would leave a part per thread to add up afterwards). One
+# thread runs one band, all columns: the same tiles and sums as before the products were split.
 
 def tile_ranges(w: BaseWeight, r0: int = 0, r1: int | None = None, n_cols: int | None = None) -> list:
     """(r0, r1) tiles covering rows r0..r1 of w (default all), at most TILE_ELEMENTS floats of n_cols columns
