@@ -457,7 +457,7 @@ def test_tile_threads_give_the_products_and_repeat_exactly(tmp_path):
         assert np.array_equal(y, runs[0][0]) and np.array_equal(dx, runs[0][1])
 
 
-@pytest.mark.parametrize("qtype", [GGMLType.Q4_1, GGMLType.F16])
+@pytest.mark.parametrize("qtype", [GGMLType.F32, GGMLType.F16, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0])
 def test_team_threads_agree_with_one_and_repeat_exactly(tmp_path, qtype):
     """A training step whose products, LoRA terms, attention, norms and cross-entropy are tasks for three threads
     gives one thread's loss and gradients within float32 rounding, and repeats bit for bit."""
