@@ -19,7 +19,7 @@ from ..llama import LlamaConfig, rope_tables
 from .blas import gemm
 from .pointwise import (add_rms_norm, causal_scores, normalize_causal_rows, rms_norm_bwd_into,
                         softmax_bwd_rows, softmax_minus_onehot, swiglu_bwd, swiglu_fwd)
-from .team import for_row_blocks, run_tasks
+from .team import for_row_blocks, prerequisite, run_tasks
 from .tiles import BaseWeight, add_times_w, backward_tasks, base_weight, forward_tasks, rows, times_wt
 
 # llama.cpp finetune's names for the seven adapted weights (--rank-wq ... --rank-w3) → GGUF tensor parts.
@@ -168,24 +168,29 @@ def swiglu_grads(dact, g, up, sig):
 # The products sharing an input (q, k, v; gate, up) run as one task list for the thread team, with the LoRA terms
 # added on each task's own part of the result.
 
-def _lora_fwd_after(y, u, b, s):
-    return lambda r0, r1: gemm(u, b[r0:r1].T, y[:, r0:r1], s, 1.0)  # y += s · u @ B.T on the tile's columns
+def _lora_fwd_after(y, u, b, s, wait):
+    def after(r0, r1):
+        wait()
+        gemm(u, b[r0:r1].T, y[:, r0:r1], s, 1.0)  # y += s · u @ B.T on the tile's columns
+    return after
 
 
 def linears_fwd(x, weights, loras):
     """[(y, u)] for each base weight and its LoRA pair (or None): y = x @ W.T + s · u @ B.T with the LoRA
-    intermediate u = x @ A.T (None without an adapter)."""
-    results, products = [], []
+    intermediate u = x @ A.T (None without an adapter). The u are one task, ahead of the products' tasks."""
+    results, products, firsts = [], [], []
+    first, wait = prerequisite(lambda: [gemm(x, a.T, u) for a, u in firsts])
     for w, lora in zip(weights, loras):
         y = np.empty((x.shape[0], w.n_rows), dtype=x.dtype)
         u = after = None
         if lora is not None:
             a, b, s = lora
-            u = gemm(x, a.T, np.empty((x.shape[0], a.shape[0]), dtype=x.dtype))
-            after = _lora_fwd_after(y, u, b, s)
+            u = np.empty((x.shape[0], a.shape[0]), dtype=x.dtype)
+            firsts.append((a, u))
+            after = _lora_fwd_after(y, u, b, s, wait)
         products.append((w, y, after))
         results.append((y, u))
-    run_tasks(forward_tasks(products, x))
+    run_tasks(([first] if firsts else []) + forward_tasks(products, x))
     return results
 
 
@@ -194,8 +199,9 @@ def linear_fwd(w: BaseWeight, x, lora):
     return linears_fwd(x, [w], [lora])[0]
 
 
-def _lora_bwd_after(x, du, a, ga, dx):
+def _lora_bwd_after(x, du, a, ga, dx, wait):
     def after(c0, c1):
+        wait()
         gemm(du, a[:, c0:c1], dx[:, c0:c1], 1.0, 1.0)          # dx += du @ A
         gemm(du.T, x[:, c0:c1], ga[:, c0:c1], 1.0, 1.0)        # dA += du.T @ x
     return after
@@ -203,22 +209,25 @@ def _lora_bwd_after(x, du, a, ga, dx):
 
 def linears_bwd(x, products, grads, dx, accumulate=True):
     """dx += sum of dy @ (W + s·B·A) over products, a list of (w, u, dy, lora, name) whose forward read x (dx None:
-    not wanted; accumulate False: dx's old values are ignored); the adapters' gradients added into grads."""
-    band_products, lora_tasks = [], []
+    not wanted; accumulate False: dx's old values are ignored); the adapters' gradients added into grads. The
+    du = s · dy @ B are one task, ahead of the others."""
+    band_products, lora_tasks, firsts = [], [], []
+    first, wait = prerequisite(lambda: [gemm(dy, b, du, s) for dy, b, du, s in firsts])
     for w, u, dy, lora, name in products:
         after = None
         if lora is not None:
             a, b, s = lora
             ga, gb = grads[f"{name}.lora_a"], grads[f"{name}.lora_b"]
-            du = gemm(dy, b, np.empty((dy.shape[0], b.shape[1]), dtype=dy.dtype), s)
+            du = np.empty((dy.shape[0], b.shape[1]), dtype=dy.dtype)
+            firsts.append((dy, b, du, s))
             lora_tasks.append(lambda dy=dy, u=u, gb=gb, s=s: gemm(dy.T, u, gb, s, 1.0))  # dB += s · dy.T @ u
             if dx is None:
-                lora_tasks.append(lambda du=du, ga=ga: gemm(du.T, x, ga, 1.0, 1.0))
+                lora_tasks.append(lambda du=du, ga=ga: (wait(), gemm(du.T, x, ga, 1.0, 1.0)))
             else:
-                after = _lora_bwd_after(x, du, a, ga, dx)
+                after = _lora_bwd_after(x, du, a, ga, dx, wait)
         band_products.append((w, dy, after))
     tasks = backward_tasks(band_products, dx, accumulate) if dx is not None else []
-    run_tasks(tasks + lora_tasks)
+    run_tasks(([first] if firsts else []) + tasks + lora_tasks)
 
 
 # ---- attention over [batch, ctx] samples, grouped-query, causal ----

@@ -95,3 +95,28 @@ def thread_buffer(key: str, shape: tuple, dtype) -> np.ndarray:
     if buf is None or buf.size < size:
         buf = buffers[(key, np.dtype(dtype))] = np.empty(size, dtype=dtype)
     return buf[:size].reshape(shape)
+
+
+def prerequisite(work):
+    """(task, wait) for work that other tasks of one list need: put task first in the list (so that it is claimed
+    before any task that waits) and call wait() in a task before using work's results. wait raises if work failed."""
+    if _team["threads"] == 1:  # the tasks run in order: work is done before any task waits
+        return work, lambda: None
+    done = threading.Event()
+    failed = []
+
+    def task():
+        try:
+            work()
+        except BaseException:
+            failed.append(True)
+            raise
+        finally:
+            done.set()
+
+    def wait():
+        done.wait()
+        if failed:
+            raise RuntimeError("a task this one needs failed")
+
+    return task, wait
