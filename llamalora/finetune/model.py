@@ -19,7 +19,7 @@ from ..llama import LlamaConfig, rope_tables
 from .blas import gemm
 from .pointwise import (add_rms_norm, causal_scores, normalize_causal_rows, rms_norm_bwd_into,
                         softmax_bwd_rows, softmax_minus_onehot, swiglu_bwd, swiglu_fwd)
-from .team import for_row_blocks, prerequisite, run_tasks
+from .team import for_row_blocks, prerequisite, row_blocks, run_tasks
 from .tiles import BaseWeight, add_times_w, backward_tasks, base_weight, forward_tasks, rows, times_wt
 
 # llama.cpp finetune's names for the seven adapted weights (--rank-wq ... --rank-w3) → GGUF tensor parts.
@@ -239,30 +239,32 @@ def heads_layout(x, n_batch, n_ctx, n_kv, group, head_dim):
 
 
 def write_tokens(x, out, n_kv, group):
-    """x [1, n_kv, group * ctx, head_dim] (one sequence in heads_layout) written into out [ctx, n_kv * group *
+    """x [batch, n_kv, group * ctx, head_dim] (heads_layout) written into out [batch * ctx, n_kv * group *
     head_dim]."""
-    n_ctx, head_dim = out.shape[0], x.shape[-1]
-    np.copyto(out.reshape(n_ctx, n_kv, group, head_dim),
-              x.reshape(n_kv, group, n_ctx, head_dim).transpose(2, 0, 1, 3))
+    n_batch, head_dim = x.shape[0], x.shape[-1]
+    n_ctx = out.shape[0] // n_batch
+    np.copyto(out.reshape(n_batch, n_ctx, n_kv, group, head_dim),
+              x.reshape(n_batch, n_kv, group, n_ctx, head_dim).transpose(0, 3, 1, 2, 4))
 
 
 def attention_fwd(q, k, v, n_batch, n_ctx, config, tables):
     """RoPE on q and k (in place), then each sequence's causal attention: the output [n, n_head * head_dim] and
-    what the backward needs. The sequences are independent: tasks for the thread team."""
+    what the backward needs. The sequences are independent: blocks of them are tasks for the thread team."""
     c = config
     group = c.n_head // c.n_head_kv
     cos, sin = tables
     scale = q.dtype.type(1.0 / math.sqrt(c.head_dim))
     out = np.empty_like(q)
-    saved = [None] * n_batch
+    blocks = row_blocks(n_batch, min_rows=1)
+    saved = [None] * len(blocks)
 
-    def sequence(i):
-        rows = slice(i * n_ctx, (i + 1) * n_ctx)
-        rope(q[rows].reshape(n_ctx, c.n_head, c.head_dim), cos[rows], sin[rows], c.rope_dim)
-        rope(k[rows].reshape(n_ctx, c.n_head_kv, c.head_dim), cos[rows], sin[rows], c.rope_dim)
-        qh = heads_layout(q[rows], 1, n_ctx, c.n_head_kv, group, c.head_dim)
-        kh = heads_layout(k[rows], 1, n_ctx, c.n_head_kv, 1, c.head_dim)
-        vh = heads_layout(v[rows], 1, n_ctx, c.n_head_kv, 1, c.head_dim)
+    def sequences(i, b0, b1):
+        rows, nb = slice(b0 * n_ctx, b1 * n_ctx), b1 - b0
+        rope(q[rows].reshape(nb * n_ctx, c.n_head, c.head_dim), cos[rows], sin[rows], c.rope_dim)
+        rope(k[rows].reshape(nb * n_ctx, c.n_head_kv, c.head_dim), cos[rows], sin[rows], c.rope_dim)
+        qh = heads_layout(q[rows], nb, n_ctx, c.n_head_kv, group, c.head_dim)
+        kh = heads_layout(k[rows], nb, n_ctx, c.n_head_kv, 1, c.head_dim)
+        vh = heads_layout(v[rows], nb, n_ctx, c.n_head_kv, 1, c.head_dim)
         scores = qh @ kh.swapaxes(-1, -2)
         # the causal softmax: scale, mask and the maximum in one compiled pass, numpy's vector exp, then the sums
         causal_scores(scores, scale, n_ctx)
@@ -271,12 +273,13 @@ def attention_fwd(q, k, v, n_batch, n_ctx, config, tables):
         write_tokens(scores @ vh, out[rows], c.n_head_kv, group)
         saved[i] = (qh, kh, vh, scores)
 
-    run_tasks([(lambda i=i: sequence(i)) for i in range(n_batch)])
-    return out, saved
+    run_tasks([(lambda i=i, b0=b0, b1=b1: sequences(i, b0, b1)) for i, (b0, b1) in enumerate(blocks)])
+    return out, (blocks, saved)
 
 
 def attention_bwd(dout, saved, n_batch, n_ctx, config, tables):
-    """dq, dk, dv (before RoPE) from the output's gradient, sequence by sequence as tasks for the thread team."""
+    """dq, dk, dv (before RoPE) from the output's gradient, by the forward's blocks of sequences as tasks for the
+    thread team."""
     c = config
     group = c.n_head // c.n_head_kv
     cos, sin = tables
@@ -285,21 +288,22 @@ def attention_bwd(dout, saved, n_batch, n_ctx, config, tables):
     dq = np.empty_like(dout)
     dk = np.empty((n, c.n_head_kv * c.head_dim), dtype=dout.dtype)
     dv = np.empty_like(dk)
+    blocks, kept = saved
 
-    def sequence(i):
-        rows = slice(i * n_ctx, (i + 1) * n_ctx)
-        qh, kh, vh, p = saved[i]
-        do = heads_layout(dout[rows], 1, n_ctx, c.n_head_kv, group, c.head_dim)
+    def sequences(i, b0, b1):
+        rows, nb = slice(b0 * n_ctx, b1 * n_ctx), b1 - b0
+        qh, kh, vh, p = kept[i]
+        do = heads_layout(dout[rows], nb, n_ctx, c.n_head_kv, group, c.head_dim)
         dp = do @ vh.swapaxes(-1, -2)
         write_tokens(p.swapaxes(-1, -2) @ do, dv[rows], c.n_head_kv, 1)
         softmax_bwd_rows(p, dp, scale, n_ctx)
         ds = dp
         write_tokens(ds @ kh, dq[rows], c.n_head_kv, group)
         write_tokens(ds.swapaxes(-1, -2) @ qh, dk[rows], c.n_head_kv, 1)
-        rope(dq[rows].reshape(n_ctx, c.n_head, c.head_dim), cos[rows], sin[rows], c.rope_dim, inverse=True)
-        rope(dk[rows].reshape(n_ctx, c.n_head_kv, c.head_dim), cos[rows], sin[rows], c.rope_dim, inverse=True)
+        rope(dq[rows].reshape(nb * n_ctx, c.n_head, c.head_dim), cos[rows], sin[rows], c.rope_dim, inverse=True)
+        rope(dk[rows].reshape(nb * n_ctx, c.n_head_kv, c.head_dim), cos[rows], sin[rows], c.rope_dim, inverse=True)
 
-    run_tasks([(lambda i=i: sequence(i)) for i in range(n_batch)])
+    run_tasks([(lambda i=i, b0=b0, b1=b1: sequences(i, b0, b1)) for i, (b0, b1) in enumerate(blocks)])
     return dq, dk, dv
 
 
