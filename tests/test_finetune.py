@@ -430,7 +430,7 @@ def test_ctrl_c_finishes_the_step_and_saves_a_checkpoint(tmp_path):
 
 def test_tile_threads_give_the_products_and_repeat_exactly(tmp_path):
     """Products whose tiles run on three threads equal the float32 products of the dequantized weight, and
-    repeat bit for bit (the backward's tile parts are added in tile order)."""
+    repeat bit for bit (each column band of dx adds its tiles in order)."""
     from llamalora.finetune.team import set_team_threads as set_tile_threads, team_threads as tile_threads
     from llamalora.finetune.tiles import add_times_w, times_wt
 
