@@ -430,8 +430,9 @@ def test_ctrl_c_finishes_the_step_and_saves_a_checkpoint(tmp_path):
 
 def test_tile_threads_give_the_products_and_repeat_exactly(tmp_path):
     """Products whose tiles run on three threads equal the float32 products of the dequantized weight, and
-    repeat bit for bit (the backward's tile parts are added in tile order)."""
-    from llamalora.finetune.tiles import add_times_w, set_tile_threads, tile_threads, times_wt
+    repeat bit for bit (each column band of dx adds its tiles in order)."""
+    from llamalora.finetune.team import set_team_threads as set_tile_threads, team_threads as tile_threads
+    from llamalora.finetune.tiles import add_times_w, times_wt
 
     _, mf, _ = tiny(tmp_path, dim=64, n_ff=640)
     t = mf.tensors["blk.0.ffn_up.weight"]
@@ -454,3 +455,36 @@ def test_tile_threads_give_the_products_and_repeat_exactly(tmp_path):
     np.testing.assert_allclose(runs[0][1], 1.0 + dy @ dense, rtol=1e-5, atol=1e-4)
     for y, dx in runs[1:]:
         assert np.array_equal(y, runs[0][0]) and np.array_equal(dx, runs[0][1])
+
+
+@pytest.mark.parametrize("qtype", [GGMLType.F32, GGMLType.F16, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0])
+def test_team_threads_agree_with_one_and_repeat_exactly(tmp_path, qtype):
+    """A training step whose products, LoRA terms, attention, norms and cross-entropy are tasks for three threads
+    gives one thread's loss and gradients within float32 rounding, and repeats bit for bit."""
+    from llamalora.finetune.team import set_team_threads, team_threads
+
+    _, mf, config = tiny(tmp_path, qtype, dim=64, n_ff=640)
+    base = load_base(config, mf.tensors, np.float32)
+    rng = np.random.default_rng(4)
+    params = init_lora(config, {p: 3 for p in PROJECTIONS}, rng)
+    for name in params:
+        if name.endswith(".lora_b"):
+            params[name] = rng.normal(0.0, 0.05, params[name].shape).astype(np.float32)
+    tokens = rng.integers(0, config.n_vocab, (5, 12))
+    targets = rng.integers(0, config.n_vocab, (5, 12))
+    before = team_threads()
+    runs = []
+    try:
+        for threads in (1, 3, 3):
+            set_team_threads(threads)
+            grads = zeros_like_params(params)
+            runs.append((forward_backward(base, params, 6.0, tokens, targets, grads), grads))
+    finally:
+        set_team_threads(before)
+    (loss1, one), (loss3, three), (again_loss, again) = runs
+    assert abs(loss3 - loss1) <= 1e-6 * abs(loss1)
+    for name in params:
+        assert np.linalg.norm(three[name] - one[name]) <= 1e-5 * np.linalg.norm(one[name]), name
+    assert again_loss == loss3
+    for name in params:
+        assert np.array_equal(again[name], three[name]), name

@@ -19,7 +19,8 @@ from ..llama import LlamaConfig, rope_tables
 from .blas import gemm
 from .pointwise import (add_rms_norm, causal_scores, normalize_causal_rows, rms_norm_bwd_into,
                         softmax_bwd_rows, softmax_minus_onehot, swiglu_bwd, swiglu_fwd)
-from .tiles import BaseWeight, add_times_w, base_weight, rows, times_wt
+from .team import for_row_blocks, prerequisite, row_blocks, run_tasks
+from .tiles import BaseWeight, add_times_w, backward_tasks, base_weight, forward_tasks, rows, times_wt
 
 # llama.cpp finetune's names for the seven adapted weights (--rank-wq ... --rank-w3) → GGUF tensor parts.
 LORA_TARGETS = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
@@ -96,7 +97,13 @@ def rms_norm_fwd(x, weight, eps, residual=None):
     x then holds the sum)."""
     h, xn = np.empty_like(x), np.empty_like(x)
     rstd = np.empty((x.shape[0], 1), dtype=x.dtype)
-    add_rms_norm(x, residual, weight, x.dtype.type(eps), h, xn, rstd)
+    eps = x.dtype.type(eps)
+
+    def part(r0, r1):
+        add_rms_norm(x[r0:r1], None if residual is None else residual[r0:r1], weight, eps, h[r0:r1], xn[r0:r1],
+                     rstd[r0:r1])
+
+    for_row_blocks(x.shape[0], part, min_rows=32)
     return h, xn, rstd
 
 
@@ -104,7 +111,8 @@ def rms_norm_bwd(dy, weight, xn, rstd, out=None):
     """out + the input's gradient (out None: zeros), written into out."""
     if out is None:
         out = np.zeros_like(dy)
-    rms_norm_bwd_into(dy, weight, xn, rstd, out)
+    for_row_blocks(dy.shape[0], lambda r0, r1: rms_norm_bwd_into(dy[r0:r1], weight, xn[r0:r1], rstd[r0:r1],
+                                                                 out[r0:r1]), min_rows=32)
     return out
 
 
@@ -131,41 +139,95 @@ def rotate_pairs(x, cos, sin, rope_dim, sign):
 def swiglu_parts(g, up):
     """sigmoid(g) and act = silu(g) * up: the sigmoid by numpy's vector exp, its four passes in place on one
     buffer."""
-    sig = np.negative(g)
-    np.exp(sig, out=sig)
-    sig += g.dtype.type(1.0)
-    np.divide(g.dtype.type(1.0), sig, out=sig)
-    act = np.empty_like(g)
-    swiglu_fwd(g, up, sig, act)
+    sig, act = np.empty_like(g), np.empty_like(g)
+    one = g.dtype.type(1.0)
+
+    def part(r0, r1):
+        s = sig[r0:r1]
+        np.negative(g[r0:r1], out=s)
+        np.exp(s, out=s)
+        s += one
+        np.divide(one, s, out=s)
+        swiglu_fwd(g[r0:r1], up[r0:r1], s, act[r0:r1])
+
+    for_row_blocks(g.shape[0], part, min_rows=16)
     return sig, act
 
 
+def swiglu_grads(dact, g, up, sig):
+    """dg and dup of act = silu(g) * up, dup written over dact (which is not needed after)."""
+    dg = np.empty_like(dact)
+    one = dact.dtype.type(1.0)
+    for_row_blocks(dact.shape[0], lambda r0, r1: swiglu_bwd(dact[r0:r1], g[r0:r1], up[r0:r1], sig[r0:r1], one,
+                                                            dg[r0:r1]), min_rows=16)
+    return dg, dact
+
+
 # ---- linear layers with an optional LoRA pair ----
+#
+# The products sharing an input (q, k, v; gate, up) run as one task list for the thread team, with the LoRA terms
+# added on each task's own part of the result.
+
+def _lora_fwd_after(y, u, b, s, wait):
+    def after(r0, r1):
+        wait()
+        gemm(u, b[r0:r1].T, y[:, r0:r1], s, 1.0)  # y += s · u @ B.T on the tile's columns
+    return after
+
+
+def linears_fwd(x, weights, loras):
+    """[(y, u)] for each base weight and its LoRA pair (or None): y = x @ W.T + s · u @ B.T with the LoRA
+    intermediate u = x @ A.T (None without an adapter). The u are one task, ahead of the products' tasks."""
+    results, products, firsts = [], [], []
+    first, wait = prerequisite(lambda: [gemm(x, a.T, u) for a, u in firsts])
+    for w, lora in zip(weights, loras):
+        y = np.empty((x.shape[0], w.n_rows), dtype=x.dtype)
+        u = after = None
+        if lora is not None:
+            a, b, s = lora
+            u = np.empty((x.shape[0], a.shape[0]), dtype=x.dtype)
+            firsts.append((a, u))
+            after = _lora_fwd_after(y, u, b, s, wait)
+        products.append((w, y, after))
+        results.append((y, u))
+    run_tasks(([first] if firsts else []) + forward_tasks(products, x))
+    return results
+
 
 def linear_fwd(w: BaseWeight, x, lora):
     """y and the LoRA intermediate x @ A.T (None without an adapter)."""
-    y = times_wt(w, x)
-    if lora is None:
-        return y, None
-    a, b, s = lora
-    u = gemm(x, a.T, np.empty((x.shape[0], a.shape[0]), dtype=x.dtype))
-    gemm(u, b.T, y, s, 1.0)  # y += s · u @ B.T in one pass over y
-    return y, u
+    return linears_fwd(x, [w], [lora])[0]
 
 
-def linear_bwd(w: BaseWeight, x, u, dy, lora, name, grads, dx, accumulate=True):
-    """dx += dy @ (W + s·B·A) (dx None: not wanted; accumulate False: dx's old values are ignored); the
-    adapter's gradients added into grads."""
-    if dx is not None:
-        add_times_w(w, dy, dx, accumulate)
-    if lora is None:
-        return
-    a, b, s = lora
-    gemm(dy.T, u, grads[f"{name}.lora_b"], s, 1.0)
-    du = gemm(dy, b, np.empty((dy.shape[0], b.shape[1]), dtype=dy.dtype), s)
-    gemm(du.T, x, grads[f"{name}.lora_a"], 1.0, 1.0)
-    if dx is not None:
-        gemm(du, a, dx, 1.0, 1.0)
+def _lora_bwd_after(x, du, a, ga, dx, wait):
+    def after(c0, c1):
+        wait()
+        gemm(du, a[:, c0:c1], dx[:, c0:c1], 1.0, 1.0)          # dx += du @ A
+        gemm(du.T, x[:, c0:c1], ga[:, c0:c1], 1.0, 1.0)        # dA += du.T @ x
+    return after
+
+
+def linears_bwd(x, products, grads, dx, accumulate=True):
+    """dx += sum of dy @ (W + s·B·A) over products, a list of (w, u, dy, lora, name) whose forward read x (dx None:
+    not wanted; accumulate False: dx's old values are ignored); the adapters' gradients added into grads. The
+    du = s · dy @ B are one task, ahead of the others."""
+    band_products, lora_tasks, firsts = [], [], []
+    first, wait = prerequisite(lambda: [gemm(dy, b, du, s) for dy, b, du, s in firsts])
+    for w, u, dy, lora, name in products:
+        after = None
+        if lora is not None:
+            a, b, s = lora
+            ga, gb = grads[f"{name}.lora_a"], grads[f"{name}.lora_b"]
+            du = np.empty((dy.shape[0], b.shape[1]), dtype=dy.dtype)
+            firsts.append((dy, b, du, s))
+            lora_tasks.append(lambda dy=dy, u=u, gb=gb, s=s: gemm(dy.T, u, gb, s, 1.0))  # dB += s · dy.T @ u
+            if dx is None:
+                lora_tasks.append(lambda du=du, ga=ga: (wait(), gemm(du.T, x, ga, 1.0, 1.0)))
+            else:
+                after = _lora_bwd_after(x, du, a, ga, dx, wait)
+        band_products.append((w, dy, after))
+    tasks = backward_tasks(band_products, dx, accumulate) if dx is not None else []
+    run_tasks(([first] if firsts else []) + tasks + lora_tasks)
 
 
 # ---- attention over [batch, ctx] samples, grouped-query, causal ----
@@ -176,40 +238,73 @@ def heads_layout(x, n_batch, n_ctx, n_kv, group, head_dim):
     return np.ascontiguousarray(x).reshape(n_batch, n_kv, group * n_ctx, head_dim)
 
 
-def tokens_layout(x, n_batch, n_ctx, n_kv, group, head_dim):
-    x = x.reshape(n_batch, n_kv, group, n_ctx, head_dim).transpose(0, 3, 1, 2, 4)
-    return np.ascontiguousarray(x).reshape(n_batch * n_ctx, n_kv * group * head_dim)
+def write_tokens(x, out, n_kv, group):
+    """x [batch, n_kv, group * ctx, head_dim] (heads_layout) written into out [batch * ctx, n_kv * group *
+    head_dim]."""
+    n_batch, head_dim = x.shape[0], x.shape[-1]
+    n_ctx = out.shape[0] // n_batch
+    np.copyto(out.reshape(n_batch, n_ctx, n_kv, group, head_dim),
+              x.reshape(n_batch, n_kv, group, n_ctx, head_dim).transpose(0, 3, 1, 2, 4))
 
 
-def attention_fwd(q, k, v, n_batch, n_ctx, config):
+def attention_fwd(q, k, v, n_batch, n_ctx, config, tables):
+    """RoPE on q and k (in place), then each sequence's causal attention: the output [n, n_head * head_dim] and
+    what the backward needs. The sequences are independent: blocks of them are tasks for the thread team."""
     c = config
     group = c.n_head // c.n_head_kv
-    qh = heads_layout(q, n_batch, n_ctx, c.n_head_kv, group, c.head_dim)
-    kh = heads_layout(k, n_batch, n_ctx, c.n_head_kv, 1, c.head_dim)
-    vh = heads_layout(v, n_batch, n_ctx, c.n_head_kv, 1, c.head_dim)
-    scores = qh @ kh.swapaxes(-1, -2)
-    # the causal softmax: scale, mask and the maximum in one compiled pass, numpy's vector exp, then the sums
-    causal_scores(scores, q.dtype.type(1.0 / math.sqrt(c.head_dim)), n_ctx)
-    np.exp(scores, out=scores)
-    normalize_causal_rows(scores, n_ctx)
-    out = tokens_layout(scores @ vh, n_batch, n_ctx, c.n_head_kv, group, c.head_dim)
-    return out, (qh, kh, vh, scores)
+    cos, sin = tables
+    scale = q.dtype.type(1.0 / math.sqrt(c.head_dim))
+    out = np.empty_like(q)
+    blocks = row_blocks(n_batch, min_rows=1)
+    saved = [None] * len(blocks)
+
+    def sequences(i, b0, b1):
+        rows, nb = slice(b0 * n_ctx, b1 * n_ctx), b1 - b0
+        rope(q[rows].reshape(nb * n_ctx, c.n_head, c.head_dim), cos[rows], sin[rows], c.rope_dim)
+        rope(k[rows].reshape(nb * n_ctx, c.n_head_kv, c.head_dim), cos[rows], sin[rows], c.rope_dim)
+        qh = heads_layout(q[rows], nb, n_ctx, c.n_head_kv, group, c.head_dim)
+        kh = heads_layout(k[rows], nb, n_ctx, c.n_head_kv, 1, c.head_dim)
+        vh = heads_layout(v[rows], nb, n_ctx, c.n_head_kv, 1, c.head_dim)
+        scores = qh @ kh.swapaxes(-1, -2)
+        # the causal softmax: scale, mask and the maximum in one compiled pass, numpy's vector exp, then the sums
+        causal_scores(scores, scale, n_ctx)
+        np.exp(scores, out=scores)
+        normalize_causal_rows(scores, n_ctx)
+        write_tokens(scores @ vh, out[rows], c.n_head_kv, group)
+        saved[i] = (qh, kh, vh, scores)
+
+    run_tasks([(lambda i=i, b0=b0, b1=b1: sequences(i, b0, b1)) for i, (b0, b1) in enumerate(blocks)])
+    return out, (blocks, saved)
 
 
-def attention_bwd(dout, saved, n_batch, n_ctx, config):
+def attention_bwd(dout, saved, n_batch, n_ctx, config, tables):
+    """dq, dk, dv (before RoPE) from the output's gradient, by the forward's blocks of sequences as tasks for the
+    thread team."""
     c = config
     group = c.n_head // c.n_head_kv
-    qh, kh, vh, p = saved
-    do = heads_layout(dout, n_batch, n_ctx, c.n_head_kv, group, c.head_dim)
-    dp = do @ vh.swapaxes(-1, -2)
-    dv = p.swapaxes(-1, -2) @ do
-    softmax_bwd_rows(p, dp, dout.dtype.type(1.0 / math.sqrt(c.head_dim)), n_ctx)
-    ds = dp
-    dq = ds @ kh
-    dk = ds.swapaxes(-1, -2) @ qh
-    return (tokens_layout(dq, n_batch, n_ctx, c.n_head_kv, group, c.head_dim),
-            tokens_layout(dk, n_batch, n_ctx, c.n_head_kv, 1, c.head_dim),
-            tokens_layout(dv, n_batch, n_ctx, c.n_head_kv, 1, c.head_dim))
+    cos, sin = tables
+    scale = dout.dtype.type(1.0 / math.sqrt(c.head_dim))
+    n = dout.shape[0]
+    dq = np.empty_like(dout)
+    dk = np.empty((n, c.n_head_kv * c.head_dim), dtype=dout.dtype)
+    dv = np.empty_like(dk)
+    blocks, kept = saved
+
+    def sequences(i, b0, b1):
+        rows, nb = slice(b0 * n_ctx, b1 * n_ctx), b1 - b0
+        qh, kh, vh, p = kept[i]
+        do = heads_layout(dout[rows], nb, n_ctx, c.n_head_kv, group, c.head_dim)
+        dp = do @ vh.swapaxes(-1, -2)
+        write_tokens(p.swapaxes(-1, -2) @ do, dv[rows], c.n_head_kv, 1)
+        softmax_bwd_rows(p, dp, scale, n_ctx)
+        ds = dp
+        write_tokens(ds @ kh, dq[rows], c.n_head_kv, group)
+        write_tokens(ds.swapaxes(-1, -2) @ qh, dk[rows], c.n_head_kv, 1)
+        rope(dq[rows].reshape(nb * n_ctx, c.n_head, c.head_dim), cos[rows], sin[rows], c.rope_dim, inverse=True)
+        rope(dk[rows].reshape(nb * n_ctx, c.n_head_kv, c.head_dim), cos[rows], sin[rows], c.rope_dim, inverse=True)
+
+    run_tasks([(lambda i=i, b0=b0, b1=b1: sequences(i, b0, b1)) for i, (b0, b1) in enumerate(blocks)])
+    return dq, dk, dv
 
 
 # ---- one transformer block ----
@@ -228,19 +323,13 @@ def rope_for(config: LlamaConfig, n_batch, n_ctx, dtype):
 def block_fwd(layer, loras, x, n_batch, n_ctx, config, tables):
     """The block's output and what its backward needs."""
     c = config
-    n = x.shape[0]
-    cos, sin = tables
     h1, xn1, rstd1 = rms_norm_fwd(x, layer["attn_norm"], c.rms_eps)
-    q, uq = linear_fwd(layer["attn_q"], h1, loras["attn_q"])
-    k, uk = linear_fwd(layer["attn_k"], h1, loras["attn_k"])
-    v, uv = linear_fwd(layer["attn_v"], h1, loras["attn_v"])
-    q = rope(q.reshape(n, c.n_head, c.head_dim), cos, sin, c.rope_dim).reshape(n, -1)
-    k = rope(k.reshape(n, c.n_head_kv, c.head_dim), cos, sin, c.rope_dim).reshape(n, -1)
-    o, att = attention_fwd(q, k, v, n_batch, n_ctx, c)
+    (q, uq), (k, uk), (v, uv) = linears_fwd(h1, [layer["attn_q"], layer["attn_k"], layer["attn_v"]],
+                                            [loras["attn_q"], loras["attn_k"], loras["attn_v"]])
+    o, att = attention_fwd(q, k, v, n_batch, n_ctx, c, tables)
     x2, uo = linear_fwd(layer["attn_output"], o, loras["attn_output"])
     h2, xn2, rstd2 = rms_norm_fwd(x2, layer["ffn_norm"], c.rms_eps, residual=x)  # x2 = x + attention
-    g, ug = linear_fwd(layer["ffn_gate"], h2, loras["ffn_gate"])
-    up, uu = linear_fwd(layer["ffn_up"], h2, loras["ffn_up"])
+    (g, ug), (up, uu) = linears_fwd(h2, [layer["ffn_gate"], layer["ffn_up"]], [loras["ffn_gate"], loras["ffn_up"]])
     sig, act = swiglu_parts(g, up)
     down, ud = linear_fwd(layer["ffn_down"], act, loras["ffn_down"])
     saved = dict(h1=h1, xn1=xn1, rstd1=rstd1, uq=uq, uk=uk, uv=uv, att=att, o=o, uo=uo, h2=h2, xn2=xn2,
@@ -253,27 +342,23 @@ def block_bwd(layer, loras, names, saved, dx3, n_batch, n_ctx, config, tables, g
     """Gradient of the block's input from that of its output (computed in dx3's memory, which is overwritten);
     adapter gradients added into grads. need_dx False (the first block: the embeddings are frozen) skips the
     products that only serve dx."""
-    c = config
-    n = dx3.shape[0]
-    cos, sin = tables
     s = saved
+
+    def product(part, u, dy):
+        return layer[part], s[u], dy, loras[part], names[part]
+
     dact = np.empty_like(s["act"])
-    linear_bwd(layer["ffn_down"], s["act"], s["ud"], dx3, loras["ffn_down"], names["ffn_down"], grads, dact, False)
-    dg, dup = swiglu_bwd(dact, s["g"], s["up"], s["sig"], dact.dtype.type(1.0))
+    linears_bwd(s["act"], [product("ffn_down", "ud", dx3)], grads, dact, False)
+    dg, dup = swiglu_grads(dact, s["g"], s["up"], s["sig"])
     dh2 = np.empty_like(s["h2"])
-    linear_bwd(layer["ffn_gate"], s["h2"], s["ug"], dg, loras["ffn_gate"], names["ffn_gate"], grads, dh2, False)
-    linear_bwd(layer["ffn_up"], s["h2"], s["uu"], dup, loras["ffn_up"], names["ffn_up"], grads, dh2)
+    linears_bwd(s["h2"], [product("ffn_gate", "ug", dg), product("ffn_up", "uu", dup)], grads, dh2, False)
     dx2 = rms_norm_bwd(dh2, layer["ffn_norm"], s["xn2"], s["rstd2"], out=dx3)  # dx3 is not needed after
     do = np.empty_like(s["o"])
-    linear_bwd(layer["attn_output"], s["o"], s["uo"], dx2, loras["attn_output"], names["attn_output"], grads, do,
-               False)
-    dq, dk, dv = attention_bwd(do, s["att"], n_batch, n_ctx, c)
-    dq = rope(dq.reshape(n, c.n_head, c.head_dim), cos, sin, c.rope_dim, inverse=True).reshape(n, -1)
-    dk = rope(dk.reshape(n, c.n_head_kv, c.head_dim), cos, sin, c.rope_dim, inverse=True).reshape(n, -1)
+    linears_bwd(s["o"], [product("attn_output", "uo", dx2)], grads, do, False)
+    dq, dk, dv = attention_bwd(do, s["att"], n_batch, n_ctx, config, tables)
     dh1 = np.empty_like(s["h1"]) if need_dx else None
-    linear_bwd(layer["attn_q"], s["h1"], s["uq"], dq, loras["attn_q"], names["attn_q"], grads, dh1, False)
-    linear_bwd(layer["attn_k"], s["h1"], s["uk"], dk, loras["attn_k"], names["attn_k"], grads, dh1)
-    linear_bwd(layer["attn_v"], s["h1"], s["uv"], dv, loras["attn_v"], names["attn_v"], grads, dh1)
+    linears_bwd(s["h1"], [product("attn_q", "uq", dq), product("attn_k", "uk", dk), product("attn_v", "uv", dv)],
+                grads, dh1, False)
     if not need_dx:
         return None
     return rms_norm_bwd(dh1, layer["attn_norm"], s["xn1"], s["rstd1"], out=dx2)
@@ -295,19 +380,23 @@ CROSS_ENTROPY_ROWS = 8
 
 def cross_entropy(logits, targets, grad_scale=1.0):
     """Mean negative log-likelihood and its gradient wrt logits, (softmax - one-hot) · grad_scale / n, computed
-    in place."""
+    in place, blocks of rows as tasks for the thread team."""
     n = logits.shape[0]
     targets = np.ascontiguousarray(targets, dtype=np.int64)
     scale = logits.dtype.type(1.0 / n if grad_scale == 1.0 else grad_scale / n)
     picked = np.empty(n, dtype=logits.dtype)
     losses = np.empty(n, dtype=np.float64)
-    for r0 in range(0, n, CROSS_ENTROPY_ROWS):
-        rows = slice(r0, min(n, r0 + CROSS_ENTROPY_ROWS))
-        block = logits[rows]
-        block -= block.max(axis=-1, keepdims=True)
-        picked[rows] = block[np.arange(block.shape[0]), targets[rows]]
-        np.exp(block, out=block)
-        softmax_minus_onehot(block, targets[rows], picked[rows], scale, losses[rows])
+
+    def part(p0, p1):
+        for r0 in range(p0, p1, CROSS_ENTROPY_ROWS):
+            rows = slice(r0, min(p1, r0 + CROSS_ENTROPY_ROWS))
+            block = logits[rows]
+            block -= block.max(axis=-1, keepdims=True)
+            picked[rows] = block[np.arange(block.shape[0]), targets[rows]]
+            np.exp(block, out=block)
+            softmax_minus_onehot(block, targets[rows], picked[rows], scale, losses[rows])
+
+    for_row_blocks(n, part, min_rows=CROSS_ENTROPY_ROWS, multiple=CROSS_ENTROPY_ROWS)
     return float(np.mean(losses)), logits
 
 

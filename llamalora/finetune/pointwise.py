@@ -61,9 +61,8 @@ def swiglu_fwd(g, up, sig, act):
 
 
 @njit(nogil=True, cache=True)
-def swiglu_bwd(dact, g, up, sig, one):
-    """dg and dup of act = silu(g) * up, dup written over dact (which is not needed after)."""
-    dg = np.empty_like(dact)
+def swiglu_bwd(dact, g, up, sig, one, dg):
+    """dg and dup of act = silu(g) * up, dg written into dg and dup over dact (which is not needed after)."""
     for i in range(dact.shape[0]):
         for j in range(dact.shape[1]):
             a = dact[i, j]
@@ -71,7 +70,6 @@ def swiglu_bwd(dact, g, up, sig, one):
             x = g[i, j]
             dg[i, j] = a * up[i, j] * sg * (one + x * (one - sg))
             dact[i, j] = a * (x * sg)
-    return dg, dact
 
 
 @njit(nogil=True, cache=True)

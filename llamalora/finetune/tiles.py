@@ -5,8 +5,6 @@ The tile values equal llamalora.kernels.dequantize's exactly (same float32 opera
 same weights inference runs with.
 """
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +18,7 @@ from .. import kernels
 from ..kernels import simd
 from ..errors import ModelFileError
 from .blas import gemm
+from .team import row_blocks, run_tasks, team_tasks, thread_buffer
 
 # Elements of one dequantized tile: 1 Mi floats = 4 MiB in float32. Bigger tiles give BLAS fewer, longer
 # products (one training step on one core: 167 tok/s with 128 Ki-element tiles, 178 with 512 Ki, 182 with 1 Mi).
@@ -37,10 +36,6 @@ class BaseWeight:
     data: np.ndarray           # uint8[n_rows, row_nbytes], usually a view on the mapped file
     scales: np.ndarray | None  # float32[n_rows, n_blocks] (quantized types)
     minima: np.ndarray | None  # float32[n_rows, n_blocks] (q4_1; zeros for q4_0, whose offset is applied to q)
-
-    @property
-    def tile_rows(self) -> int:
-        return int(max(16, min(self.n_rows, TILE_ELEMENTS // max(self.n_cols, 1))))
 
 
 def base_weight(tensor) -> BaseWeight:
@@ -60,29 +55,22 @@ def base_weight(tensor) -> BaseWeight:
     return BaseWeight(tensor.name, qtype, tensor.n_rows, tensor.n_cols, data, scales, minima)
 
 
-def dequantize_tile(w: BaseWeight, r0: int, r1: int, out: np.ndarray) -> np.ndarray:
-    """Rows r0..r1 of w as float32 (out is a scratch buffer of at least r1 - r0 rows); returns the tile."""
-    tile = out[: r1 - r0]
+def dequantize_tile(w: BaseWeight, r0: int, r1: int, out: np.ndarray, c0: int = 0, c1: int | None = None):
+    """Rows r0..r1, columns c0..c1 (default: all; quantized types: on block boundaries, multiples of 32) of w as
+    float32 (out is a scratch buffer of at least (r1 - r0) * (c1 - c0) floats); returns the tile."""
+    c1 = w.n_cols if c1 is None else c1
+    tile = out.reshape(-1)[: (r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0)
     if w.type == GGMLType.F32:
-        return w.data[r0:r1].view(np.float32)
+        return w.data[r0:r1].view(np.float32)[:, c0:c1]
     if w.type == GGMLType.F16:
-        tile[...] = w.data[r0:r1].view(np.float16)
+        tile[...] = w.data[r0:r1].view(np.float16)[:, c0:c1]
     elif w.type == GGMLType.Q4_1:
-        q4_tile(w.data, w.scales, w.minima, r0, 0, 4, 20, tile)
+        q4_rows(w.data, w.scales, w.minima, r0, 0, 4, 20, tile, 0, r1 - r0, c0 // 32)
     elif w.type == GGMLType.Q4_0:
-        q4_tile(w.data, w.scales, w.minima, r0, 8, 2, 18, tile)
+        q4_rows(w.data, w.scales, w.minima, r0, 8, 2, 18, tile, 0, r1 - r0, c0 // 32)
     else:
-        q8_tile(w.data, w.scales, r0, tile)
+        q8_rows(w.data, w.scales, r0, tile, 0, r1 - r0, c0 // 32)
     return tile
-
-
-def q4_tile(data, scales, minima, r0, offset, qs_offset, type_size, out):
-    """out[i] = row r0 + i of 4-bit blocks: d * (q - offset) + m (q4_0: offset 8, m 0; q4_1: offset 0)."""
-    q4_rows(data, scales, minima, r0, offset, qs_offset, type_size, out, 0, out.shape[0])
-
-
-def q8_tile(data, scales, r0, out):
-    q8_rows(data, scales, r0, out, 0, out.shape[0])
 
 
 # The rows are widened in <16 x ...> vectors written as LLVM IR: numba's own loops stay scalar here (the
@@ -148,155 +136,120 @@ _widen_q8_row = _make_widen_row("q8")
 
 
 @njit(nogil=True, cache=True)
-def q4_rows(data, scales, minima, r0, offset, qs_offset, type_size, out, i0, i1):
-    n_blocks = scales.shape[1]
+def q4_rows(data, scales, minima, r0, offset, qs_offset, type_size, out, i0, i1, b0):
+    """out[i] = blocks b0.. of row r0 + i (as many as out's row holds), for i in i0..i1."""
+    n_blocks = out.shape[1] // 32
     for i in range(i0, i1):
         r = r0 + i
-        _widen_q4_row(data.ctypes.data + r * data.strides[0], scales.ctypes.data + r * scales.strides[0],
-                      minima.ctypes.data + r * minima.strides[0], out.ctypes.data + i * out.strides[0],
+        _widen_q4_row(data.ctypes.data + r * data.strides[0] + b0 * type_size,
+                      scales.ctypes.data + r * scales.strides[0] + b0 * 4,
+                      minima.ctypes.data + r * minima.strides[0] + b0 * 4, out.ctypes.data + i * out.strides[0],
                       n_blocks, offset, qs_offset, type_size)
 
 
 @njit(nogil=True, cache=True)
-def q8_rows(data, scales, r0, out, i0, i1):
-    n_blocks = scales.shape[1]
+def q8_rows(data, scales, r0, out, i0, i1, b0):
+    n_blocks = out.shape[1] // 32
     for i in range(i0, i1):
         r = r0 + i
-        _widen_q8_row(data.ctypes.data + r * data.strides[0], scales.ctypes.data + r * scales.strides[0],
+        _widen_q8_row(data.ctypes.data + r * data.strides[0] + b0 * 34,
+                      scales.ctypes.data + r * scales.strides[0] + b0 * 4,
                       scales.ctypes.data, out.ctypes.data + i * out.strides[0], n_blocks, 0, 2, 34)
 
 
-# ---- the products, their tiles shared among threads ----
+# ---- the products, as tasks for the thread team (team.py) ----
 #
-# With several threads, the tiles of one product are handed out in order to whichever thread is free; each
-# thread dequantizes its tile and multiplies it with single-threaded BLAS. A thread that the machine's other
-# work holds up then delays only its own tile, where BLAS's own team, splitting every product into fixed halves,
-# would make the other thread wait for it on every tile. One mechanism runs on the hot path: these threads (the
-# numba dequantizers release the GIL), with BLAS on one thread (set_tile_threads' caller sees to that).
+# A forward product's tasks are shares of W's rows (columns of the result; the rows of several weights that read
+# one input laid end to end); a backward product's are column bands of W (columns of dx), each adding its band's
+# row tiles in order, so that no two tasks write the same numbers and every sum is made in one order whatever
+# the number of threads (splitting W's rows instead would leave a part per thread to add up afterwards). One
+# thread runs one band, all columns: the same tiles and sums as before the products were split.
 
-_team = {"threads": 1, "pool": None}
-_local = threading.local()
-
-
-def set_tile_threads(n: int) -> None:
-    """Run each product's tiles on n threads: the caller and n - 1 workers."""
-    n = max(1, int(n))
-    if n == _team["threads"]:
-        return
-    if _team["pool"] is not None:
-        _team["pool"].shutdown()
-    _team["threads"] = n
-    _team["pool"] = ThreadPoolExecutor(n - 1, thread_name_prefix="llamalora-tiles") if n > 1 else None
+def tile_ranges(w: BaseWeight, r0: int = 0, r1: int | None = None, n_cols: int | None = None) -> list:
+    """(r0, r1) tiles covering rows r0..r1 of w (default all), at most TILE_ELEMENTS floats of n_cols columns
+    (default all) each."""
+    r1 = w.n_rows if r1 is None else r1
+    n_cols = w.n_cols if n_cols is None else n_cols
+    step = int(max(16, TILE_ELEMENTS // max(n_cols, 1)))
+    return [(t0, min(t0 + step, r1)) for t0 in range(r0, r1, step)]
 
 
-def tile_threads() -> int:
-    return _team["threads"]
+def split_rows(sizes: list, parts: int) -> list:
+    """The rows of weights of sizes (row counts) laid end to end and cut into `parts` about equal shares (at
+    least 64 rows each, multiples of 16): each share a list of (weight index, r0, r1)."""
+    step = max(64, -(-sum(sizes) // parts // 16) * 16) if parts > 1 else sum(sizes)
+    shares, share, room = [], [], step
+    for k, n in enumerate(sizes):
+        r = 0
+        while r < n:
+            take = min(room, n - r)
+            share.append((k, r, r + take))
+            r, room = r + take, room - take
+            if room == 0:
+                shares.append(share)
+                share, room = [], step
+    return shares + ([share] if share else [])
 
 
-def tile_ranges(w: BaseWeight, threads: int) -> list:
-    """(r0, r1) of every tile; with several threads, at least two tiles per thread when rows allow (64 or more
-    rows a tile), so that a held-up thread's share can pass to the others."""
-    step = w.tile_rows
-    if threads > 1:
-        step = min(step, max(64, -(-w.n_rows // (2 * threads))))
-    return [(r0, min(r0 + step, w.n_rows)) for r0 in range(0, w.n_rows, step)]
+def column_bands(n_cols: int) -> list:
+    """(c0, c1) bands of a backward product's columns, on 32-column block boundaries: all of them on one thread,
+    otherwise team_tasks() bands."""
+    blocks = row_blocks(-(-n_cols // 32), min_rows=1)
+    return [(32 * b0, min(32 * b1, n_cols)) for b0, b1 in blocks]
 
 
-def thread_buffer(key: str, shape: tuple, dtype) -> np.ndarray:
-    """A buffer of this thread's that lives across calls: fresh memory on every product costs page faults."""
-    buffers = getattr(_local, "buffers", None)
-    if buffers is None:
-        buffers = _local.buffers = {}
-    size = int(np.prod(shape))
-    buf = buffers.get((key, np.dtype(dtype)))
-    if buf is None or buf.size < size:
-        buf = buffers[(key, np.dtype(dtype))] = np.empty(size, dtype=dtype)
-    return buf[:size].reshape(shape)
+def forward_tasks(products: list, x: np.ndarray) -> list:
+    """Tasks writing out = x @ W.T for each (w, out, after) of products (x [n, n_cols], out [n, w.n_rows]); the
+    weights' rows are shared out evenly among team_tasks() tasks. after(r0, r1), when given, runs once a tile's
+    columns out[:, r0:r1] are written (the LoRA term is added there)."""
+    def task(share):
+        for k, s0, s1 in share:
+            w, out, after = products[k]
+            for r0, r1 in tile_ranges(w, s0, s1):
+                tile = dequantize_tile(w, r0, r1, thread_buffer("tile", (r1 - r0, w.n_cols), np.float32))
+                if x.dtype != np.float32:
+                    tile = tile.astype(x.dtype)
+                np.matmul(x, tile.T, out=out[:, r0:r1])
+                if after is not None:
+                    after(r0, r1)
 
-
-def for_each_tile(w: BaseWeight, work) -> None:
-    """work(i, r0, r1, tile) for the tiles of w in order, spread over the tile threads."""
-    threads = _team["threads"]
-    ranges = tile_ranges(w, threads)
-    tile_rows = max(r1 - r0 for r0, r1 in ranges)
-
-    def run(claim):
-        buf = thread_buffer("tile", (tile_rows, w.n_cols), np.float32)
-        for i in iter(claim, None):
-            r0, r1 = ranges[i]
-            work(i, r0, r1, dequantize_tile(w, r0, r1, buf))
-
-    if threads == 1 or len(ranges) == 1:
-        pending = iter(range(len(ranges)))
-        run(lambda: next(pending, None))
-        return
-    lock = threading.Lock()
-    pending = iter(range(len(ranges)))
-
-    def claim():
-        with lock:
-            return next(pending, None)
-
-    helpers = [_team["pool"].submit(run, claim) for _ in range(min(threads, len(ranges)) - 1)]
-    try:
-        run(claim)
-    finally:
-        for helper in helpers:
-            helper.result()
+    shares = split_rows([w.n_rows for w, _, _ in products], team_tasks())
+    return [(lambda share=share: task(share)) for share in shares]
 
 
 def times_wt(w: BaseWeight, x: np.ndarray) -> np.ndarray:
     """x @ W.T for x [n, n_cols] (a forward product), in x's dtype."""
     out = np.empty((x.shape[0], w.n_rows), dtype=x.dtype)
-
-    def work(i, r0, r1, tile):
-        if x.dtype != np.float32:
-            tile = tile.astype(x.dtype)
-        np.matmul(x, tile.T, out=out[:, r0:r1])
-
-    for_each_tile(w, work)
+    run_tasks(forward_tasks([(w, out, None)], x))
     return out
+
+
+def backward_tasks(products: list, dx: np.ndarray, accumulate: bool = True) -> list:
+    """Tasks writing dx += sum of dy @ W over products, a list of (w, dy, after) with dy [n, w.n_rows] (accumulate
+    False: dx = the sum, whatever dx held). Each task is a band of dx's columns: the products in order, each
+    product's tiles in order, each added into dx by BLAS (beta 1), then after(c0, c1) when given (the LoRA terms
+    of that product, on the band's columns)."""
+    n_cols = dx.shape[1]
+
+    def task(c0, c1):
+        first = not accumulate
+        for w, dy, after in products:
+            for r0, r1 in tile_ranges(w, n_cols=c1 - c0):
+                tile = dequantize_tile(w, r0, r1, thread_buffer("tile", (r1 - r0, c1 - c0), np.float32), c0, c1)
+                if dx.dtype != np.float32:
+                    tile = tile.astype(dx.dtype)
+                gemm(dy[:, r0:r1], tile, dx[:, c0:c1], 1.0, 0.0 if first else 1.0)
+                first = False
+            if after is not None:
+                after(c0, c1)
+
+    return [(lambda c0=c0, c1=c1: task(c0, c1)) for c0, c1 in column_bands(n_cols)]
 
 
 def add_times_w(w: BaseWeight, dy: np.ndarray, dx: np.ndarray, accumulate: bool = True) -> None:
     """dx += dy @ W for dy [n, n_rows] (a backward product through a frozen weight); accumulate False writes
-    dx = dy @ W whatever dx held.
-
-    The tiles' parts are added in tile order whichever thread made them, so the sums come out the same
-    from run to run. On one thread BLAS adds each part into dx itself (beta 1), in that same order."""
-    if _team["threads"] == 1:
-        def add(i, r0, r1, tile):
-            if dx.dtype != np.float32:
-                tile = tile.astype(dx.dtype)
-            gemm(dy[:, r0:r1], tile, dx, 1.0, 1.0 if accumulate or i > 0 else 0.0)
-
-        for_each_tile(w, add)
-        return
-    if not accumulate:
-        dx[...] = 0
-    turn = [0]  # the next tile to add; -1 once a tile failed, so that no thread waits for it
-    done = threading.Condition()
-
-    def work(i, r0, r1, tile):
-        try:
-            if dx.dtype != np.float32:
-                tile = tile.astype(dx.dtype)
-            part = thread_buffer("part", dx.shape, dx.dtype)
-            np.matmul(dy[:, r0:r1], tile, out=part)
-        except BaseException:
-            with done:
-                turn[0] = -1
-                done.notify_all()
-            raise
-        with done:
-            done.wait_for(lambda: turn[0] in (i, -1))
-            if turn[0] == -1:
-                raise RuntimeError("another tile of this product failed")
-            np.add(dx, part, out=dx)
-            turn[0] += 1
-            done.notify_all()
-
-    for_each_tile(w, work)
+    dx = dy @ W whatever dx held."""
+    run_tasks(backward_tasks([(w, dy, None)], dx, accumulate))
 
 
 def rows(w: BaseWeight, ids: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ from .blas import openblas_function
 from .data import BatchOptions, make_samples, next_batch, start_order
 from .model import LORA_TARGETS, forward_backward, init_lora, lora_shapes, load_base, zeros_like_params
 from .optim import AdamW, clip_grad_norm, scheduled_lr
-from .tiles import set_tile_threads
+from .team import set_team_threads
 from .output import load_checkpoint, output_paths, save_checkpoint, write_adapter_gguf, write_peft
 
 
@@ -83,13 +83,13 @@ def blas_threads() -> int | None:
 
 
 def use_threads(n: int | None) -> int:
-    """Compute on n threads (default: every core) and return n. The base-weight products split their tiles among
-    n threads, each calling BLAS on one thread: one team instead of ours beside an OpenBLAS pool sized to the
-    machine. Where BLAS's thread count cannot be set, BLAS keeps its own threads and the tiles run on one."""
+    """Compute on n threads (default: every core) and return n. A step's work is split into tasks for a team of
+    n threads (team.py), each calling BLAS on one thread: one team instead of ours beside an OpenBLAS pool sized
+    to the machine. Where BLAS's thread count cannot be set, BLAS keeps its own threads and the team has one."""
     from ..loader import set_threads
 
     threads = set_threads(n)
-    set_tile_threads(threads if set_blas_threads(1) else 1)
+    set_team_threads(threads if set_blas_threads(1) else 1)
     return threads
 
 
