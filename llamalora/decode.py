@@ -12,6 +12,7 @@ The arithmetic is ops.py's, in the batch path's order, so a token's hidden state
 
 import os
 
+import numba
 import numpy as np
 from numba import njit
 
@@ -83,25 +84,26 @@ def run_layers(plan: LayerPlan, x: np.ndarray, cache, cos: np.ndarray, sin: np.n
     """x float32[dim] (C-contiguous) ← the hidden state after every layer, for the token at position cache.n,
     whose keys and values are written to the cache (cache.n is left to the caller)."""
     forward_layers(x, plan.weights, plan.norms, plan.biases, plan.lora_table(deltas), cache.k, cache.v, cache.n,
-                   cos, sin, config.n_head, config.n_head_kv, config.n_ff, config.rms_eps, config.rope_neox)
+                   cos, sin, config.n_head, config.n_head_kv, config.n_ff, config.rms_eps, config.rope_neox,
+                   numba.get_num_threads() == 1)
 
 
 @njit(nogil=True, cache=True)
-def linear(weights, biases, lora, s, x, out):
+def linear(weights, biases, lora, s, x, out, one_thread):
     """out = W_s · x (+ s·B_s·(A_s·x)) (+ bias_s): weight s of the tables (the delta inside the weight's kernel,
     which also prefetches the next weight's A)."""
     following = min(s + 1, lora.shape[0] - 1)  # whose A the kernel prefetches (the last weight's own: no rows)
     dispatch.matvec_entry(weights, s, x, out, dispatch.float_matrix(lora[s, 0], lora[s, 1], lora[s, 2]),
                           dispatch.float_matrix(lora[s, 3], lora[s, 4], lora[s, 5]),
                           dispatch.float_matrix(lora[following, 0], lora[following, 1] if following > s else 0,
-                                                lora[following, 2]))
+                                                lora[following, 2]), one_thread)
     if biases[s, 2]:
         out += dispatch.float_matrix(biases[s, 0], 1, biases[s, 2])[0]
 
 
 @njit(nogil=True, cache=True)
 def forward_layers(x, weights, norms, biases, lora, k_all, v_all, n_past, cos, sin, n_head, n_head_kv, n_ff, eps,
-                   neox):
+                   neox, one_thread):
     n_layer, dim = norms.shape[0], x.shape[0]
     head_dim = dim // n_head
     q = np.empty((1, n_head, head_dim), dtype=np.float32)
@@ -115,20 +117,20 @@ def forward_layers(x, weights, norms, biases, lora, k_all, v_all, n_past, cos, s
     for i in range(n_layer):
         s = i * N_SLOTS
         h = rms_norm(x_row, norms[i, 0], eps)[0]
-        linear(weights, biases, lora, s + Q, h, q.reshape(dim))
-        linear(weights, biases, lora, s + K, h, k.reshape(k.size))
-        linear(weights, biases, lora, s + V, h, v.reshape(v.size))
+        linear(weights, biases, lora, s + Q, h, q.reshape(dim), one_thread)
+        linear(weights, biases, lora, s + K, h, k.reshape(k.size), one_thread)
+        linear(weights, biases, lora, s + V, h, v.reshape(v.size), one_thread)
         rope_inplace(q, cos, sin, neox)
         rope_inplace(k, cos, sin, neox)
         k_all[i, n_past] = k[0]
         v_all[i, n_past] = v[0]
         attention(q, k_all[i], v_all[i], n_past, attn)
-        linear(weights, biases, lora, s + O, attn.reshape(dim), proj)
+        linear(weights, biases, lora, s + O, attn.reshape(dim), proj, one_thread)
         x += proj
         h = rms_norm(x_row, norms[i, 1], eps)[0]
-        linear(weights, biases, lora, s + GATE, h, gate[0])
-        linear(weights, biases, lora, s + UP, h, up[0])
-        linear(weights, biases, lora, s + DOWN, swiglu(gate, up)[0], proj)
+        linear(weights, biases, lora, s + GATE, h, gate[0], one_thread)
+        linear(weights, biases, lora, s + UP, h, up[0], one_thread)
+        linear(weights, biases, lora, s + DOWN, swiglu(gate, up)[0], proj, one_thread)
         x += proj
 
 

@@ -198,7 +198,7 @@ def test_extreme_activations_fall_back_to_the_portable_kernel(qtype):
         MODULES[qtype].matvec(prepared, x, out)
         assert np.array_equal(out, expected, equal_nan=True)
         compiled = np.full(16, 7.0, np.float32)
-        dispatch.matvec(kind, *arrays[1:], x, compiled, *NO_DELTA, vnni.NO_FACTORS)
+        dispatch.matvec(kind, *arrays[1:], x, compiled, *NO_DELTA, vnni.NO_FACTORS, False)
         assert np.array_equal(compiled, expected, equal_nan=True)
 
 
@@ -212,7 +212,7 @@ def test_type_modules_and_dispatch_use_the_integer_kernel_when_enabled():
         prepared = MODULES[qtype].prepare(data, 768)
         MODULES[qtype].matvec(prepared, x, via_module)
         arrays = dispatch.uniform_arrays(kernels.Weight(qtype, 16, 512, prepared))
-        dispatch.matvec(*arrays, x, compiled, *NO_DELTA, vnni.NO_FACTORS)
+        dispatch.matvec(*arrays, x, compiled, *NO_DELTA, vnni.NO_FACTORS, False)
         expected = direct if vnni.ENABLED else portable(qtype, data, x)
         assert np.array_equal(via_module, expected)
         assert np.array_equal(compiled, expected)
@@ -260,10 +260,12 @@ def test_delta_inside_the_row_loop_equals_the_delta_after_it(rank):
         x = rng.standard_normal(512).astype(np.float32)
         a = rng.standard_normal((rank, 512)).astype(np.float32)
         packed_b = kernels.pack_scaled_b(rng.standard_normal((37, rank)))
-        fused, after = np.empty(37, np.float32), np.empty(37, np.float32)
-        dispatch.matvec(*arrays, x, fused, a, packed_b, vnni.NO_FACTORS)
-        dispatch.matvec(*arrays, x, after, *NO_DELTA, vnni.NO_FACTORS)
+        after = np.empty(37, np.float32)
+        dispatch.matvec(*arrays, x, after, *NO_DELTA, vnni.NO_FACTORS, False)
         without = after.copy()
         low_rank.add_low_rank_matvec(a, packed_b, x, after)
-        assert np.array_equal(fused, after), qtype.name
+        for one_thread in (False, True):
+            fused = np.empty(37, np.float32)
+            dispatch.matvec(*arrays, x, fused, a, packed_b, a, one_thread)  # (a as the next weight's A)
+            assert np.array_equal(fused, after), (qtype.name, one_thread)
         assert np.abs(fused - without).min() > 0  # the delta is there in every row

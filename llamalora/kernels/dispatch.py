@@ -106,11 +106,12 @@ def widened_scales(kind, data):
 
 
 @njit(nogil=True, cache=True)
-def matvec(kind, data, scale, minimum, widened, x, out, a, packed_b, a_next):
+def matvec(kind, data, scale, minimum, widened, x, out, a, packed_b, a_next, one_thread):
     """out float32[n_rows] = W · x (+ s·B·(a·x) when a has rows: a run-time LoRA delta, packed_b =
-    low_rank.pack_scaled_b(s·B)), W given as uniform_arrays gives it."""
+    low_rank.pack_scaled_b(s·B)), W given as uniform_arrays gives it; a_next and one_thread as vnni.matvec
+    takes them."""
     if INTEGER_KERNELS and VNNI_DRIVER[kind] >= 0:
-        if vnni.matvec(VNNI_DRIVER[kind], data, x, out, a, packed_b, a_next):  # the delta inside the row loop
+        if vnni.matvec(VNNI_DRIVER[kind], data, x, out, a, packed_b, a_next, one_thread):  # the delta inside the row loop
             return
         # the integer kernel declined an extreme activation: the portable kernel needs the block scales, widened
         # here when the weight does not keep them (see the type modules' prepare)
@@ -201,11 +202,11 @@ def byte_matrix(address, rows, cols):
 
 
 @njit(nogil=True, cache=True)
-def matvec_entry(table, i, x, out, a, packed_b, a_next):
+def matvec_entry(table, i, x, out, a, packed_b, a_next, one_thread):
     """out = W · x (+ s·B·(a·x), see matvec) for the weight in row i of a weight_table."""
     e = table[i]
     matvec(e[0], byte_matrix(e[1], e[2], e[3]), float_matrix(e[4], e[5], e[6]), float_matrix(e[7], e[8], e[9]),
-           float_matrix(e[10], e[11], e[12]), x, out, a, packed_b, a_next)
+           float_matrix(e[10], e[11], e[12]), x, out, a, packed_b, a_next, one_thread)
 
 
 for _function in (widened_scales, matvec, matvec_entry):

@@ -284,8 +284,24 @@ NO_PACKED_B = np.zeros((0, low_rank.LANES), dtype=np.float32)
 CHUNK_ROWS = low_rank.LANES  # rows of W per iteration of the parallel loop when a LoRA delta rides along
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _rows_with_delta(kind, row_addr, row_stride, records, nb, out_addr, n_rows, chunk, t_addr, rank, b_addr,
+                     chunk_bytes, next_addr, next_lines, lines_per_chunk):
+    """Rows chunk·CHUNK_ROWS … of W·x, then their outputs' s·B·t, and the chunk's share of next A's lines."""
+    if next_lines:
+        low_rank.prefetch_lines(next_addr, chunk * lines_per_chunk, min((chunk + 1) * lines_per_chunk, next_lines))
+    first = chunk * CHUNK_ROWS
+    end = min(first + CHUNK_ROWS, n_rows)
+    whole = first + (end - first) // ROWS_PER_STEP * ROWS_PER_STEP
+    for r in range(first, whole, ROWS_PER_STEP):
+        _rows_dot(kind, row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
+    for r in range(whole, end):
+        _row_dot(kind, row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
+    low_rank.add_rank_columns(t_addr, rank, b_addr + chunk * chunk_bytes, end - first, out_addr + 4 * first)
+
+
 @njit(parallel=True, nogil=True, cache=True)
-def matvec(kind, data, x, out, a, packed_b, a_next):
+def matvec(kind, data, x, out, a, packed_b, a_next, one_thread):
     """out = W·x (+ s·B·(a·x) when a has rows: a run-time LoRA delta, packed_b = low_rank.pack_scaled_b(s·B))
     for rows data uint8[n_rows, ≥ n_blocks·BLOCK_BYTES[kind]] of the driver kind (Q4_0 ... Q6_K above); False
     (out untouched) for an x the integer path does not take.
@@ -294,7 +310,8 @@ def matvec(kind, data, x, out, a, packed_b, a_next):
     a·x, formed first) right after its rows: s·B streams beside the weight, on every thread, instead of in a pass
     of its own after the loop. The sums are those of low_rank.add_low_rank_matvec after W·x. a_next (the A
     factor the caller multiplies next, or an empty array) is prefetched into L2 a share per chunk, so that its
-    serial a·x reads it from cache. (SmolLM2 Q4_1 with an all-linear r=16 adapter, decode with / without it,
+    serial a·x reads it from cache. one_thread: the caller runs on one thread (numba's get_num_threads() == 1,
+    which compiled code cannot read and still be cached); the chunks then go through a plain loop. (SmolLM2 Q4_1 with an all-linear r=16 adapter, decode with / without it,
     one thread: 0.86 with the delta after the loop, 0.88 inside it, 0.89-0.90 with a_next prefetched.)"""
     if data.strides[1] != 1 or x.strides[0] != 4 or out.strides[0] != 4:
         raise ValueError("kernel arrays need contiguous rows (data uint8, x float32)")
@@ -324,17 +341,14 @@ def matvec(kind, data, x, out, a, packed_b, a_next):
     next_lines = (a_next.size * 4 + 63) // 64
     lines_per_chunk = (next_lines + n_chunks - 1) // n_chunks
     next_addr = a_next.ctypes.data
-    for chunk in prange(n_chunks):
-        if next_lines:
-            low_rank.prefetch_lines(next_addr, chunk * lines_per_chunk, min((chunk + 1) * lines_per_chunk, next_lines))
-        first = chunk * CHUNK_ROWS
-        end = min(first + CHUNK_ROWS, n_rows)
-        whole = first + (end - first) // ROWS_PER_STEP * ROWS_PER_STEP
-        for r in range(first, whole, ROWS_PER_STEP):
-            _rows_dot(kind, row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
-        for r in range(whole, end):
-            _row_dot(kind, row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
-        low_rank.add_rank_columns(t_addr, rank, b_addr + chunk * chunk_bytes, end - first, out_addr + 4 * first)
+    if one_thread:  # (an OpenMP loop of one thread here slowed tokens 4-7 times for seconds after loading)
+        for chunk in range(n_chunks):
+            _rows_with_delta(kind, row_addr, row_stride, records, nb, out_addr, n_rows, chunk, t_addr, rank, b_addr,
+                             chunk_bytes, next_addr, next_lines, lines_per_chunk)
+    else:
+        for chunk in prange(n_chunks):
+            _rows_with_delta(kind, row_addr, row_stride, records, nb, out_addr, n_rows, chunk, t_addr, rank, b_addr,
+                             chunk_bytes, next_addr, next_lines, lines_per_chunk)
     return buf.size + t.size > 0  # True; buf and t outlive the loop that reads them by address
 
 
@@ -342,31 +356,31 @@ def matvec(kind, data, x, out, a, packed_b, a_next):
 def q4_0_matvec(data, x, out):
     """out = W·x for Q4_0 rows data uint8[n_rows, ≥ nb·18]; False (out untouched) for an x the integer path
     does not take (so for every type below)."""
-    return matvec(Q4_0, data, x, out, NO_FACTORS, NO_PACKED_B, NO_FACTORS)
+    return matvec(Q4_0, data, x, out, NO_FACTORS, NO_PACKED_B, NO_FACTORS, False)
 
 
 @njit(nogil=True, cache=True)
 def q4_1_matvec(data, x, out):
-    return matvec(Q4_1, data, x, out, NO_FACTORS, NO_PACKED_B, NO_FACTORS)
+    return matvec(Q4_1, data, x, out, NO_FACTORS, NO_PACKED_B, NO_FACTORS, False)
 
 
 @njit(nogil=True, cache=True)
 def q8_0_matvec(data, x, out):
-    return matvec(Q8_0, data, x, out, NO_FACTORS, NO_PACKED_B, NO_FACTORS)
+    return matvec(Q8_0, data, x, out, NO_FACTORS, NO_PACKED_B, NO_FACTORS, False)
 
 
 @njit(nogil=True, cache=True)
 def q5_0_matvec(data, x, out):
-    return matvec(Q5_0, data, x, out, NO_FACTORS, NO_PACKED_B, NO_FACTORS)
+    return matvec(Q5_0, data, x, out, NO_FACTORS, NO_PACKED_B, NO_FACTORS, False)
 
 
 @njit(nogil=True, cache=True)
 def q4_k_matvec(data, x, out):
     """Q4_K rows uint8[n_rows, ≥ n_cols/256·144], n_cols a multiple of 256."""
-    return matvec(Q4_K, data, x, out, NO_FACTORS, NO_PACKED_B, NO_FACTORS)
+    return matvec(Q4_K, data, x, out, NO_FACTORS, NO_PACKED_B, NO_FACTORS, False)
 
 
 @njit(nogil=True, cache=True)
 def q6_k_matvec(data, x, out):
     """Q6_K rows uint8[n_rows, ≥ n_cols/256·210], n_cols a multiple of 256."""
-    return matvec(Q6_K, data, x, out, NO_FACTORS, NO_PACKED_B, NO_FACTORS)
+    return matvec(Q6_K, data, x, out, NO_FACTORS, NO_PACKED_B, NO_FACTORS, False)
