@@ -80,16 +80,20 @@ def test_gradients_equal_central_differences_in_float64(tmp_path):
         assert rel <= 1e-4, (name, rel)
 
 
-def test_checkpointing_and_float32_agree(tmp_path):
-    """Recomputing blocks changes nothing (bitwise); float32 follows float64 closely."""
-    _, mf, config = tiny(tmp_path)
-    rng = np.random.default_rng(2)
-    params = init_lora(config, {p: 4 for p in PROJECTIONS}, rng)
+def random_step(config, rng, rank, shape):
+    """(LoRA parameters of every projection at rank, with B non-zero so that every gradient flows, tokens,
+    targets), the token arrays of shape (batch, ctx)."""
+    params = init_lora(config, {p: rank for p in PROJECTIONS}, rng)
     for name in params:
         if name.endswith(".lora_b"):
             params[name] = rng.normal(0.0, 0.05, params[name].shape).astype(np.float32)
-    tokens = rng.integers(0, config.n_vocab, (3, 16))
-    targets = rng.integers(0, config.n_vocab, (3, 16))
+    return params, rng.integers(0, config.n_vocab, shape), rng.integers(0, config.n_vocab, shape)
+
+
+def test_checkpointing_and_float32_agree(tmp_path):
+    """Recomputing blocks changes nothing (bitwise); float32 follows float64 closely."""
+    _, mf, config = tiny(tmp_path)
+    params, tokens, targets = random_step(config, np.random.default_rng(2), 4, (3, 16))
     base32 = load_base(config, mf.tensors, np.float32)
     plain, ckpt = zeros_like_params(params), zeros_like_params(params)
     loss_plain = forward_backward(base32, params, 8.0, tokens, targets, plain)
@@ -465,13 +469,7 @@ def test_team_threads_agree_with_one_and_repeat_exactly(tmp_path, qtype):
 
     _, mf, config = tiny(tmp_path, qtype, dim=64, n_ff=640)
     base = load_base(config, mf.tensors, np.float32)
-    rng = np.random.default_rng(4)
-    params = init_lora(config, {p: 3 for p in PROJECTIONS}, rng)
-    for name in params:
-        if name.endswith(".lora_b"):
-            params[name] = rng.normal(0.0, 0.05, params[name].shape).astype(np.float32)
-    tokens = rng.integers(0, config.n_vocab, (5, 12))
-    targets = rng.integers(0, config.n_vocab, (5, 12))
+    params, tokens, targets = random_step(config, np.random.default_rng(4), 3, (5, 12))
     before = team_threads()
     runs = []
     try:
