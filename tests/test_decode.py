@@ -122,3 +122,25 @@ def test_deltas_of_the_wrong_shape_are_refused(tmp_path):
     deltas["blk.1.ffn_down.weight"] = (a, np.ascontiguousarray(packed_b[:-1]))  # the last chunk a rank short
     with pytest.raises(ValueError, match="ffn_down"):
         model.forward([3], model.new_cache(8), lora=deltas)
+
+
+@pytest.mark.parametrize("rank", [0, 8])
+def test_one_thread_step_equals_the_parallel_one(tmp_path, rank):
+    """On one thread the step's kernels take plain loops instead of OpenMP ones (with and without run-time
+    deltas): the same logits and cache, bit for bit."""
+    import numba
+
+    model = load_model(make_tiny_llama(tmp_path / "m.gguf", qtype=T.Q4_0, dim=256, n_ff=512), progress=False).model
+    deltas = random_deltas(model, rank) if rank else {}
+    before = numba.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(threads)
+            runs.append(both_paths(model, deltas))
+    finally:
+        numba.set_num_threads(before)
+    (one, want_one, cache_one, _), (many, _, cache_many, _) = runs
+    np.testing.assert_array_equal(one, many)
+    np.testing.assert_array_equal(cache_one.k[:, :cache_one.n], cache_many.k[:, :cache_many.n])
+    np.testing.assert_allclose(one, want_one, rtol=1e-4, atol=1e-4)
