@@ -19,13 +19,16 @@ def one_thread():
     the thread counts as it found them."""
     import numba
 
+    from llamalora.finetune.team import set_team_threads, team_threads
     from llamalora.finetune.train import blas_threads, set_blas_threads
 
-    numba_before, blas_before = numba.get_num_threads(), blas_threads()
+    numba_before, blas_before, team_before = numba.get_num_threads(), blas_threads(), team_threads()
     numba.set_num_threads(1)
     set_blas_threads(1)
+    set_team_threads(1)
     yield
     numba.set_num_threads(numba_before)
+    set_team_threads(team_before)
     if blas_before is not None:
         set_blas_threads(blas_before)
 
@@ -237,17 +240,20 @@ def tiny_run_options(tmp_path, model, **kwargs):
     return FinetuneOptions(**base)
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, threads):
+    """Step for step, on one thread and on a team of two (whose sums are fixed by the tasks, not by timing)."""
     from llamalora.finetune.train import run_finetune
 
     path, _, _ = tiny(tmp_path)
-    whole = run_finetune(tiny_run_options(tmp_path, path, sample_start=". "), quiet=True)
+    whole = run_finetune(tiny_run_options(tmp_path, path, sample_start=". ", threads=threads), quiet=True)
     assert whole["step"] == 6 and whole["epochs"] >= 2  # the sample order was reshuffled along the way
     ckpt = str(tmp_path / "ckpt.npz")
-    first = run_finetune(tiny_run_options(tmp_path, path, sample_start=". ", checkpoint_out=ckpt), stop_after=2,
-                         quiet=True)
+    first = run_finetune(tiny_run_options(tmp_path, path, sample_start=". ", checkpoint_out=ckpt, threads=threads),
+                         stop_after=2, quiet=True)
     assert first["stopped"] and first["step"] == 2
-    rest = run_finetune(tiny_run_options(tmp_path, path, sample_start=". ", checkpoint_in=ckpt, seed=99), quiet=True)
+    rest = run_finetune(tiny_run_options(tmp_path, path, sample_start=". ", checkpoint_in=ckpt, seed=99,
+                                         threads=threads), quiet=True)
     assert rest["step"] == 6
     assert first["losses"] + rest["losses"] == whole["losses"]
     assert whole["params"].keys() == rest["params"].keys()
