@@ -116,8 +116,8 @@ def run(threads: int, model_path: str, quick: bool, matmul: bool) -> None:
         x = rng.standard_normal(n_cols).astype(np.float32)
         out = np.empty(n_rows, np.float32)
         W = dequantized(np, data, qtype)
-        integer = {"Q4_0": vnni.q4_0_matvec, "Q4_1": vnni.q4_1_matvec, "Q8_0": vnni.q8_0_matvec}[qtype]
-        by_integers = lambda: integer(data, x, out)  # noqa: E731
+        driver = {"Q4_0": vnni.Q4_0, "Q4_1": vnni.Q4_1, "Q8_0": vnni.Q8_0}[qtype]
+        by_integers = lambda: vnni.matvec_without_delta(driver, data, x, out)  # noqa: E731
         if qtype == "Q8_0":
             fast = lambda: simd.q8_matvec(data, d, x, out)  # noqa: E731
             plain = lambda: simd.q8_matvec_loop(data, d, x, out)  # noqa: E731

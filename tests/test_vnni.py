@@ -11,6 +11,8 @@ for Q4_0 and Q8_0). So |error| ≤ 2^-24·((nb/2 + 10)·M + 1.01·A) (plus 2^-24
 rounding, which the factor 1.01 → 1.02 covers amply; we use 1.02).
 """
 
+from functools import partial
+
 import gguf
 import numpy as np
 import pytest
@@ -21,7 +23,8 @@ from llamalora.kernels import q4_0, q4_1, q5_0, q8_0, simd, vnni
 
 pytestmark = pytest.mark.skipif(not vnni.host_has_vnni(), reason="the host has no AVX-512 VNNI")
 
-KERNELS = {T.Q4_0: vnni.q4_0_matvec, T.Q4_1: vnni.q4_1_matvec, T.Q8_0: vnni.q8_0_matvec, T.Q5_0: vnni.q5_0_matvec}
+KERNELS = {qtype: partial(vnni.matvec_without_delta, driver)
+           for qtype, driver in ((T.Q4_0, vnni.Q4_0), (T.Q4_1, vnni.Q4_1), (T.Q8_0, vnni.Q8_0), (T.Q5_0, vnni.Q5_0))}
 MODULES = {T.Q4_0: q4_0, T.Q4_1: q4_1, T.Q8_0: q8_0, T.Q5_0: q5_0}
 BLOCK_BYTES = {T.Q4_0: 18, T.Q4_1: 20, T.Q8_0: 34, T.Q5_0: 22}
 ALL_TYPES = [T.Q4_0, T.Q4_1, T.Q8_0, T.Q5_0]
@@ -172,15 +175,19 @@ def test_extreme_weights(qtype):
             check(data, qtype, x)
 
 
+def strided_view(data):
+    """The same rows as a view whose row stride is 11 bytes longer than a row (each row 3 bytes in)."""
+    padded = np.zeros((data.shape[0], data.shape[1] + 11), dtype=np.uint8)
+    padded[:, 3:3 + data.shape[1]] = data
+    return padded[:, 3:3 + data.shape[1]]
+
+
 def test_rows_may_be_a_strided_view():
     rng = np.random.default_rng(6)
     for qtype in KERNELS:
         data = raw_blocks(rng, qtype, 33, 9)
-        padded = np.zeros((33, data.shape[1] + 11), dtype=np.uint8)
-        padded[:, 3:3 + data.shape[1]] = data
-        view = padded[:, 3:3 + data.shape[1]]
         x = rng.standard_normal(9 * 32).astype(np.float32)
-        out, _, _ = check(view, qtype, x)
+        out, _, _ = check(strided_view(data), qtype, x)
         out_contiguous, _, _ = check(data, qtype, x)
         assert np.array_equal(out, out_contiguous)
 
@@ -221,11 +228,11 @@ def test_bad_layout_is_refused():
     data = raw_blocks(np.random.default_rng(9), T.Q4_0, 8, 2)
     out = np.empty(8, np.float32)
     with pytest.raises(ValueError):
-        vnni.q4_0_matvec(data, np.zeros(96, np.float32), out)  # x longer than a row
+        KERNELS[T.Q4_0](data, np.zeros(96, np.float32), out)  # x longer than a row
     with pytest.raises(ValueError):
-        vnni.q4_0_matvec(data, np.zeros(128, np.float32)[::2], out)  # x not contiguous
+        KERNELS[T.Q4_0](data, np.zeros(128, np.float32)[::2], out)  # x not contiguous
     with pytest.raises(ValueError):
-        vnni.q4_0_matvec(data, np.zeros(64, np.float32), np.empty(7, np.float32))
+        KERNELS[T.Q4_0](data, np.zeros(64, np.float32), np.empty(7, np.float32))
 
 
 def test_prepared_rows_keep_no_widened_scales_with_the_integer_kernels():

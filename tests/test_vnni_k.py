@@ -12,16 +12,19 @@ with their own FMA chain (one per super-block) and the final subtraction, the 16
 nb is always even (no odd last block here).
 """
 
+from functools import partial
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
 from llamalora import kernels
 from llamalora.kernels import dispatch, low_rank, q4_k, q6_k, vnni
+from test_vnni import raw_blocks as block_rows, strided_view
 
 pytestmark = pytest.mark.skipif(not vnni.host_has_vnni(), reason="the host has no AVX-512 VNNI")
 
-KERNELS = {T.Q4_K: vnni.q4_k_matvec, T.Q6_K: vnni.q6_k_matvec}
+KERNELS = {T.Q4_K: partial(vnni.matvec_without_delta, vnni.Q4_K), T.Q6_K: partial(vnni.matvec_without_delta, vnni.Q6_K)}
 MODULES = {T.Q4_K: q4_k, T.Q6_K: q6_k}
 NO_DELTA = (vnni.NO_FACTORS, vnni.NO_PACKED_B)
 BLOCK_BYTES = {T.Q4_K: 144, T.Q6_K: 210}
@@ -163,11 +166,8 @@ def test_rows_may_be_a_strided_view():
     rng = np.random.default_rng(6)
     for qtype in KERNELS:
         data = raw_blocks(rng, qtype, 33, 2)
-        padded = np.zeros((33, data.shape[1] + 11), dtype=np.uint8)
-        padded[:, 3:3 + data.shape[1]] = data
-        view = padded[:, 3:3 + data.shape[1]]
         x = rng.standard_normal(512).astype(np.float32)
-        out, _, _ = check(view, qtype, x)
+        out, _, _ = check(strided_view(data), qtype, x)
         out_contiguous, _, _ = check(data, qtype, x)
         assert np.array_equal(out, out_contiguous)
 
@@ -238,11 +238,11 @@ def test_bad_shapes_are_refused():
     data = raw_blocks(np.random.default_rng(9), T.Q4_K, 8, 1)
     out = np.empty(8, np.float32)
     with pytest.raises(ValueError):
-        vnni.q4_k_matvec(data, np.zeros(512, np.float32), out)  # x longer than a row
+        KERNELS[T.Q4_K](data, np.zeros(512, np.float32), out)  # x longer than a row
     with pytest.raises(ValueError):
-        vnni.q4_k_matvec(data, np.zeros(288, np.float32), out)  # not whole super-blocks
+        KERNELS[T.Q4_K](data, np.zeros(288, np.float32), out)  # not whole super-blocks
     with pytest.raises(ValueError):
-        vnni.q4_k_matvec(data, np.zeros(256, np.float32), np.empty(7, np.float32))
+        KERNELS[T.Q4_K](data, np.zeros(256, np.float32), np.empty(7, np.float32))
 
 
 @pytest.mark.parametrize("rank", [16, 5])
@@ -250,8 +250,6 @@ def test_delta_inside_the_row_loop_equals_the_delta_after_it(rank):
     """dispatch.matvec with a run-time LoRA delta (added chunk by chunk inside the VNNI kernels' row loop) gives
     bit for bit W·x followed by low_rank.add_low_rank_matvec, for every VNNI type, with a last chunk of 37 rows
     that is partial and odd."""
-    from test_vnni import raw_blocks as block_rows
-
     rng = np.random.default_rng(rank)
     for qtype in (T.Q4_0, T.Q4_1, T.Q8_0, T.Q5_0, T.Q4_K, T.Q6_K):
         data = raw_blocks(rng, qtype, 37, 2) if qtype in MODULES else block_rows(rng, qtype, 37, 16)

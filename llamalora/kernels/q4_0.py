@@ -137,7 +137,8 @@ def prepare(data: np.ndarray, n_cols: int) -> tuple:
 
 def matvec(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
     data = prepared[0]
-    if not (vnni.ENABLED and vnni.q4_0_matvec(data, x, out)):  # the integer kernel declines extreme x
+    # (the integer kernel declines extreme x)
+    if not (vnni.ENABLED and vnni.matvec_without_delta(vnni.Q4_0, data, x, out)):
         d, m = prepared[1:] if len(prepared) > 1 else scales(data)
         simd.q4_matvec(data, d, m, QS_OFFSET, TYPE_SIZE, x, out)
 

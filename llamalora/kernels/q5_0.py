@@ -112,7 +112,8 @@ def quantize_rows(x, out):
 
 def matvec(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
     data = prepared[0]
-    if not (vnni.ENABLED and vnni.q5_0_matvec(data, x, out)):  # the integer kernel declines extreme x
+    # (the integer kernel declines extreme x)
+    if not (vnni.ENABLED and vnni.matvec_without_delta(vnni.Q5_0, data, x, out)):
         _matvec(data, *(prepared[1:] if len(prepared) > 1 else scales(data)), x, out)
 
 

@@ -88,7 +88,8 @@ def quantize(x: np.ndarray) -> np.ndarray:
 
 def matvec(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
     data = prepared[0]
-    if not (vnni.ENABLED and vnni.q6_k_matvec(data, x, out)):  # the integer kernel declines extreme x
+    # (the integer kernel declines extreme x)
+    if not (vnni.ENABLED and vnni.matvec_without_delta(vnni.Q6_K, data, x, out)):
         _matvec(data, *(prepared[1:] if len(prepared) > 1 else scales(data)), x, out)
 
 

@@ -358,34 +358,7 @@ def matvec(kind, data, x, out, a, packed_b, a_next, one_thread):
 
 
 @njit(nogil=True, cache=True)
-def q4_0_matvec(data, x, out):
-    """out = W·x for Q4_0 rows data uint8[n_rows, ≥ nb·18]; False (out untouched) for an x the integer path
-    does not take (so for every type below)."""
-    return matvec(Q4_0, data, x, out, NO_FACTORS, NO_PACKED_B, NO_FACTORS, False)
-
-
-@njit(nogil=True, cache=True)
-def q4_1_matvec(data, x, out):
-    return matvec(Q4_1, data, x, out, NO_FACTORS, NO_PACKED_B, NO_FACTORS, False)
-
-
-@njit(nogil=True, cache=True)
-def q8_0_matvec(data, x, out):
-    return matvec(Q8_0, data, x, out, NO_FACTORS, NO_PACKED_B, NO_FACTORS, False)
-
-
-@njit(nogil=True, cache=True)
-def q5_0_matvec(data, x, out):
-    return matvec(Q5_0, data, x, out, NO_FACTORS, NO_PACKED_B, NO_FACTORS, False)
-
-
-@njit(nogil=True, cache=True)
-def q4_k_matvec(data, x, out):
-    """Q4_K rows uint8[n_rows, ≥ n_cols/256·144], n_cols a multiple of 256."""
-    return matvec(Q4_K, data, x, out, NO_FACTORS, NO_PACKED_B, NO_FACTORS, False)
-
-
-@njit(nogil=True, cache=True)
-def q6_k_matvec(data, x, out):
-    """Q6_K rows uint8[n_rows, ≥ n_cols/256·210], n_cols a multiple of 256."""
-    return matvec(Q6_K, data, x, out, NO_FACTORS, NO_PACKED_B, NO_FACTORS, False)
+def matvec_without_delta(kind, data, x, out):
+    """out = W·x for rows data uint8[n_rows, ≥ n_blocks·BLOCK_BYTES[kind]] of the driver kind (the K-quants' n_cols
+    a multiple of 256); False (out untouched) for an x the integer path does not take."""
+    return matvec(kind, data, x, out, NO_FACTORS, NO_PACKED_B, NO_FACTORS, False)
