@@ -192,6 +192,17 @@ def test_rows_may_be_a_strided_view():
         assert np.array_equal(out, out_contiguous)
 
 
+def extreme_activations(rng, n_cols):
+    """Activations the integer kernels decline: a NaN, ±inf, a block whose largest |x| is below TINY, one above HUGE."""
+    for value in (np.nan, np.inf, -np.inf, 1e-31, 3e30):
+        x = rng.standard_normal(n_cols).astype(np.float32)
+        if value == 1e-31:
+            x[64:96] = value
+        else:
+            x[70] = value
+        yield x
+
+
 @pytest.mark.parametrize("qtype", ALL_TYPES)
 def test_extreme_activations_fall_back_to_the_portable_kernel(qtype):
     rng = np.random.default_rng(7)
@@ -199,12 +210,7 @@ def test_extreme_activations_fall_back_to_the_portable_kernel(qtype):
     data = raw_blocks(rng, qtype, 16, nb)
     n_cols = nb * 32
     prepared = MODULES[qtype].prepare(data, n_cols)
-    for value in (np.nan, np.inf, -np.inf, 1e-31, 3e30):
-        x = rng.standard_normal(n_cols).astype(np.float32)
-        if value == 1e-31:
-            x[64:96] = value  # a block whose largest |x| is below TINY
-        else:
-            x[70] = value
+    for x in extreme_activations(rng, n_cols):
         out = np.full(16, 7.0, np.float32)
         assert not KERNELS[qtype](data, x, out)
         assert np.all(out == 7.0)  # untouched

@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType as T
 
 from llamalora import kernels
 from llamalora.kernels import dispatch, low_rank, q4_k, q6_k, vnni
-from test_vnni import raw_blocks as block_rows, strided_view
+from test_vnni import extreme_activations, raw_blocks as block_rows, strided_view
 
 pytestmark = pytest.mark.skipif(not vnni.host_has_vnni(), reason="the host has no AVX-512 VNNI")
 
@@ -185,12 +185,7 @@ def test_extreme_activations_fall_back_to_the_portable_kernel(qtype):
     prepared = MODULES[qtype].prepare(data, 512)
     kind = int(qtype)
     arrays = dispatch.uniform_arrays(kernels.Weight(qtype, 16, 512, prepared))
-    for value in (np.nan, np.inf, -np.inf, 1e-31, 3e30):
-        x = rng.standard_normal(512).astype(np.float32)
-        if value == 1e-31:
-            x[64:96] = value  # a block whose largest |x| is below TINY
-        else:
-            x[70] = value
+    for x in extreme_activations(rng, 512):
         out = np.full(16, 7.0, np.float32)
         assert not KERNELS[qtype](data, x, out)
         assert np.all(out == 7.0)  # untouched
