@@ -1,8 +1,27 @@
 """llamalora: LLaMA-family GGUF models on the CPU, with LoRA adapters applied on the fly."""
 
 import os
+import sys
 
 __version__ = "0.1.0"
+
+
+def cache_dir() -> str:
+    """Where numba keeps the compiled kernels: NUMBA_CACHE_DIR if the user set it, else a per-user folder
+    ($XDG_CACHE_HOME/llamalora, or ~/.cache/llamalora)."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return os.environ["NUMBA_CACHE_DIR"]
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return os.path.join(xdg if os.path.isabs(xdg) else os.path.expanduser("~/.cache"), "llamalora")
+
+
+# numba's default cache is a __pycache__ folder beside each source file, inside the installed package: an
+# uninstall leaves those files behind, and the package folder that remains (without __init__.py) then shadows a
+# later editable install as a namespace package. So the cache lives in one per-user folder, set before the
+# first kernel is decorated (numba reads the variable then; numba.config too, in case numba is already imported).
+os.environ["NUMBA_CACHE_DIR"] = cache_dir()
+if "numba" in sys.modules:
+    sys.modules["numba"].config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
 
 # The kernels run on OpenMP (libgomp) thread teams, a few hundred short parallel loops per token, and idle team
 # threads either spin or sleep between them. Measured on 2 cores (SmolLM2 Q4_1, -t 2, 128 tokens): on an idle machine

@@ -12,6 +12,20 @@ import click
 from .errors import InputError
 
 
+class Option(click.Option):
+    """A click option whose underscore spellings are accepted but left out of --help: llama.cpp's `main` of
+    mid-2023 spelled its flags `--top_k`, `--n_predict`, `--ctx_size`, and users copy those command lines."""
+
+    def get_help_record(self, ctx):
+        spelled, secondary = self.opts, self.secondary_opts
+        self.opts = [o for o in spelled if "_" not in o]
+        self.secondary_opts = [o for o in secondary if "_" not in o]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts, self.secondary_opts = spelled, secondary
+
+
 def model_options(f):
     """-m, --no-mmap, -t and the adapter flags: every command that loads a model takes them."""
     options = [
@@ -23,7 +37,7 @@ def model_options(f):
                      help="LoRA adapter (ggla .bin, GGUF adapter or PEFT folder); repeatable"),
         click.option("--lora-scaled", "loras_scaled", multiple=True, type=(str, float),
                      help="adapter FILE with user scale S on top of its alpha/r scaling; repeatable"),
-        click.option("--lora-base", type=str, default=None,
+        click.option("--lora-base", "--lora_base", cls=Option, type=str, default=None,
                      help="f16/f32 model to read the patched tensors from (their merge is then quantized)"),
         click.option("--lora-mode", type=click.Choice(["auto", "merge", "runtime"]), default="auto",
                      help="merge adapters into the weights or apply them at run time (auto: merge into f16/f32)"),
@@ -56,12 +70,15 @@ def load_from_options(model_path, threads, no_mmap, loras, loras_scaled, lora_ba
 
 
 def kernels_cached() -> bool:
-    """Whether numba's cache already holds compiled kernels for this installation."""
-    package_dir = os.path.dirname(__file__)
-    cache_dirs = [os.path.join(package_dir, "**", "__pycache__")]
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        cache_dirs.append(os.path.join(os.environ["NUMBA_CACHE_DIR"], "**"))
-    return any(glob.glob(os.path.join(d, "*.nbi"), recursive=True) for d in cache_dirs)
+    """Whether numba's cache already holds compiled kernels of this installation (numba names a source folder's
+    cache `<folder name>_<sha1 of its path>` inside the cache directory)."""
+    import hashlib
+
+    from . import cache_dir
+
+    kernels = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
+    folder = os.path.join(cache_dir(), f"kernels_{hashlib.sha1(kernels.encode()).hexdigest()}")
+    return bool(glob.glob(os.path.join(folder, "*.nbi")))
 
 
 def read_text_file(path: str, what: str = "prompt file") -> str:
