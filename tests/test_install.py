@@ -1,9 +1,11 @@
-"""What a fresh install depends on: numba's cache outside the installed package."""
+"""What a fresh install depends on: numba's cache outside the installed package, and the server's packages
+installed with the tool."""
 
 import glob
 import os
 import subprocess
 import sys
+import tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "llamalora")
@@ -44,3 +46,11 @@ def test_numba_cache_dir_still_wins(tmp_path):
     assert run_python(COMPILE_ONE_KERNEL, env) == "True"
     assert glob.glob(str(tmp_path / "mine" / "kernels_*" / "*.nbi"))
     assert not (tmp_path / "xdg").exists()
+
+
+def test_the_server_comes_with_the_tool():
+    """`pip install .` must bring what `llamalora server` imports: starlette and uvicorn are not extras."""
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    names = {d.split(">")[0].split("=")[0].split("[")[0].strip().lower() for d in project["dependencies"]}
+    assert {"starlette", "uvicorn"} <= names
