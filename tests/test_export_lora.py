@@ -5,24 +5,13 @@ from click.testing import CliRunner
 from conftest import data_path
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
+from reference_checks import greedy
 
 from llamalora.cli import cli
 from llamalora.loader import load_model
 
 ADAPTER = data_path("lora-fortunes")
 REF = np.load(data_path("logits_lora-fortunes.npz"))
-
-
-def greedy(model, ids, n):
-    cache = model.new_cache(len(ids) + n + 1)
-    logits = model.forward(ids, cache)[-1]
-    out = []
-    for _ in range(n):
-        out.append(int(np.argmax(logits)))
-        if out[-1] == 2:
-            break
-        logits = model.forward([out[-1]], cache)[-1]
-    return out
 
 
 def test_f16_export_reads_back_and_generates_like_run_time_mode(tmp_path, smollm2_path):

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 from click.testing import CliRunner
+import reference_checks
 from conftest import data_path
 from gguf import GGMLQuantizationType as T
 from safetensors.numpy import save_file
@@ -27,26 +28,8 @@ REF = np.load(data_path("logits_lora-fortunes.npz"))
 PROMPTS = range(len(REF["prompts"]))
 
 
-def greedy(model, ids, n, eos=2):
-    cache = model.new_cache(len(ids) + n + 1)
-    logits = model.forward(ids, cache)[-1]
-    out = []
-    for _ in range(n):
-        out.append(int(np.argmax(logits)))
-        if out[-1] == eos:
-            break
-        logits = model.forward([out[-1]], cache)[-1]
-    return out
-
-
 def check_against_reference(model, bound=0.05):
-    for k in PROMPTS:
-        ids = REF[f"p{k}_ids"].tolist()
-        logits = model.forward(ids, model.new_cache(len(ids)), all_logits=True)
-        assert np.abs(logits[-1] - REF[f"p{k}_logits_last"]).max() < bound, k
-        assert (logits.argmax(axis=1) == REF[f"p{k}_top10_ids"][:, 0]).all(), k
-        want = REF[f"p{k}_greedy_ids"].tolist()[:16]
-        assert greedy(model, ids, len(want)) == want, k
+    reference_checks.check_against_reference(model, REF, bound)
 
 
 def float32_tensors(model_file) -> dict:
