@@ -90,7 +90,7 @@ def convert(argv) -> str:
         else:
             from llamalora.lora.ggla import write_ggla
 
-            write_ggla(outfile, adapter, dtype)
+            write_ggla(outfile, adapter, metadata, dtype)
     except OSError as e:
         raise AdapterError(f"{outfile}: cannot write it: {e.strerror or e}") from None
     return (f"wrote {outfile}: {len(adapter.tensors)} tensors, r = {adapter.r}, alpha = {adapter.alpha:g}, "

@@ -28,10 +28,10 @@ from llamalora import kernels  # noqa: E402
 from llamalora.finetune.data import BatchOptions, make_samples, next_batch, start_order  # noqa: E402
 from llamalora.finetune.model import PROJECTIONS, init_lora  # noqa: E402
 from llamalora.finetune.optim import scheduled_lr  # noqa: E402
-from llamalora.finetune.output import HF_MODULES, unpermute_rows  # noqa: E402
+from llamalora.finetune.output import HF_MODULES  # noqa: E402
 from llamalora.llama import LlamaConfig  # noqa: E402
 from llamalora.loader import default_model_path  # noqa: E402
-from llamalora.lora.peft import permute_rows  # noqa: E402
+from llamalora.lora.peft import permute_rows, unpermute_rows  # noqa: E402
 from llamalora.model_file import load_model_file  # noqa: E402
 from llamalora.vocab import Vocab  # noqa: E402
 
@@ -177,7 +177,7 @@ def main(argv=None):
         if step == 0:
             for name, (p, heads) in trained.items():
                 value = p.grad.detach().numpy().astype(np.float32)
-                snapshots[f"grad1/{name}"] = permute_rows(value, heads, heads) if heads else value
+                snapshots[f"grad1/{name}"] = permute_rows(value, heads) if heads else value
         norm = torch.nn.utils.clip_grad_norm_(params, GCLIP)
         for group in optimizer.param_groups:
             group["lr"] = lrs[step]
@@ -187,7 +187,7 @@ def main(argv=None):
         if step + 1 in (1, STEPS):
             for name, (p, heads) in trained.items():
                 value = p.detach().numpy().astype(np.float32)
-                snapshots[f"step{step + 1}/{name}"] = permute_rows(value, heads, heads) if heads else value
+                snapshots[f"step{step + 1}/{name}"] = permute_rows(value, heads) if heads else value
 
     np.savez_compressed(
         args.out, **{f"initial/{k}": v for k, v in initial.items()}, **snapshots,

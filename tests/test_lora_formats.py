@@ -223,12 +223,12 @@ def test_legacy_and_broken_checkpoints_are_refused(tmp_path):
 def test_permutation_is_llama_cpps_and_inverts():
     rows = np.arange(8, dtype=np.float32)[:, None]
     # per head of 4 rows, llama.cpp interleaves the two rotary halves: 0 2 1 3
-    assert permute_rows(rows, 2, 2)[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+    assert permute_rows(rows, 2)[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
     rows = np.arange(8, dtype=np.float32)[:, None]
-    assert permute_rows(rows, 4, 1)[:, 0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]  # k: n_head_kv = 1 head of 8 rows
+    assert permute_rows(rows, 1)[:, 0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]  # k: n_head_kv = 1 head of 8 rows
     w = np.random.default_rng(0).standard_normal((576, 16)).astype(np.float32)
-    np.testing.assert_array_equal(unpermute_rows(permute_rows(w, 9, 9), 9), w)
-    np.testing.assert_array_equal(unpermute_rows(permute_rows(w[:192], 9, 3), 3), w[:192])
+    np.testing.assert_array_equal(unpermute_rows(permute_rows(w, 9), 9), w)
+    np.testing.assert_array_equal(unpermute_rows(permute_rows(w[:192], 3), 3), w[:192])
 
 
 def test_q_delta_in_gguf_order_unpermutes_to_peft_b_times_a():
@@ -292,6 +292,35 @@ def test_ggla_bytes_follow_the_original_converter(converted):
     assert a_dims == (16, 576) and b_dims == (16, 192)  # ggml order: A written transposed, [n_in, r] in numpy
     np.testing.assert_array_equal(a, raw[f"{prefix}.lora_A.weight"].T)
     np.testing.assert_array_equal(b, raw[f"{prefix}.lora_B.weight"])
+    _, q_b = seen["blk.0.attn_q.weight.loraB"]  # q as PEFT holds it: Hugging Face's row order, as that script wrote it
+    np.testing.assert_array_equal(q_b, raw["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"])
+    # and the whole file is the one llama.cpp's convert-lora-to-ggml.py wrote from the same folder
+    assert data == open(data_path("ggla-lora-fortunes.bin"), "rb").read()
+
+
+def test_the_original_converters_ggla_runs_like_transformers(smollm2_path):
+    """ggla-lora-fortunes.bin was written by llama.cpp's own convert-lora-to-ggml.py: q's lora_B in Hugging Face's
+    row order, which the reader puts into GGUF's."""
+    from llamalora.loader import load_model
+    from reference_checks import check_against_reference
+
+    loaded = load_model(smollm2_path, adapters=[(data_path("ggla-lora-fortunes.bin"), 1.0)], progress=False)
+    check_against_reference(loaded.model, np.load(data_path("logits_lora-fortunes.npz")))
+    assert_same_adapter(loaded.adapters[0], load_adapter(ADAPTER, loaded.file.metadata), exact=False)
+
+
+def test_the_original_converters_ggla_through_main(tmp_path):
+    """`llamalora main --lora` on that file continues a reference prompt as transformers + PEFT does."""
+    from llamalora.loader import load_model
+
+    ref = np.load(data_path("logits_lora-fortunes.npz"))
+    vocab = load_model(None, progress=False).vocab
+    prompt, want = str(ref["prompts"][1]), ref["p1_greedy_ids"].tolist()[:16]
+    r = subprocess.run([sys.executable, "-m", "llamalora.cli", "main", "--lora", data_path("ggla-lora-fortunes.bin"),
+                        "-p", prompt, "-n", str(len(want)), "--temp", "0"], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.removesuffix("\n") == prompt + vocab.detokenize(want)  # main ends its output with a newline
 
 
 def test_gguf_adapter_metadata_is_what_llama_cpp_reads(converted):
@@ -325,7 +354,7 @@ def test_f16_output(tmp_path, capsys):
     code, out, _ = run_script(capsys, folder, "--n-head", 9, "--n-head-kv", 3, "--outtype", "f16",
                               "--outfile", tmp_path / "half.bin")
     assert code == 0 and "ggla f16" in out
-    half = read_ggla(str(tmp_path / "half.bin"))
+    half = read_ggla(str(tmp_path / "half.bin"), SMOLLM2_HEADS)
     full = read_peft(str(folder), SMOLLM2_HEADS)
     for name, t in full.tensors.items():
         np.testing.assert_array_equal(half.tensors[name].b, t.b.astype(np.float16).astype(np.float32))
@@ -365,9 +394,9 @@ def peft_folder(folder, modules, r=8, alpha=16, seed=0, ranks=None, extra_config
 
 def round_trips(tmp_path, folder, metadata=TINY_HEADS):
     peft = read_peft(folder, metadata)
-    write_ggla(str(tmp_path / "a.bin"), peft)
+    write_ggla(str(tmp_path / "a.bin"), peft, metadata)
     write_gguf_adapter(str(tmp_path / "a.gguf"), peft)
-    return peft, read_ggla(str(tmp_path / "a.bin")), read_gguf_adapter(str(tmp_path / "a.gguf"), "llama")
+    return peft, read_ggla(str(tmp_path / "a.bin"), metadata), read_gguf_adapter(str(tmp_path / "a.gguf"), "llama")
 
 
 def test_all_seven_modules_with_float_alpha(tmp_path):
@@ -377,7 +406,7 @@ def test_all_seven_modules_with_float_alpha(tmp_path):
     raw = load_file(str(tmp_path / "p" / "adapter_model.safetensors"))
     k = peft.tensors["blk.1.attn_k.weight"]
     np.testing.assert_array_equal(k.b, permute_rows(raw["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"],
-                                                    4, 2))
+                                                    2))
     assert_same_adapter(gguf_adapter, peft)  # GGUF keeps a float alpha: bit-exact
     assert_same_adapter(ggla, peft, exact=False)  # ggla's alpha is an int32: the scale moves into B
     with open(tmp_path / "a.bin", "rb") as f:
@@ -485,7 +514,7 @@ def test_script_checks_shapes_against_base(tmp_path, capsys):
     model = make_tiny_llama(tmp_path / "m.gguf")
     good = peft_folder(tmp_path / "good", ["q_proj", "k_proj"])
     assert run_script(capsys, good, "--base", model)[0] == 0
-    with_k = read_ggla(str(tmp_path / "good" / "ggml-adapter-model.bin"))
+    with_k = read_ggla(str(tmp_path / "good" / "ggml-adapter-model.bin"), TINY_HEADS)
     assert_same_adapter(with_k, read_peft(good, TINY_HEADS))  # the base's head counts: 4 and 2
     wide = tmp_path / "wide"
     shutil.copytree(good, wide)
@@ -502,14 +531,14 @@ def test_script_checks_shapes_against_base(tmp_path, capsys):
 def test_broken_adapter_files_are_refused(tmp_path, smollm2_path):
     folder = peft_folder(tmp_path / "p", ["v_proj"])
     adapter = read_peft(folder, TINY_HEADS)
-    write_ggla(str(tmp_path / "a.bin"), adapter)
+    write_ggla(str(tmp_path / "a.bin"), adapter, TINY_HEADS)
     data = (tmp_path / "a.bin").read_bytes()
     (tmp_path / "cut.bin").write_bytes(data[:-100])
     with pytest.raises(AdapterError, match=r"cut.bin: tensor blk.1.attn_v.weight.loraB is truncated"):
         load_adapter(str(tmp_path / "cut.bin"), TINY_HEADS)
     (tmp_path / "v2.bin").write_bytes(data[:4] + struct.pack("<i", 2) + data[8:])
     with pytest.raises(AdapterError, match="v2.bin: ggla version 2 is not supported"):
-        read_ggla(str(tmp_path / "v2.bin"))
+        read_ggla(str(tmp_path / "v2.bin"), TINY_HEADS)
     (tmp_path / "junk.bin").write_bytes(b"\x00" * 64)
     with pytest.raises(AdapterError, match="junk.bin: not a LoRA adapter"):
         load_adapter(str(tmp_path / "junk.bin"), TINY_HEADS)

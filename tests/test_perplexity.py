@@ -81,14 +81,14 @@ def test_too_little_text_is_refused():
     assert chunk_count(1000, 128, -1) == 7
 
 
-@pytest.mark.parametrize("adapter", [False, True], ids=["base", "lora-fortunes"])
+@pytest.mark.parametrize("adapter", [None, "lora-fortunes", "ggla-lora-fortunes.bin"])
 def test_smollm2_reproduces_transformers_perplexity(smollm2, adapter):
-    """Q4_1 weights evaluated exactly are the float32 model transformers ran (its reference dequantized them)."""
+    """Q4_1 weights evaluated exactly are the float32 model transformers ran (its reference dequantized them); the
+    adapter as its PEFT folder or as the ggla file llama.cpp's original converter made of it."""
     ref = json.load(open(data_path("perplexity.json")))["lora-fortunes:lora" if adapter else "lora-fortunes:base"]
     text = open(data_path("fortunes_heldout.txt"), encoding="utf-8").read()
     tokens = smollm2.vocab.tokenize(text, add_bos=None, parse_special=False)
-    lora = smollm2.model.lora_deltas([load_adapter(data_path("lora-fortunes"), smollm2.file.metadata)]) \
-        if adapter else None
+    lora = smollm2.model.lora_deltas([load_adapter(data_path(adapter), smollm2.file.metadata)]) if adapter else None
     ctx = Context(smollm2.model, n_ctx=128, n_batch=128, lora=lora)
     result = perplexity(ctx, tokens, 16, bos_id=None)
     assert result.ppl == pytest.approx(ref["ppl"], rel=0.005)

@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import InputError
 from ..lora.adapter import LoraAdapter, LoraTensor
 from ..lora.gguf_adapter import write_gguf_adapter
-from ..lora.peft import MODULES
+from ..lora.peft import MODULES, unpermute_rows
 from .data import DataOrder
 from .optim import AdamW
 
@@ -49,11 +49,6 @@ def write_adapter_gguf(path: str, params: dict, alpha: float, r: int, architectu
     tmp = path + ".tmp"
     write_gguf_adapter(tmp, adapter_of(params, alpha, r, path), architecture)
     os.replace(tmp, path)
-
-
-def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverse of llama.cpp's q/k row permutation (lora.peft.permute_rows): GGUF order back to Hugging Face's."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def write_peft(folder: str, params: dict, alpha: float, r: int, config, base_name: str | None = None) -> None:

@@ -50,7 +50,7 @@ def load_adapter(path: str, metadata: dict, user_scale: float = 1.0) -> LoraAdap
         elif magic == b"algg":  # 'ggla' as a little-endian uint32
             from .ggla import read_ggla
 
-            adapter = read_ggla(path)
+            adapter = read_ggla(path, metadata)
         else:
             raise AdapterError(f"{path}: not a LoRA adapter (a PEFT folder, a ggla .bin or a GGUF adapter)")
     for t in adapter.tensors.values():

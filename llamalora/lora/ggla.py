@@ -5,12 +5,17 @@ Layout, as llama.cpp's convert-lora-to-ggml.py wrote it (all little-endian):
   per tensor: int32 n_dims, int32 name length, int32 type (0 f32, 1 f16), n_dims int32 dims in ggml order
   (numpy shape reversed), the name, zero padding up to a 32-byte file offset, then the data.
 Names are `blk.N.attn_q.weight.loraA` / `.loraB`. That script wrote lora_A transposed (numpy [n_in, r],
-so ggml ne = [r, n_in]) and lora_B as it is (numpy [n_out, r]); the reader undoes the transpose.
+so ggml ne = [r, n_in]) and lora_B as PEFT holds it (numpy [n_out, r]); the reader undoes the transpose.
+
+Row order: that script never permuted q and k the way llama.cpp's model converters permute them for GGUF's
+RoPE layout, so lora_B of attn_q / attn_k is in Hugging Face's row order in every such file. That is the
+format's convention here too: the reader permutes q/k lora_B into GGUF's order (peft.qk_heads: by the base
+model's head counts; nothing for NEOX-RoPE models), the writer writes them back in Hugging Face's order, so
+our files and the original script's are interchangeable.
 
 One r and one alpha cover the whole file and the reader scales every tensor by alpha/r. Where a tensor's
 scale differs (rank_pattern, alpha_pattern, rsLoRA, a non-integer alpha) the writer folds the ratio into
-B, so B·A times the file's alpha/r is the adapter's delta. Unlike that script, B of q and k is written
-with its rows already in the GGUF order (see peft.permute_rows): the file patches GGUF weights directly.
+B, so B·A times the file's alpha/r is the adapter's delta.
 """
 
 import os
@@ -21,6 +26,7 @@ import numpy as np
 
 from ..errors import AdapterError
 from .adapter import LoraAdapter, LoraTensor, b_for_file_scale
+from .peft import permute_rows, qk_heads, unpermute_rows
 
 MAGIC = 0x67676C61
 VERSION = 1
@@ -33,7 +39,8 @@ OLD_NAMES = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv":
 OLD_NAME = re.compile(r"^layers\.(\d+)\.(\w+\.\w+)\.weight$")
 
 
-def write_ggla(path: str, adapter: LoraAdapter, dtype=np.float32) -> None:
+def write_ggla(path: str, adapter: LoraAdapter, metadata: dict, dtype=np.float32) -> None:
+    """adapter: B's rows in GGUF's order; metadata: the base model's (its head counts order q and k back)."""
     ftype = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}[np.dtype(dtype)]
     r = int(adapter.r) or next(iter(adapter.tensors.values())).a.shape[0]
     # the header's alpha is an int32: an integral alpha is kept; otherwise alpha = r and B carries the scale
@@ -43,7 +50,9 @@ def write_ggla(path: str, adapter: LoraAdapter, dtype=np.float32) -> None:
         f.write(struct.pack("<Iiii", MAGIC, VERSION, r, alpha))
         for name, t in adapter.tensors.items():
             write_tensor(f, f"{name}.loraA", t.a.T, dtype, ftype)
-            write_tensor(f, f"{name}.loraB", b_for_file_scale(t, file_scale), dtype, ftype)
+            b = b_for_file_scale(t, file_scale)
+            heads = qk_heads(name, metadata, f"{path}: {name}")
+            write_tensor(f, f"{name}.loraB", unpermute_rows(b, heads) if heads else b, dtype, ftype)
 
 
 def write_tensor(f, name: str, array: np.ndarray, dtype, ftype: int) -> None:
@@ -55,7 +64,8 @@ def write_tensor(f, name: str, array: np.ndarray, dtype, ftype: int) -> None:
     f.write(np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<")).tobytes())
 
 
-def read_ggla(path: str) -> LoraAdapter:
+def read_ggla(path: str, metadata: dict) -> LoraAdapter:
+    """metadata: the base model's (its head counts put q and k's rows into GGUF's order)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -108,7 +118,9 @@ def read_ggla(path: str) -> LoraAdapter:
         if "A" not in part or "B" not in part:
             raise AdapterError(f"{path}: {base} has no lora{'B' if 'B' not in part else 'A'}")
         a = np.ascontiguousarray(part["A"].T)  # stored transposed: [n_in, r]
-        adapter.tensors[base] = LoraTensor(a, np.ascontiguousarray(part["B"]), alpha / r)
+        heads = qk_heads(base, metadata, f"{path}: {base}")
+        b = permute_rows(part["B"], heads) if heads else part["B"]
+        adapter.tensors[base] = LoraTensor(a, np.ascontiguousarray(b), alpha / r)
     return adapter
 
 

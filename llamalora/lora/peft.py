@@ -35,14 +35,10 @@ def read_peft(folder: str, metadata: dict) -> LoraAdapter:
             raise AdapterError(f"{folder}: tensor {key} does not map to a llama weight")
         layer, module, which = int(m.group(1)), m.group(2), m.group(3)
         module_name = key.split(f".lora_{which}")[0]
-        entry = pairs.setdefault(f"blk.{layer}.{MODULES[module]}.weight", {"module": module_name, "kind": module})
+        entry = pairs.setdefault(f"blk.{layer}.{MODULES[module]}.weight", {"module": module_name})
         entry[which] = np.asarray(value, dtype=np.float32)
-    n_head = metadata.get("llama.attention.head_count")
-    n_head_kv = metadata.get("llama.attention.head_count_kv", n_head)
-    # NEOX-rope models (qwen2) keep Hugging Face's q/k row order in GGUF: nothing to permute.
-    neox = metadata.get("general.architecture") in NEOX_ROPE_ARCHITECTURES
     adapter = LoraAdapter(folder, alpha=float(config["lora_alpha"]), r=int(config["r"]))
-    for name, entry in sorted(pairs.items()):
+    for name, entry in sorted(pairs.items(), key=lambda item: model_order(item[0])):
         if "A" not in entry or "B" not in entry:
             missing = "lora_B" if "B" not in entry else "lora_A"
             raise AdapterError(f"{folder}: {entry['module']} has no {missing}")
@@ -55,13 +51,18 @@ def read_peft(folder: str, metadata: dict) -> LoraAdapter:
             raise AdapterError(f"{folder}: {entry['module']}: lora_A {a.shape} and lora_B {b.shape} do not have "
                                f"the rank {r_config} that adapter_config.json gives")
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        if entry["kind"] in ("q_proj", "k_proj") and not neox:
-            if not n_head:
-                raise AdapterError(f"{folder}: {entry['module']}: reordering q/k rows into GGUF's order needs the "
-                                   "base model's llama.attention.head_count (and head_count_kv), which is not known")
-            b = permute_rows(b, n_head, n_head_kv if entry["kind"] == "k_proj" else n_head)
+        heads = qk_heads(name, metadata, f"{folder}: {entry['module']}")
+        if heads:
+            b = permute_rows(b, heads)
         adapter.tensors[name] = LoraTensor(np.ascontiguousarray(a), np.ascontiguousarray(b), scale)
     return adapter
+
+
+def model_order(weight: str) -> tuple:
+    """Sort key of 'blk.N.attn_q.weight': by layer, then in the order the Hugging Face model holds the modules
+    (PEFT's state dict order, which llama.cpp's converter wrote to its files)."""
+    _, layer, part, _ = weight.split(".")
+    return int(layer), list(MODULES.values()).index(part)
 
 
 def read_config(folder: str) -> dict:
@@ -145,7 +146,26 @@ def pattern_value(patterns: dict, module_name: str, default):
     return default
 
 
-def permute_rows(w: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
-    """llama.cpp's q/k permutation (convert_hf_to_gguf's LlamaModel.permute), applied to rows."""
-    heads = n_head_kv if n_head_kv and n_head_kv != n_head else n_head
+def qk_heads(weight: str, metadata: dict, what: str) -> int | None:
+    """The heads by which GGUF's row order of this weight differs from Hugging Face's: llama.cpp's model converter
+    permutes the rows of q (by n_head) and k (by n_head_kv) for its RoPE layout; None for every other weight and
+    for NEOX-RoPE models (qwen2), which keep Hugging Face's order. what: the adapter and tensor, for the error."""
+    part = weight.split(".")[-2] if weight.count(".") >= 2 else ""
+    if part not in ("attn_q", "attn_k") or metadata.get("general.architecture") in NEOX_ROPE_ARCHITECTURES:
+        return None
+    n_head = metadata.get("llama.attention.head_count")
+    if not n_head:
+        raise AdapterError(f"{what}: reordering q/k rows into GGUF's order needs the base model's "
+                           "llama.attention.head_count (and head_count_kv), which is not known")
+    return int(metadata.get("llama.attention.head_count_kv", n_head)) if part == "attn_k" else int(n_head)
+
+
+def permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """Hugging Face's row order of q (heads = n_head) or k (heads = n_head_kv) → GGUF's, as llama.cpp's
+    converter permutes the weights (convert_hf_to_gguf's LlamaModel.permute), applied to any row-indexed array."""
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """The inverse of permute_rows: GGUF's row order back to Hugging Face's."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
