@@ -7,7 +7,7 @@ import sys
 import click
 
 from .errors import InputError, LlamaLoraError
-from .options import load_from_options, model_options, read_text_file
+from .options import Option, load_from_options, model_options, read_text_file
 
 
 class Commands(click.Group):
@@ -35,18 +35,24 @@ def cli():
 @click.option("-p", "--prompt", type=str, default=None, help="prompt to start generation with")
 @click.option("-f", "--file", "prompt_file", type=str, default=None, help="read the prompt from a file")
 @click.option("-e", "--escape", is_flag=True, help="process escapes (\\n, \\t, ...) in the prompt")
-@click.option("-n", "--n-predict", type=int, default=-1, help="tokens to predict (-1: until end of text or context)")
-@click.option("-c", "--ctx-size", type=int, default=4096, help="context size in tokens (0: the model's)")
-@click.option("-b", "--batch-size", type=int, default=512, help="prompt tokens evaluated per batch")
+@click.option("-n", "--n-predict", "--n_predict", cls=Option, type=int, default=-1, help="tokens to predict (-1: until end of text or context)")
+@click.option("-c", "--ctx-size", "--ctx_size", cls=Option, type=int, default=4096, help="context size in tokens (0: the model's)")
+@click.option("-b", "--batch-size", "--batch_size", cls=Option, type=int, default=512, help="prompt tokens evaluated per batch")
 @click.option("--keep", type=int, default=0, help="prompt tokens to keep when the context shifts (-1: all)")
 @click.option("--no-context-shift", is_flag=True, help="stop when the context is full instead of shifting it")
 @click.option("--temp", type=float, default=None, help="temperature (0: greedy)")
-@click.option("--top-k", type=int, default=None)
-@click.option("--top-p", type=float, default=None)
-@click.option("--min-p", type=float, default=None)
-@click.option("--repeat-penalty", type=float, default=None)
-@click.option("--repeat-last-n", type=int, default=None)
-@click.option("--seed", type=int, default=-1, help="RNG seed (-1: random)")
+@click.option("--top-k", "--top_k", cls=Option, type=int, default=None, help="keep the k most likely tokens (<= 0: all)")
+@click.option("--top-p", "--top_p", cls=Option, type=float, default=None, help="nucleus sampling (1: off)")
+@click.option("--min-p", type=float, default=None, help="drop tokens below this share of the best one's probability")
+@click.option("--typical", "typical_p", type=float, default=None, help="locally typical sampling (1: off)")
+@click.option("--repeat-penalty", "--repeat_penalty", cls=Option, type=float, default=None, help="penalise repeated tokens (1: off)")
+@click.option("--repeat-last-n", "--repeat_last_n", cls=Option, type=int, default=None,
+              help="tokens the penalties look back on (0: off, -1: all)")
+@click.option("--presence-penalty", "--presence_penalty", cls=Option, type=float, default=None,
+              help="subtract this from a repeated token's logit (0: off)")
+@click.option("--frequency-penalty", "--frequency_penalty", cls=Option, type=float, default=None,
+              help="subtract this times a token's count from its logit (0: off)")
+@click.option("-s", "--seed", type=int, default=-1, help="RNG seed (-1: random)")
 @click.option("--ignore-eos", is_flag=True, help="keep generating past the end-of-text token")
 @click.option("--color", is_flag=True, help="colour the prompt and user input")
 @click.option("-i", "--interactive", is_flag=True, help="hand the turn to the user at a reverse prompt or Ctrl-C")
@@ -59,11 +65,13 @@ def cli():
 @click.option("--grammar", "grammar_text", default=None, help="GBNF grammar the output must match")
 @click.option("--grammar-file", default=None, help="file with a GBNF grammar")
 @click.option("-j", "--json-schema", default=None, help="JSON Schema (text or @FILE) the output must match")
+@click.option("--memory_f32", "memory_f32", cls=Option, is_flag=True, hidden=True,
+              help="accepted for llama.cpp's command lines: the KV cache is float32 already")
 def main_command(model_path, threads, no_mmap, loras, loras_scaled, lora_base, lora_mode, verbose, prompt,
                  prompt_file, escape, n_predict, ctx_size, batch_size, keep, no_context_shift, temp, top_k, top_p,
-                 min_p, repeat_penalty, repeat_last_n, seed, ignore_eos, color, interactive, interactive_first,
-                 reverse_prompts, in_prefix, in_suffix, instruct, conversation, grammar_text, grammar_file,
-                 json_schema):
+                 min_p, typical_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty, seed,
+                 ignore_eos, color, interactive, interactive_first, reverse_prompts, in_prefix, in_suffix, instruct,
+                 conversation, grammar_text, grammar_file, json_schema, memory_f32):
     """Generate text from a prompt, a file, interactively or in instruction mode."""
     from .console import MainOptions, run_main
     from .sampling import SamplerParams
@@ -76,8 +84,9 @@ def main_command(model_path, threads, no_mmap, loras, loras_scaled, lora_base, l
     for name, value, low in (("-c", ctx_size, 0), ("-b", batch_size, 1), ("-n", n_predict, -1)):
         if value < low:
             raise InputError(f"{name} must be at least {low}, got {value}")
-    overrides = {"temp": temp, "top_k": top_k, "top_p": top_p, "min_p": min_p, "repeat_penalty": repeat_penalty,
-                 "repeat_last_n": repeat_last_n}
+    overrides = {"temp": temp, "top_k": top_k, "top_p": top_p, "min_p": min_p, "typical_p": typical_p,
+                 "repeat_penalty": repeat_penalty, "repeat_last_n": repeat_last_n,
+                 "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty}
     sampler = SamplerParams(seed=seed, **{k: v for k, v in overrides.items() if v is not None})
     grammar = read_grammar(grammar_text, grammar_file, json_schema)  # a bad grammar fails before the model loads
     loaded = load_from_options(model_path, threads, no_mmap, loras, loras_scaled, lora_base, lora_mode, verbose)
@@ -113,8 +122,8 @@ def read_grammar(text: str | None, path: str | None, schema: str | None):
 @cli.command("perplexity")
 @model_options
 @click.option("-f", "--file", "text_file", type=str, default=None, help="text to score")
-@click.option("-c", "--ctx-size", type=int, default=512, help="chunk size in tokens")
-@click.option("-b", "--batch-size", type=int, default=None, help="tokens evaluated per batch (default: the chunk)")
+@click.option("-c", "--ctx-size", "--ctx_size", cls=Option, type=int, default=512, help="chunk size in tokens")
+@click.option("-b", "--batch-size", "--batch_size", cls=Option, type=int, default=None, help="tokens evaluated per batch (default: the chunk)")
 @click.option("--chunks", type=int, default=-1, help="score at most this many chunks (-1: all)")
 @click.option("--kl-divergence-base", type=str, default=None, help="save this run's log-probabilities to FILE")
 @click.option("--kl-divergence", is_flag=True, help="compare against the --kl-divergence-base FILE of a base run")

@@ -1,10 +1,14 @@
 """`llamalora main` end to end on SmolLM2: prompt, file, instruct and chat turns, context shift, Ctrl-C."""
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
+
+import pytest
+from conftest import data_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,3 +88,55 @@ def test_grammar_and_json_schema_constrain_the_output(tmp_path):
     assert set(value) == {"age"} and isinstance(value["age"], int)
     r = main("-p", "x", "--grammar", "root ::= undefined-rule")
     assert r.returncode == 1 and "undefined-rule" in r.stderr and "Traceback" not in r.stderr
+
+
+# llama.cpp's LoRA pull request ran these two lines; users copy them (7B files there, SmolLM2's here)
+SEED_LINES = (
+    "main -m {f16} --lora {lora} --color -f ./prompts/alpaca.txt -ins -b 256 --top_k 10000 --temp 0.2 "
+    "--repeat_penalty 1 -t 7",
+    "main -m {q4_0} --lora {lora} --lora-base {f16} --color -f ./prompts/alpaca.txt -ins -b 256 --top_k 10000 "
+    "--temp 0.2 --repeat_penalty 1 -t 7",
+)
+
+
+def run_interrupting_a_long_answer(args, stdin: str, max_answer: int = 1500) -> tuple[int, str, str]:
+    """Run `main` with stdin; an answer that goes on past max_answer characters (sampling at a temperature may
+    never reach an end of text) gets the Ctrl-C a user would give it, which hands the turn back."""
+    p = subprocess.Popen([sys.executable, "-m", "llamalora.cli", "main", *args], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    p.stdin.write(stdin)
+    p.stdin.close()
+    out = ""
+    while True:
+        piece = p.stdout.read(1)
+        if not piece:
+            break
+        out += piece
+        if len(out.split("\n> ", 1)[-1]) > max_answer and out.count("\n> ") == 1:
+            p.send_signal(signal.SIGINT)
+            max_answer = 10**9
+    err = p.stderr.read()
+    return p.wait(timeout=60), out, err
+
+
+@pytest.mark.parametrize("line", SEED_LINES, ids=["f16", "q4_0-lora-base"])
+def test_the_seeds_command_lines_run_as_written(smollm2_f16_q4_0, line):
+    f16, q4_0 = smollm2_f16_q4_0
+    args = shlex.split(line.format(f16=f16, q4_0=q4_0, lora=data_path("ggla-lora-fortunes.bin")))
+    code, out, err = run_interrupting_a_long_answer(args[1:], "Name the capital of France.\n")
+    assert code == 0, err
+    assert "Traceback" not in err and "No such option" not in err
+    assert "Below is an instruction that describes a task." in out
+    assert out.count("\n> ") == 2  # asked, answered, asked again, then end of input
+    assert "60 tensors" in err and "merged 60 tensors" in err  # merged: into f16, or through --lora-base
+
+
+def test_llama_cpps_underscore_spellings_are_hidden_aliases():
+    r = main("-p", "The capital of France is", "--n_predict", "4", "--ctx_size", "64", "--batch_size", "8",
+             "--top_k", "1", "--top_p", "0.5", "--repeat_last_n", "8", "--repeat_penalty", "1",
+             "--presence_penalty", "0", "--frequency_penalty", "0", "--memory_f32", "-s", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("The capital of France is Paris.")  # top_k 1: greedy
+    help_text = main("--help").stdout
+    assert "--top-k" in help_text and "--lora-base" in help_text
+    assert "_" not in "".join(line.split()[0] for line in help_text.splitlines() if line.strip().startswith("-"))

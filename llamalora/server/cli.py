@@ -2,7 +2,7 @@
 
 import click
 
-from ..options import load_from_options, model_options
+from ..options import Option, load_from_options, model_options
 from ..errors import InputError
 
 
@@ -24,8 +24,8 @@ def load_for_server(model_path, threads, no_mmap, loras, loras_scaled, lora_base
 
 @click.command("server")
 @model_options
-@click.option("-c", "--ctx-size", type=int, default=2048, help="context size in tokens, shared by the slots (0: the model's)")
-@click.option("-b", "--batch-size", type=int, default=512, help="prompt tokens evaluated per batch")
+@click.option("-c", "--ctx-size", "--ctx_size", cls=Option, type=int, default=2048, help="context size in tokens, shared by the slots (0: the model's)")
+@click.option("-b", "--batch-size", "--batch_size", cls=Option, type=int, default=512, help="prompt tokens evaluated per batch")
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
 @click.option("--port", type=int, default=8080, show_default=True, help="port to listen on")
 @click.option("--path", "static_path", type=click.Path(exists=True, file_okay=False), default=None,
