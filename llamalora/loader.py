@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from gguf import GGMLQuantizationType as GGMLType
 
-from .errors import InputError
+from .errors import InputError, VocabError
 from .llama import LlamaConfig, LlamaModel
 from .model_file import ModelFile, load_model_file
 from .vocab import Vocab
@@ -53,7 +53,7 @@ def load_model(path: str | None, use_mmap: bool = True, adapters=(), lora_base: 
     start = time.perf_counter()
     path = path or default_model_path()
     model_file = load_model_file(path, use_mmap=use_mmap)
-    vocab = Vocab.from_metadata(model_file.metadata)
+    vocab = load_vocab(model_file)
     config = LlamaConfig.from_metadata(model_file.metadata, path, n_vocab=vocab.n_vocab,
                                        rope_freqs=model_file.tensors.get("rope_freqs.weight"))
     tensors = dict(model_file.tensors)
@@ -70,6 +70,14 @@ def load_model(path: str | None, use_mmap: bool = True, adapters=(), lora_base: 
         model.set_lora(loaded)
     load_ms = 1000.0 * (time.perf_counter() - start)
     return LoadedModel(model_file, vocab, model, load_ms, loaded)
+
+
+def load_vocab(model_file: ModelFile) -> Vocab:
+    """The file's vocabulary; its errors name the file."""
+    try:
+        return Vocab.from_metadata(model_file.metadata)
+    except VocabError as e:
+        raise VocabError(f"{model_file.path}: {e}") from None
 
 
 def load_adapters(model_file: ModelFile, adapters: list) -> list:

@@ -88,11 +88,15 @@ class Vocab:
         if model not in ("llama", "gpt2"):
             raise VocabError(f"tokenizer.ggml.model '{model}' is not supported (llama and gpt2 are)")
         tokens = need("tokenizer.ggml.tokens")
+        check_list(metadata, "tokenizer.ggml.tokens", str, "strings")
         n = len(tokens)
         scores = metadata.get("tokenizer.ggml.scores") or [0.0] * n
         types = metadata.get("tokenizer.ggml.token_type") or [NORMAL] * n
+        check_list(metadata, "tokenizer.ggml.scores", (int, float), "numbers")
+        check_list(metadata, "tokenizer.ggml.token_type", int, "integers")
         if len(scores) != n or len(types) != n:
             raise VocabError(f"tokenizer.ggml.scores / token_type have {len(scores)} / {len(types)} entries for {n} tokens")
+        check_list(metadata, "tokenizer.ggml.merges", str, "strings")
         merges = metadata.get("tokenizer.ggml.merges") or []
         pre = metadata.get("tokenizer.ggml.pre", "default")
         if model == "gpt2" and pre not in BPE_PRE_TOKENIZERS:
@@ -278,16 +282,28 @@ class Vocab:
         return data.decode("utf-8", errors="replace")
 
 
+def check_list(metadata: dict, key: str, kind, what: str) -> None:
+    """metadata[key], when present, is a list of `what` (a damaged file may hold another type there)."""
+    value = metadata.get(key)
+    if value is not None and (not isinstance(value, list) or not all(isinstance(v, kind) for v in value)):
+        raise VocabError(f"{key} is not an array of {what}")
+
+
 def build_bpe(tokens: list[str], merges: list[str], pre: str):
     """A Hugging Face BPE tokenizer over the GGUF vocabulary, with llama.cpp's pre-tokenizer for `pre`."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
     vocab = {t: i for i, t in enumerate(tokens)}
     pairs = []
-    for m in merges:
-        left, sep, right = m.partition(" ")
-        if not sep:
-            raise VocabError(f"tokenizer.ggml.merges entry {m!r} is not two pieces separated by a space")
+    for index, m in enumerate(merges):
+        left, sep, right = m.partition(" ") if isinstance(m, str) else ("", "", "")
+        if not (left and sep and right):
+            raise VocabError(f"tokenizer.ggml.merges[{index}] {m!r} is not two pieces separated by a space")
+        # a merge joins two tokens into a third, and all three must be in the vocabulary
+        for piece in (left, right, left + right):
+            if piece not in vocab:
+                raise VocabError(f"tokenizer.ggml.merges[{index}] {m!r} names {piece!r}, which is not in "
+                                 "tokenizer.ggml.tokens")
         pairs.append((left, right))
     llama3 = pre in ("llama-bpe", "llama3")
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=llama3, fuse_unk=False))

@@ -159,3 +159,24 @@ def test_bad_metadata_names_the_field(smollm2_path):
     del metadata["tokenizer.ggml.tokens"]
     with pytest.raises(VocabError, match="no tokenizer.ggml.tokens"):
         Vocab.from_metadata(metadata)
+
+
+def test_a_merge_naming_a_token_outside_the_vocabulary_is_one_error(tmp_path, smollm2_path):
+    """A damaged merge list (seen when fuzzing SmolLM2's header) made `tokenizers` raise a bare Exception."""
+    from conftest import rewritten
+
+    from llamalora.loader import load_model
+
+    merges = list(load_model_file(smollm2_path).metadata["tokenizer.ggml.merges"])
+    left, right = merges[1000].split(" ")
+    merges[1000] = f"{left} {right}Uj"
+    path = rewritten(smollm2_path, tmp_path / "m.gguf", {"tokenizer.ggml.merges": merges})
+    with pytest.raises(VocabError) as e:
+        load_model(path, progress=False)
+    assert str(e.value) == (f"{path}: tokenizer.ggml.merges[1000] {merges[1000]!r} names {right + 'Uj'!r}, "
+                            "which is not in tokenizer.ggml.tokens")
+    metadata = load_model_file(smollm2_path).metadata
+    for damaged, message in ((["Ġ t", "nospace"], r"merges\[1\] 'nospace' is not two pieces"),
+                             ([7, 8], "tokenizer.ggml.merges is not an array of strings")):
+        with pytest.raises(VocabError, match=message):
+            Vocab.from_metadata({**metadata, "tokenizer.ggml.merges": damaged})

@@ -156,17 +156,16 @@ def run_finetune(opts: FinetuneOptions, stop_after: int | None = None, quiet: bo
     """Train and write the outputs; returns a summary (losses per step, final step, paths written).
 
     stop_after ends the run after that many steps as a Ctrl-C would (checkpoint saved): for tests."""
-    from ..loader import default_model_path
+    from ..loader import default_model_path, load_vocab
     from ..llama import LlamaConfig
     from ..model_file import load_model_file
-    from ..vocab import Vocab
 
     check_options(opts)
     say = (lambda message: None) if quiet else log
     threads = use_threads(opts.threads)
     path = opts.model or default_model_path()
     model_file = load_model_file(path)
-    vocab = Vocab.from_metadata(model_file.metadata)
+    vocab = load_vocab(model_file)
     config = LlamaConfig.from_metadata(model_file.metadata, path, n_vocab=vocab.n_vocab,
                                        rope_freqs=model_file.tensors.get("rope_freqs.weight"))
     if config.architecture != "llama":
