@@ -5,7 +5,11 @@ Every message names the file, tensor or field at fault and what is wrong with it
 
 
 class LlamaLoraError(Exception):
-    """Base of every error a user can cause. str(e) is the one line the CLI prints."""
+    """Base of every error a user can cause. str(e) is the one line the CLI prints: control characters that a
+    message quotes from a damaged file (a newline inside a tensor name) are shown as escapes."""
+
+    def __str__(self) -> str:
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in super().__str__())
 
 
 class ModelFileError(LlamaLoraError):

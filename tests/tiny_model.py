@@ -13,6 +13,8 @@ What it writes (all shapes in numpy order, as llamalora.tensor.Tensor has them):
     0 <unk> (UNKNOWN), 1 <s>, 2 </s> (CONTROL), 3..258 <0x00>..<0xFF> (BYTE), then "▁", letters,
     digits, punctuation and every prefix of a few "▁word" pieces (NORMAL), so any text tokenizes.
     vocab='llama-spm' uses LLaMA's own 32000-token vocabulary from tests/data/ggml-vocab-llama-spm.gguf.
+    vocab='bpe': a byte-level BPE vocabulary as SmolLM2's (`gpt2`, pre-tokenizer `smollm`): the 256 byte
+    characters, then "Ġword" pieces built one character at a time, each by a merge of the merge list.
 The same seed gives the same file, byte for byte.
 """
 
@@ -50,6 +52,21 @@ def synthetic_spm_vocab() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
+def synthetic_bpe_vocab() -> tuple[list[str], list[str]]:
+    """tokens and merges of a small byte-level BPE vocabulary (an end-of-text token first, as SmolLM2's)."""
+    from llamalora.vocab import byte_to_unicode
+
+    tokens = ["<|endoftext|>"] + list(byte_to_unicode().values())
+    merges = []
+    for word in WORDS:
+        piece = "Ġ" + word
+        for end in range(2, len(piece) + 1):
+            if piece[:end] not in tokens:
+                merges.append(f"{piece[:end - 1]} {piece[end - 1]}")
+                tokens.append(piece[:end])
+    return tokens, merges
+
+
 def llama_spm_vocab() -> tuple[list[str], list[float], list[int]]:
     from llamalora.model_file import load_model_file
 
@@ -67,8 +84,11 @@ def make_tiny_llama(path, qtype=GGMLType.Q4_1, seed: int = 0, vocab: str = "spm"
         tokens, scores, types = synthetic_spm_vocab()
     elif vocab == "llama-spm":
         tokens, scores, types = llama_spm_vocab()
+    elif vocab == "bpe":
+        tokens, merges = synthetic_bpe_vocab()
+        scores, types = [0.0] * len(tokens), [CONTROL] + [NORMAL] * (len(tokens) - 1)
     else:
-        raise ValueError(f"unknown vocab {vocab!r} (spm or llama-spm)")
+        raise ValueError(f"unknown vocab {vocab!r} (spm, llama-spm or bpe)")
     rng = np.random.default_rng(seed)
     head_dim = dim // n_head
 
@@ -119,4 +139,9 @@ def make_tiny_llama(path, qtype=GGMLType.Q4_1, seed: int = 0, vocab: str = "spm"
         "tokenizer.ggml.eos_token_id": 2,
         "tokenizer.ggml.add_bos_token": True,
     }
+    if vocab == "bpe":
+        metadata.update({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm", "tokenizer.ggml.merges": merges,
+                         "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.eos_token_id": 0,
+                         "tokenizer.ggml.add_bos_token": False})
+        del metadata["tokenizer.ggml.unknown_token_id"]
     return write_gguf(path, metadata, tensors)

@@ -7,8 +7,11 @@ nothing special; a tensor whose scale differs from that (alpha_pattern, rsLoRA) 
 """
 
 import numpy as np
+from gguf import GGMLQuantizationType as GGMLType
 
-from ..errors import AdapterError
+from .. import kernels
+from ..errors import AdapterError, ModelFileError
+from ..model_file import load_model_file
 from .adapter import LoraAdapter, LoraTensor, b_for_file_scale
 
 
@@ -32,14 +35,15 @@ def write_gguf_adapter(path: str, adapter: LoraAdapter, architecture: str = "lla
 
 
 def read_gguf_adapter(path: str, architecture: str | None = None) -> LoraAdapter:
-    """Read a GGUF adapter; with `architecture` given, refuse an adapter made for another one."""
-    import gguf
-
+    """Read a GGUF adapter (through the model file parser, which checks every length and extent); with
+    `architecture` given, refuse an adapter made for another one."""
     try:
-        reader = gguf.GGUFReader(path, "r")
-    except (OSError, ValueError, KeyError) as e:
-        raise AdapterError(f"{path}: cannot read it as GGUF: {e}") from None
-    fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+        adapter_file = load_model_file(path)
+    except ModelFileError as e:
+        raise AdapterError(str(e)) from None
+    if adapter_file.format != "gguf":
+        raise AdapterError(f"{path}: not a GGUF adapter (a {adapter_file.format} file)")
+    fields = adapter_file.metadata
     file_type = fields.get("general.type")
     if file_type != "adapter":
         raise AdapterError(f"{path}: general.type is {file_type!r}, not 'adapter' (a model, not a LoRA adapter?)")
@@ -48,22 +52,20 @@ def read_gguf_adapter(path: str, architecture: str | None = None) -> LoraAdapter
     arch = fields.get("general.architecture")
     if architecture and arch != architecture:
         raise AdapterError(f"{path}: adapter is for architecture {arch!r}, the model is {architecture!r}")
-    alpha = float(fields.get("adapter.lora.alpha") or 0.0)
+    alpha = fields.get("adapter.lora.alpha") or 0.0
+    if not isinstance(alpha, (int, float)) or not np.isfinite(alpha) or alpha < 0:
+        raise AdapterError(f"{path}: adapter.lora.alpha is {alpha!r}, not a non-negative number")
+    alpha = float(alpha)
     halves: dict[str, dict[str, np.ndarray]] = {}
-    for t in reader.tensors:
-        if t.name.endswith(".lora_a") or t.name.endswith(".lora_b"):
-            base, which = t.name[: -len(".lora_a")], t.name[-1].upper()
+    for name, t in adapter_file.tensors.items():
+        if name.endswith(".lora_a") or name.endswith(".lora_b"):
+            base, which = name[: -len(".lora_a")], name[-1].upper()
         else:
-            raise AdapterError(f"{path}: tensor {t.name} is neither a .lora_a nor a .lora_b")
-        if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
-                                 gguf.GGMLQuantizationType.BF16) or len(t.shape) != 2:
-            raise AdapterError(f"{path}: tensor {t.name} is {t.tensor_type.name} with {len(t.shape)} dims; "
+            raise AdapterError(f"{path}: tensor {name} is neither a .lora_a nor a .lora_b")
+        if t.type not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16) or len(t.shape) != 2:
+            raise AdapterError(f"{path}: tensor {name} is {t.type.name} with {len(t.shape)} dims; "
                                "LoRA matrices must be 2-D F32, F16 or BF16")
-        array = np.asarray(t.data)
-        if t.tensor_type == gguf.GGMLQuantizationType.BF16:
-            array = (array.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-        halves.setdefault(base, {})[which] = np.array(array, dtype=np.float32).reshape(
-            tuple(int(d) for d in reversed(t.shape)))
+        halves.setdefault(base, {})[which] = np.array(kernels.dequantize(t.type, t.data, t.n_cols), dtype=np.float32)
     ranks = set()
     adapter = LoraAdapter(path, alpha=alpha)
     for base, part in halves.items():

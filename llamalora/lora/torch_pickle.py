@@ -9,10 +9,15 @@ so a hostile file cannot run code. Tensors come back as numpy arrays that own th
 import collections
 import pickle
 import zipfile
+import zlib
 
 import numpy as np
 
 from ..errors import AdapterError
+
+# what zipfile raises on a damaged archive (a mangled name, version, offset, size or compressed stream)
+DAMAGED_ZIP = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, NotImplementedError, UnicodeDecodeError, EOFError,
+               ValueError, OSError)
 
 # torch storage class -> numpy dtype of one element; BFloat16 is read as raw uint16 and widened below.
 STORAGE_DTYPES = {
@@ -44,25 +49,17 @@ def load_torch_file(path: str) -> dict[str, np.ndarray]:
     except zipfile.BadZipFile:
         raise AdapterError(f"{path}: not a zip-format PyTorch checkpoint (legacy torch.save files are not "
                            "supported; re-save it with torch >= 1.6 or as safetensors)") from None
-    except OSError as e:
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
         raise AdapterError(f"{path}: cannot read it: {e.strerror or e}") from None
+    except DAMAGED_ZIP as e:
+        raise AdapterError(f"{path}: the zip archive is damaged ({type(e).__name__}: {e})") from None
     with archive:
-        pkl_names = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
-        if len(pkl_names) != 1:
-            raise AdapterError(f"{path}: expected one data.pkl in the archive, found {len(pkl_names)}")
-        prefix = pkl_names[0][: -len("data.pkl")]
-        byteorder = "little"
-        if prefix + "byteorder" in archive.namelist():
-            byteorder = archive.read(prefix + "byteorder").decode("ascii", "replace").strip()
-        if byteorder not in ("little", "big"):
-            raise AdapterError(f"{path}: unknown byteorder {byteorder!r}")
-        unpickler = RestrictedUnpickler(archive, prefix, path, "<" if byteorder == "little" else ">")
         try:
-            state = unpickler.load()
+            state = read_state(path, archive)
         except AdapterError:
             raise
-        except Exception as e:  # a malformed pickle fails in many ways; all of them mean a bad file
-            raise AdapterError(f"{path}: cannot unpickle {pkl_names[0]}: {type(e).__name__}: {e}") from None
+        except DAMAGED_ZIP as e:
+            raise AdapterError(f"{path}: the zip archive is damaged ({type(e).__name__}: {e})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -73,6 +70,26 @@ def load_torch_file(path: str) -> dict[str, np.ndarray]:
             raise AdapterError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
         out[str(name)] = value
     return out
+
+
+def read_state(path: str, archive: zipfile.ZipFile):
+    """The unpickled data.pkl of the archive."""
+    pkl_names = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+    if len(pkl_names) != 1:
+        raise AdapterError(f"{path}: expected one data.pkl in the archive, found {len(pkl_names)}")
+    prefix = pkl_names[0][: -len("data.pkl")]
+    byteorder = "little"
+    if prefix + "byteorder" in archive.namelist():
+        byteorder = archive.read(prefix + "byteorder").decode("ascii", "replace").strip()
+    if byteorder not in ("little", "big"):
+        raise AdapterError(f"{path}: unknown byteorder {byteorder!r}")
+    unpickler = RestrictedUnpickler(archive, prefix, path, "<" if byteorder == "little" else ">")
+    try:
+        return unpickler.load()
+    except AdapterError:
+        raise
+    except Exception as e:  # a malformed pickle fails in many ways; all of them mean a bad file
+        raise AdapterError(f"{path}: cannot unpickle {pkl_names[0]}: {type(e).__name__}: {e}") from None
 
 
 class RestrictedUnpickler(pickle.Unpickler):
