@@ -307,6 +307,8 @@ def test_disconnect_frees_the_slot(http, url):
 
 ERROR_CASES = [
     ("/completion", b"{bad json", 400, "not valid JSON"),
+    ("/completion", b"[" * 100000 + b"]" * 100000, 400, "nested too deeply"),
+    ("/v1/chat/completions", b'{"messages": ' + b"[" * 100000 + b"]" * 100000 + b"}", 400, "nested too deeply"),
     ("/completion", b"[1, 2]", 400, "JSON object"),
     ("/completion", {"n_predict": 4}, 400, "'prompt' is required"),
     ("/completion", {"prompt": 5}, 400, "'prompt' must be"),
@@ -351,6 +353,20 @@ def test_errors_are_json_4xx(http, path, body, status, fragment):
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["code"] == status and error["type"] == "invalid_request_error" and fragment in error["message"]
+
+
+def test_bodies_beyond_max_body_are_refused_before_they_are_read(http):
+    """A 10 MB prompt answers 413 (by its declared length, and counted as it arrives when sent in chunks), and
+    is never tokenized whole."""
+    body = json.dumps({"prompt": "word " * 2_000_000, "n_predict": 1}).encode()
+    start = time.monotonic()
+    declared = http.post("/completion", content=body, headers={"content-type": "application/json"})
+    chunked = http.post("/completion", content=(body[i:i + 65536] for i in range(0, len(body), 65536)))
+    for r in (declared, chunked):
+        assert r.status_code == 413, r.text
+        assert r.json()["error"]["code"] == 413 and "--max-body" in r.json()["error"]["message"]
+    assert time.monotonic() - start < 30
+    assert complete(http, n_predict=2)["tokens_predicted"] == 2
 
 
 def test_server_keeps_serving_after_errors(http):

@@ -45,6 +45,7 @@ class ServerOptions:
     adapter_paths: list = field(default_factory=list)
     scales: list = field(default_factory=list)
     adapters_merged: bool = False  # merged into the weights (--lora-base, --lora-mode merge): scales are fixed
+    max_body: int = 4 * 2**20  # request bodies beyond this many bytes are refused (413)
 
 
 @dataclass
@@ -99,7 +100,20 @@ def error_response(e: ApiError) -> JSONResponse:
 
 
 async def read_body(request: Request, allow_array: bool = False):
-    return schemas.parse_json(await request.body(), allow_array=allow_array)
+    """The JSON body, refused with 413 beyond --max-body bytes before it is read whole (a declared length is
+    checked first; a chunked body is counted as it arrives)."""
+    limit = state_of(request).options.max_body
+    declared = request.headers.get("content-length", "")
+    too_large = ApiError(413, f"request body is larger than {limit} bytes (--max-body)", "request_too_large")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return schemas.parse_json(b"".join(chunks), allow_array=allow_array)
 
 
 def state_of(request: Request) -> ServerState:

@@ -36,15 +36,17 @@ def load_for_server(model_path, threads, no_mmap, loras, loras_scaled, lora_base
 @click.option("--alias", type=str, default=None, help="model name the API reports (default: the file name)")
 @click.option("--api-key", type=str, default=None, help="require `Authorization: Bearer KEY` on the API routes")
 @click.option("-np", "--parallel", type=int, default=1, show_default=True, help="slots: requests served at once")
+@click.option("--max-body", type=int, default=4 * 2**20, show_default=True,
+              help="refuse request bodies larger than this many bytes (413)")
 def server_command(model_path, threads, no_mmap, loras, loras_scaled, lora_base, lora_mode, verbose, ctx_size,
-                   batch_size, host, port, static_path, embedding, timeout, alias, api_key, parallel):
+                   batch_size, host, port, static_path, embedding, timeout, alias, api_key, parallel, max_body):
     """HTTP server with llama.cpp's API, OpenAI-compatible /v1 routes, a web page and LoRA scales per request."""
     import uvicorn
 
     from .app import ServerOptions, create_app
 
     for name, value, low in (("-c", ctx_size, 0), ("-b", batch_size, 1), ("-np", parallel, 1), ("--port", port, 0),
-                             ("-to", timeout, 0)):
+                             ("-to", timeout, 0), ("--max-body", max_body, 1)):
         if value < low:
             raise InputError(f"{name} must be at least {low}, got {value}")
     loaded, adapters, paths, scales, merged = load_for_server(model_path, threads, no_mmap, loras, loras_scaled,
@@ -54,7 +56,7 @@ def server_command(model_path, threads, no_mmap, loras, loras_scaled, lora_base,
         raise InputError(f"-c {n_ctx} leaves {n_ctx // parallel} tokens per slot for -np {parallel}; raise -c")
     options = ServerOptions(n_ctx=n_ctx, n_batch=batch_size, n_parallel=parallel, embedding=embedding, alias=alias,
                             api_key=api_key, static_dir=static_path, timeout=timeout, adapter_paths=paths,
-                            scales=scales, adapters_merged=merged)
+                            scales=scales, adapters_merged=merged, max_body=max_body)
     app = create_app(loaded, options, adapters)
     click.echo(f"llamalora server: {loaded.file.path}, {parallel} slot(s) of {n_ctx // parallel} tokens, "
                f"listening on http://{host}:{port}", err=True)

@@ -35,6 +35,8 @@ def parse_json(raw: bytes, allow_array: bool = False):
         raise ApiError(400, "request body is not UTF-8") from None
     except json.JSONDecodeError as e:
         raise ApiError(400, f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:  # arrays or objects nested thousands deep exhaust the parser's stack
+        raise ApiError(400, "request body is nested too deeply") from None
     if not isinstance(body, dict) and not (allow_array and isinstance(body, list)):
         raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}")
     return body
