@@ -233,7 +233,7 @@ def test_extra_samplers_unit():
     for z, n_kept in ((0.25, 1), (0.75, 2), (0.99, 2), (1.0, 5)):
         assert list(tail_free(ids, values, z)[0]) == list(range(n_kept))
     rng = np.random.default_rng(0)
-    token, mu = mirostat_v2(rng, values, tau=0.5, eta=0.1, mu=0.1)  # mu below every surprise: only the top
+    token, mu, _ = mirostat_v2(rng, values, tau=0.5, eta=0.1, mu=0.1)  # mu below every surprise: only the top
     assert token == 0 and mu != 0.1
     logits = np.array([1.0, 3.0, 2.9], dtype=np.float32)  # token 1 is the newline here
     for penalize_nl, expected in ((False, 1), (True, 2)):

@@ -18,6 +18,7 @@ from starlette.staticfiles import StaticFiles
 
 from ..errors import LlamaLoraError
 from . import schemas
+from .logprobs import llama_item, probs_report
 from .schemas import ApiError, CompletionRequest
 from .slots import Job, SlotPool, embedding
 
@@ -91,7 +92,8 @@ class ServerState:
                 raise ApiError(400, "'lora': the adapters are merged into the weights (--lora-base or --lora-mode "
                                     "merge), so a request cannot change their scales")
             scales = [req.lora.get(i, 0.0) for i in range(self.n_adapters())]
-        return Job(ids=ids, req=req, scales=tuple(scales) if not self.options.adapters_merged else ())
+        return Job(ids=ids, req=req, scales=tuple(scales) if not self.options.adapters_merged else (),
+                   probs=probs_report(req))
 
 
 def error_response(e: ApiError) -> JSONResponse:
@@ -186,14 +188,20 @@ async def completion(request: Request):
     prompt = prompt_text(req.parts)
     if not req.stream:
         tokens, info = await run_to_end(state, job, request)
-        return JSONResponse(final_object(state, req, info, tokens, prompt))
+        final = final_object(state, req, info, tokens, prompt)
+        if job.probs is not None:
+            final["completion_probabilities"] = [llama_item(state.vocab, tp) for tp in job.probs.tokens]
+        return JSONResponse(final)
 
     async def stream():
         tokens = []
         async for event in job_events(state, job):
             if event[0] == "token":
                 tokens.append(event[1])
-                yield sse({"content": event[2], "tokens": [event[1]], "stop": False, "id_slot": job.slot.id})
+                out = {"content": event[2], "tokens": [event[1]], "stop": False, "id_slot": job.slot.id}
+                if event[3] is not None:
+                    out["completion_probabilities"] = [llama_item(state.vocab, event[3])]
+                yield sse(out)
             elif event[0] == "error":
                 yield sse(event[1].body())
             else:

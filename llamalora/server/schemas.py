@@ -271,6 +271,9 @@ class CompletionRequest:
     lora: dict | None = None  # {adapter id: scale} for this request alone
     grammar: str = ""  # GBNF text (from 'grammar' or 'json_schema'); "" for none
     parsed_grammar: object = None  # its llamalora.grammar.Grammar, parsed when the request was checked
+    n_probs: int = 0  # alternatives reported per token (llama.cpp's n_probs, OpenAI's top_logprobs)
+    post_sampling_probs: bool = False  # report the sampler chain's final probabilities instead
+    logprobs: bool = False  # report the chosen tokens' figures even with n_probs 0 (OpenAI's logprobs)
 
     def settings(self) -> dict:
         """The generation settings as llama.cpp reports them back."""
@@ -315,6 +318,8 @@ def parse_completion(body: dict, n_vocab: int, n_ctx: int, n_adapters: int, toke
         lora=get_lora(body, n_adapters),
         grammar=grammar_text,
         parsed_grammar=grammar,
+        n_probs=get_int(body, "n_probs", 0, low=0, high=n_vocab),
+        post_sampling_probs=get_bool(body, "post_sampling_probs", False),
     )
 
 

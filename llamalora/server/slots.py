@@ -22,6 +22,7 @@ from gguf import GGMLQuantizationType as GGMLType
 from .. import kernels
 from ..errors import LlamaLoraError
 from ..generate import Context, Timings, generate
+from ..sampling import ProbsReport
 from ..tensor import Tensor
 from .extra_sampling import RequestSampler
 from .schemas import ApiError
@@ -52,6 +53,7 @@ class Job:
     ids: list  # prompt token ids
     req: object  # schemas.CompletionRequest
     scales: tuple  # adapter scales for this request
+    probs: ProbsReport | None = None  # token probabilities to report with each token, when asked for
     cancel: threading.Event = field(default_factory=threading.Event)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     slot: Slot | None = None
@@ -192,7 +194,7 @@ class SlotPool:
         stops = tuple(req.stop)
         grammar = req.parsed_grammar.start() if req.parsed_grammar is not None else None
         gen = generate(ctx, self.vocab, sampler, ids[n_cached:], n_predict=req.n_predict, stop=stops,
-                       ignore_eos=req.ignore_eos, should_stop=job.cancel.is_set, grammar=grammar)
+                       ignore_eos=req.ignore_eos, should_stop=job.cancel.is_set, grammar=grammar, probs=job.probs)
         text, sent, n_tokens = "", 0, 0
         started = time.perf_counter()
         reason = "limit"
@@ -204,7 +206,7 @@ class SlotPool:
                     continue
                 n_tokens += 1
                 ready = held_back_start(text, sent, stops)
-                self.emit(job, "token", token, text[sent:ready])
+                self.emit(job, "token", token, text[sent:ready], job.probs.tokens[-1] if job.probs else None)
                 sent = ready
         except StopIteration as stop:
             reason = stop.value or "limit"
