@@ -26,7 +26,7 @@ STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
 PUBLIC_PATHS = {"/health", "/v1/health", "/v1/models", "/models"}
 # Paths (and what lies below them) that need the API key; the web page's files (/completion.js) do not.
 API_PATHS = ("/completion", "/completions", "/tokenize", "/detokenize", "/embedding", "/embeddings", "/props",
-             "/lora-adapters", "/slots", "/v1", "/infill", "/chat", "/models")
+             "/lora-adapters", "/slots", "/v1", "/infill", "/chat", "/models", "/apply-template", "/metrics")
 
 
 def is_api_path(path: str) -> bool:
