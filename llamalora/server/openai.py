@@ -245,12 +245,19 @@ async def chat_completions(request: Request):
 
 
 async def models(request: Request):
+    """The base model and each adapter, the adapters with the base as `parent` and their path as `root`, as
+    vLLM lists LoRA modules; `model: "<adapter name>"` in a request runs that adapter."""
     state = state_of(request)
-    return JSONResponse({"object": "list", "data": [{
-        "id": state.alias, "object": "model", "created": int(state.started), "owned_by": "llamalora",
-        "meta": {"n_vocab": state.vocab.n_vocab, "n_ctx_train": state.loaded.model.config.n_ctx_train,
-                 "n_embd": state.loaded.model.config.dim},
-    }]})
+    config = state.loaded.model.config
+    created = int(state.started)
+    data = [{"id": state.alias, "object": "model", "created": created, "owned_by": "llamalora",
+             "root": state.loaded.file.path, "parent": None,
+             "meta": {"n_vocab": state.vocab.n_vocab, "n_ctx_train": config.n_ctx_train, "n_embd": config.dim}}]
+    if not state.registry.merged:
+        data += [{"id": e.name, "object": "model", "created": created, "owned_by": "llamalora", "root": e.path,
+                  "parent": state.alias, "meta": {"lora_id": e.id, "scale": e.scale}}
+                 for e in state.registry.entries]
+    return JSONResponse({"object": "list", "data": data})
 
 
 async def embeddings(request: Request):

@@ -52,7 +52,8 @@ class Slot:
 class Job:
     ids: list  # prompt token ids
     req: object  # schemas.CompletionRequest
-    scales: tuple  # adapter scales for this request
+    scales: tuple  # this request's adapters as ((adapter id, scale), ...), the ones not at 0 (LoraChoice.key)
+    adapters: tuple = ()  # their LoraAdapter objects, in the same order (LoraChoice.adapters)
     probs: ProbsReport | None = None  # token probabilities to report with each token, when asked for
     cancel: threading.Event = field(default_factory=threading.Event)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -151,15 +152,23 @@ class SlotPool:
             slot.ctx = SlotContext(self.model, n_ctx=self.n_ctx, n_batch=self.n_batch)
         return slot.ctx
 
-    def deltas_for(self, scales: tuple) -> dict:
-        if not self.adapters:
+    def deltas_for(self, key: tuple, adapters: tuple = ()) -> dict:
+        """Run-time deltas for adapters at the scales in key ((id, scale), ...); ids are never reused, so a
+        cached entry stays right for as long as it lives."""
+        if not key:
             return {}
         with self.deltas_lock:
-            if scales not in self.deltas:
+            if key not in self.deltas:
                 if len(self.deltas) >= 8:
                     self.deltas.pop(next(iter(self.deltas)))
-                self.deltas[scales] = self.model.lora_deltas(self.adapters, scales)
-            return self.deltas[scales]
+                self.deltas[key] = self.model.lora_deltas(list(adapters), [scale for _, scale in key])
+            return self.deltas[key]
+
+    def forget_adapter(self, adapter_id: int) -> None:
+        """Drop the cached deltas of an unloaded adapter (requests running with it keep their own)."""
+        with self.deltas_lock:
+            for key in [k for k in self.deltas if any(i == adapter_id for i, _ in k)]:
+                del self.deltas[key]
 
     def run_job(self, job: Job) -> None:
         slot = job.slot
@@ -185,7 +194,7 @@ class SlotPool:
             n_cached = min(common_prefix(ctx.tokens, ids), len(ids) - 1)
         ctx.truncate(n_cached)
         slot.lora_key = job.scales
-        ctx.lora = self.deltas_for(job.scales)
+        ctx.lora = self.deltas_for(job.scales, job.adapters)
         ctx.timings = Timings()
         # n_predict -1 runs until the context is full; a bounded request shifts the context (keeping n_keep).
         ctx.context_shift = req.n_predict >= 0
