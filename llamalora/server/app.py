@@ -20,6 +20,7 @@ from ..errors import LlamaLoraError
 from . import schemas
 from .adapters import AdapterEntry, AdapterRegistry, check_new_name, default_name
 from .logprobs import llama_item, probs_report
+from .monitoring import Metrics, job_label, metrics_route, slots_route
 from .schemas import ApiError, CompletionRequest
 from .slots import Job, SlotPool, embedding
 
@@ -49,6 +50,8 @@ class ServerOptions:
     adapters_merged: bool = False  # merged into the weights (--lora-base, --lora-mode merge): scales are fixed
     adapter_names: list | None = None  # default: each named after its folder or file
     lora_admin: bool = False  # /lora-adapters/load and /unload without an API key
+    metrics: bool = False  # GET /metrics (llama.cpp's --metrics)
+    slots: bool = True  # GET /slots (llama.cpp's --slots / --no-slots)
 
 
 @dataclass
@@ -59,6 +62,7 @@ class ServerState:
     alias: str
     plain_vocab: object  # the vocabulary without the leading-space rule (/tokenize adds none)
     registry: AdapterRegistry
+    metrics: Metrics = field(default_factory=Metrics)
     started: float = field(default_factory=time.time)
 
     @property
@@ -88,7 +92,8 @@ class ServerState:
             raise ApiError(400, f"the prompt is {len(ids)} tokens, beyond the context of {n_ctx} tokens per slot "
                                 f"(at most {n_ctx - 4}); shorten it or start the server with a larger -c")
         choice = self.registry.choose(req.model, req.lora, self.alias)
-        return Job(ids=ids, req=req, scales=choice.key, adapters=choice.adapters, probs=probs_report(req))
+        return Job(ids=ids, req=req, scales=choice.key, adapters=choice.adapters, probs=probs_report(req),
+                   label=job_label(self.registry, choice.key))
 
 
 def error_response(e: ApiError) -> JSONResponse:
@@ -113,6 +118,8 @@ async def job_events(state: ServerState, job: Job):
         await state.pool.submit(job)
         while True:
             event = await job.events.get()
+            if event[0] == "done":
+                state.metrics.record(job.label, event[1])
             yield event
             if event[0] in ("done", "error"):
                 return
@@ -404,7 +411,9 @@ def create_app(loaded, options: ServerOptions, adapters: list) -> Starlette:
     alias = options.alias or os.path.basename(loaded.file.path)
     names = options.adapter_names or [default_name(p) for p in options.adapter_paths]
     objects = adapters or [None] * len(options.adapter_paths)  # merged: nothing to apply at run time
-    registry = AdapterRegistry([AdapterEntry(i, name, path, adapter, scale, scale) for i, (name, path, adapter, scale)
+    # Named in a request, an adapter runs at its start-up scale, or at 1 when it starts switched off (scale 0).
+    registry = AdapterRegistry([AdapterEntry(i, name, path, adapter, scale or 1.0, scale)
+                                for i, (name, path, adapter, scale)
                                 in enumerate(zip(names, options.adapter_paths, objects, options.scales))],
                                merged=options.adapters_merged)
     state = ServerState(loaded, options, pool, alias, plain_vocab, registry)
@@ -419,6 +428,8 @@ def create_app(loaded, options: ServerOptions, adapters: list) -> Starlette:
         Route("/embedding", embedding_route, methods=["POST"]),
         Route("/embeddings", embedding_route, methods=["POST"]),
         Route("/lora-adapters", lora_adapters, methods=["GET", "POST"]),
+        Route("/metrics", metrics_route, methods=["GET"]),
+        Route("/slots", slots_route, methods=["GET"]),
         Route("/lora-adapters/load", lora_load, methods=["POST"]),
         Route("/lora-adapters/unload", lora_unload, methods=["POST"]),
         Route("/v1/load_lora_adapter", vllm_load, methods=["POST"]),

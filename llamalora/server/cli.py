@@ -45,8 +45,11 @@ def load_for_server(model_path, threads, no_mmap, loras, loras_scaled, lora_base
 @click.option("-np", "--parallel", type=int, default=1, show_default=True, help="slots: requests served at once")
 @click.option("--lora-admin", is_flag=True,
               help="allow POST /lora-adapters/load and /unload without an API key (with --api-key they need the key)")
+@click.option("--metrics", is_flag=True, help="serve Prometheus metrics at GET /metrics")
+@click.option("--slots/--no-slots", default=True, show_default=True, help="show the slots' state at GET /slots")
 def server_command(model_path, threads, no_mmap, loras, loras_scaled, lora_base, lora_mode, verbose, ctx_size,
-                   batch_size, host, port, static_path, embedding, timeout, alias, api_key, parallel, lora_admin):
+                   batch_size, host, port, static_path, embedding, timeout, alias, api_key, parallel, lora_admin,
+                   metrics, slots):
     """HTTP server with llama.cpp's API, OpenAI-compatible /v1 routes, a web page and LoRA scales per request.
     Adapters are named with --lora NAME=PATH (a bare PATH is named after its folder or file) and chosen by
     that name in a request's "model"."""
@@ -68,7 +71,8 @@ def server_command(model_path, threads, no_mmap, loras, loras_scaled, lora_base,
         raise InputError(f"-c {n_ctx} leaves {n_ctx // parallel} tokens per slot for -np {parallel}; raise -c")
     options = ServerOptions(n_ctx=n_ctx, n_batch=batch_size, n_parallel=parallel, embedding=embedding, alias=alias,
                             api_key=api_key, static_dir=static_path, timeout=timeout, adapter_paths=paths,
-                            scales=scales, adapters_merged=merged, adapter_names=names, lora_admin=lora_admin)
+                            scales=scales, adapters_merged=merged, adapter_names=names, lora_admin=lora_admin,
+                            metrics=metrics, slots=slots)
     app = create_app(loaded, options, adapters)
     click.echo(f"llamalora server: {loaded.file.path}, {parallel} slot(s) of {n_ctx // parallel} tokens, "
                f"listening on http://{host}:{port}", err=True)

@@ -10,6 +10,7 @@ Context alone, so concurrent requests with different adapters never see each oth
 
 import asyncio
 import collections
+import itertools
 import math
 import threading
 import time
@@ -28,6 +29,7 @@ from .extra_sampling import RequestSampler
 from .schemas import ApiError
 
 MODEL_LOCK = threading.Lock()
+TASK_IDS = itertools.count()
 
 
 class SlotContext(Context):
@@ -42,6 +44,7 @@ class SlotContext(Context):
 class Slot:
     id: int
     ctx: SlotContext | None = None
+    job: "Job | None" = None  # the request it runs (for /slots)
     lora_key: tuple = ()  # the adapter scales the cached tokens were computed with
     busy: bool = False
     last_used: float = 0.0
@@ -58,6 +61,9 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     slot: Slot | None = None
+    label: str = ""  # what /metrics counts it under (the adapters it runs)
+    id_task: int = field(default_factory=lambda: next(TASK_IDS))
+    n_decoded: int = 0  # tokens generated so far (for /slots)
 
 
 def common_prefix(a: list, b: list) -> int:
@@ -124,6 +130,7 @@ class SlotPool:
 
     def release(self, slot: Slot) -> None:
         slot.busy = False
+        slot.job = None
         slot.last_used = time.monotonic()
         for entry in list(self.waiters):
             future, job = entry
@@ -140,6 +147,7 @@ class SlotPool:
         """Wait for a slot (in arrival order), then start the job's worker; its events arrive in job.events."""
         self.loop = asyncio.get_running_loop()
         job.slot = await self.acquire(job)
+        job.slot.job = job
         self.executor.submit(self.run_job, job)
 
     # generation (worker threads)
@@ -214,6 +222,7 @@ class SlotPool:
                 if token is None:  # the end of an incomplete character, flushed after the last token
                     continue
                 n_tokens += 1
+                job.n_decoded = n_tokens
                 ready = held_back_start(text, sent, stops)
                 self.emit(job, "token", token, text[sent:ready], job.probs.tokens[-1] if job.probs else None)
                 sent = ready
