@@ -224,6 +224,7 @@ def test_tool_styles_follow_the_template():
 
 
 def test_call_grammar_admits_valid_calls_only():
+    from llamalora.errors import GrammarError
     from llamalora.grammar import parse_grammar
     from llamalora.server.tools import call_grammar
 
@@ -235,11 +236,11 @@ def test_call_grammar_admits_valid_calls_only():
     for bad in ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", "unit": "kelvin"}}',
                 '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", "unit": "celsius", "days": 9}}',
                 '<tool_call>\n{"name": "get_news", "arguments": {}}'):
-        with pytest.raises(Exception):
+        with pytest.raises(GrammarError):
             grammar.start().accept_bytes(bad.encode())
     named = parse_grammar(call_grammar(setup_for([WEATHER, TIME], choice={"type": "function",
                                                                            "function": {"name": "get_time"}})))
-    with pytest.raises(Exception):
+    with pytest.raises(GrammarError):
         named.start().accept_bytes(good.encode())
 
 
