@@ -40,6 +40,10 @@ def test_metrics_count_requests_tokens_and_adapters(url):
         for body in ({"n_predict": 5}, {"n_predict": 3, "model": "fortunes"}, {"n_predict": 4, "model": "fortunes"}):
             r = http.post("/completion", json={"prompt": "Hello there", "temperature": 0, "ignore_eos": True, **body})
             assert r.status_code == 200
+        deadline = time.monotonic() + 10  # a slot goes back to the pool just after its answer is sent
+        while http.get("/health").json()["slots_idle"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         response = http.get("/metrics")
         after = samples(response.text)
     assert response.headers["content-type"].startswith("text/plain")
