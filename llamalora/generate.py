@@ -12,7 +12,7 @@ import numpy as np
 from .errors import GrammarError, InputError
 from .grammar import mask_logits
 from .llama import LlamaModel
-from .sampling import Sampler
+from .sampling import ProbsReport, Sampler, token_probs
 from .vocab import StreamDecoder, Vocab
 
 
@@ -117,6 +117,7 @@ def generate(
     ignore_eos: bool = False,
     should_stop=lambda: False,
     grammar=None,
+    probs: ProbsReport | None = None,
 ):
     """Evaluate the prompt, then yield (token_id, text_piece) until EOS, a stop string, n_predict or a full context.
 
@@ -127,20 +128,22 @@ def generate(
     The generator's return value (StopIteration.value) says why it stopped: "eos", "stop", "limit", "context", "abort".
     grammar: a GrammarState; only tokens that keep the output inside the grammar are sampled, and generation ends
     when the grammar is complete and an end-of-generation token is chosen.
+    probs: when given, one TokenProbs per yielded token is appended to probs.tokens before the token is
+    yielded (sampling.token_probs: the logits the sampler was handed, or its final candidates).
     """
     logits = ctx.eval(prompt_ids) if len(prompt_ids) else None
     if logits is None:
         raise ValueError("generation needs at least one prompt token")
     decoder = StreamDecoder(vocab)
     reason = yield from _sample_tokens(ctx, vocab, sampler, logits, decoder, n_predict, stop, ignore_eos,
-                                       should_stop, grammar)
+                                       should_stop, grammar, probs)
     rest = decoder.flush()
     if rest:
         yield None, rest
     return reason
 
 
-def _sample_tokens(ctx, vocab, sampler, logits, decoder, n_predict, stop, ignore_eos, should_stop, grammar):
+def _sample_tokens(ctx, vocab, sampler, logits, decoder, n_predict, stop, ignore_eos, should_stop, grammar, probs):
     """generate()'s loop: yields (token id, text piece) and returns why it stopped."""
     tail = ""
     n_done = 0
@@ -162,6 +165,11 @@ def _sample_tokens(ctx, vocab, sampler, logits, decoder, n_predict, stop, ignore
             return "eos"
         if grammar is not None:
             grammar.accept(token, vocab)
+        if probs is not None:
+            candidates = getattr(sampler, "candidates", None) if probs.post_sampling else None
+            if probs.post_sampling and candidates is None:
+                candidates = (np.array([token]), np.array([1.0]))  # a sampler that keeps no candidates chose it
+            probs.tokens.append(token_probs(logits[: vocab.n_vocab], token, probs.n, candidates))
         piece = decoder.push(token)
         yield token, piece
         tail = (tail + piece)[-256:]

@@ -181,7 +181,7 @@ def test_concurrent_requests_keep_their_own_adapters(http):
 
 def test_lora_adapters_route_sets_scales_for_what_follows(http):
     listing = http.get("/lora-adapters").json()
-    assert listing == [{"id": 0, "path": ADAPTER, "scale": 1.0}]
+    assert listing == [{"id": 0, "name": "lora-fortunes", "path": ADAPTER, "scale": 1.0}]
     prompt = "My fortune for today:"
     with_scale = {s: complete(http, prompt=prompt, n_predict=8, lora=[{"id": 0, "scale": s}])["tokens"]
                   for s in (0.0, 1.0)}
@@ -233,7 +233,7 @@ def test_extra_samplers_unit():
     for z, n_kept in ((0.25, 1), (0.75, 2), (0.99, 2), (1.0, 5)):
         assert list(tail_free(ids, values, z)[0]) == list(range(n_kept))
     rng = np.random.default_rng(0)
-    token, mu = mirostat_v2(rng, values, tau=0.5, eta=0.1, mu=0.1)  # mu below every surprise: only the top
+    token, mu, _ = mirostat_v2(rng, values, tau=0.5, eta=0.1, mu=0.1)  # mu below every surprise: only the top
     assert token == 0 and mu != 0.1
     logits = np.array([1.0, 3.0, 2.9], dtype=np.float32)  # token 1 is the newline here
     for penalize_nl, expected in ((False, 1), (True, 2)):
@@ -610,7 +610,7 @@ def test_completion_js_module(url, keyed_url):
 def test_openai_client(url):
     openai = pytest.importorskip("openai")
     ai = openai.OpenAI(base_url=url + "/v1", api_key="unused")
-    assert [m.id for m in ai.models.list().data] == ["smol"]
+    assert [m.id for m in ai.models.list().data] == ["smol", "lora-fortunes"]
 
     done = ai.completions.create(model="smol", prompt=PROMPT, max_tokens=6, temperature=0)
     assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 6

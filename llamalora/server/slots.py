@@ -10,6 +10,7 @@ Context alone, so concurrent requests with different adapters never see each oth
 
 import asyncio
 import collections
+import itertools
 import math
 import threading
 import time
@@ -22,11 +23,13 @@ from gguf import GGMLQuantizationType as GGMLType
 from .. import kernels
 from ..errors import LlamaLoraError
 from ..generate import Context, Timings, generate
+from ..sampling import ProbsReport
 from ..tensor import Tensor
 from .extra_sampling import RequestSampler
 from .schemas import ApiError
 
 MODEL_LOCK = threading.Lock()
+TASK_IDS = itertools.count()
 
 
 class SlotContext(Context):
@@ -41,6 +44,7 @@ class SlotContext(Context):
 class Slot:
     id: int
     ctx: SlotContext | None = None
+    job: "Job | None" = None  # the request it runs (for /slots)
     lora_key: tuple = ()  # the adapter scales the cached tokens were computed with
     busy: bool = False
     last_used: float = 0.0
@@ -51,10 +55,15 @@ class Slot:
 class Job:
     ids: list  # prompt token ids
     req: object  # schemas.CompletionRequest
-    scales: tuple  # adapter scales for this request
+    scales: tuple  # this request's adapters as ((adapter id, scale), ...), the ones not at 0 (LoraChoice.key)
+    adapters: tuple = ()  # their LoraAdapter objects, in the same order (LoraChoice.adapters)
+    probs: ProbsReport | None = None  # token probabilities to report with each token, when asked for
     cancel: threading.Event = field(default_factory=threading.Event)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     slot: Slot | None = None
+    label: str = ""  # what /metrics counts it under (the adapters it runs)
+    id_task: int = field(default_factory=lambda: next(TASK_IDS))
+    n_decoded: int = 0  # tokens generated so far (for /slots)
 
 
 def common_prefix(a: list, b: list) -> int:
@@ -121,6 +130,7 @@ class SlotPool:
 
     def release(self, slot: Slot) -> None:
         slot.busy = False
+        slot.job = None
         slot.last_used = time.monotonic()
         for entry in list(self.waiters):
             future, job = entry
@@ -137,6 +147,7 @@ class SlotPool:
         """Wait for a slot (in arrival order), then start the job's worker; its events arrive in job.events."""
         self.loop = asyncio.get_running_loop()
         job.slot = await self.acquire(job)
+        job.slot.job = job
         self.executor.submit(self.run_job, job)
 
     # generation (worker threads)
@@ -149,15 +160,23 @@ class SlotPool:
             slot.ctx = SlotContext(self.model, n_ctx=self.n_ctx, n_batch=self.n_batch)
         return slot.ctx
 
-    def deltas_for(self, scales: tuple) -> dict:
-        if not self.adapters:
+    def deltas_for(self, key: tuple, adapters: tuple = ()) -> dict:
+        """Run-time deltas for adapters at the scales in key ((id, scale), ...); ids are never reused, so a
+        cached entry stays right for as long as it lives."""
+        if not key:
             return {}
         with self.deltas_lock:
-            if scales not in self.deltas:
+            if key not in self.deltas:
                 if len(self.deltas) >= 8:
                     self.deltas.pop(next(iter(self.deltas)))
-                self.deltas[scales] = self.model.lora_deltas(self.adapters, scales)
-            return self.deltas[scales]
+                self.deltas[key] = self.model.lora_deltas(list(adapters), [scale for _, scale in key])
+            return self.deltas[key]
+
+    def forget_adapter(self, adapter_id: int) -> None:
+        """Drop the cached deltas of an unloaded adapter (requests running with it keep their own)."""
+        with self.deltas_lock:
+            for key in [k for k in self.deltas if any(i == adapter_id for i, _ in k)]:
+                del self.deltas[key]
 
     def run_job(self, job: Job) -> None:
         slot = job.slot
@@ -183,7 +202,7 @@ class SlotPool:
             n_cached = min(common_prefix(ctx.tokens, ids), len(ids) - 1)
         ctx.truncate(n_cached)
         slot.lora_key = job.scales
-        ctx.lora = self.deltas_for(job.scales)
+        ctx.lora = self.deltas_for(job.scales, job.adapters)
         ctx.timings = Timings()
         # n_predict -1 runs until the context is full; a bounded request shifts the context (keeping n_keep).
         ctx.context_shift = req.n_predict >= 0
@@ -192,7 +211,7 @@ class SlotPool:
         stops = tuple(req.stop)
         grammar = req.parsed_grammar.start() if req.parsed_grammar is not None else None
         gen = generate(ctx, self.vocab, sampler, ids[n_cached:], n_predict=req.n_predict, stop=stops,
-                       ignore_eos=req.ignore_eos, should_stop=job.cancel.is_set, grammar=grammar)
+                       ignore_eos=req.ignore_eos, should_stop=job.cancel.is_set, grammar=grammar, probs=job.probs)
         text, sent, n_tokens = "", 0, 0
         started = time.perf_counter()
         reason = "limit"
@@ -203,8 +222,9 @@ class SlotPool:
                 if token is None:  # the end of an incomplete character, flushed after the last token
                     continue
                 n_tokens += 1
+                job.n_decoded = n_tokens
                 ready = held_back_start(text, sent, stops)
-                self.emit(job, "token", token, text[sent:ready])
+                self.emit(job, "token", token, text[sent:ready], job.probs.tokens[-1] if job.probs else None)
                 sent = ready
         except StopIteration as stop:
             reason = stop.value or "limit"
