@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .compile_clock import compile_ms
 from .errors import GrammarError, InputError
 from .grammar import mask_logits
 from .llama import LlamaModel
@@ -18,11 +19,14 @@ from .vocab import StreamDecoder, Vocab
 
 @dataclass
 class Timings:
+    """llama.cpp's timing lines; compilation (a first run's kernels) is counted apart from load and evaluation."""
+
     load_ms: float = 0.0
     prompt_ms: float = 0.0
     prompt_tokens: int = 0
     gen_ms: float = 0.0
     gen_tokens: int = 0
+    compile_ms: float = 0.0
 
     def lines(self) -> list[str]:
         def rate(ms, n):
@@ -30,11 +34,14 @@ class Timings:
             per_second = 1000.0 * n / ms if ms > 0 else 0.0
             return f"{ms:10.2f} ms / {n:5d} tokens ({per_token:8.2f} ms per token, {per_second:8.2f} tokens per second)"
 
-        return [
+        lines = [
             f"llama_print_timings:        load time = {self.load_ms:10.2f} ms",
             f"llama_print_timings: prompt eval time = {rate(self.prompt_ms, self.prompt_tokens)}",
             f"llama_print_timings:        eval time = {rate(self.gen_ms, self.gen_tokens)}",
         ]
+        if self.compile_ms > 0:
+            lines.insert(1, f"llama_print_timings:     compile time = {self.compile_ms:10.2f} ms")
+        return lines
 
 
 class ContextFull(Exception):
@@ -85,14 +92,16 @@ class Context:
         ids = [int(i) for i in ids]
         if not ids:
             raise ValueError("nothing to evaluate")
-        start = time.perf_counter()
+        start, compiled = time.perf_counter(), compile_ms()
         outputs = []
         for begin in range(0, len(ids), self.n_batch):
             chunk = ids[begin : begin + self.n_batch]
             self._make_room(len(chunk))
             outputs.append(self.model.forward(chunk, self.cache, all_logits=all_logits, lora=self.lora))
             self.tokens.extend(chunk)
-        elapsed = 1000.0 * (time.perf_counter() - start)
+        compiled = compile_ms() - compiled
+        self.timings.compile_ms += compiled
+        elapsed = 1000.0 * (time.perf_counter() - start) - compiled
         if generating:
             self.timings.gen_ms += elapsed
             self.timings.gen_tokens += len(ids)

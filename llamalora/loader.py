@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from gguf import GGMLQuantizationType as GGMLType
 
+from .compile_clock import compile_ms
 from .errors import InputError, VocabError
 from .llama import LlamaConfig, LlamaModel
 from .model_file import ModelFile, load_model_file
@@ -38,8 +39,9 @@ class LoadedModel:
     file: ModelFile
     vocab: Vocab
     model: LlamaModel
-    load_ms: float
+    load_ms: float  # compilation during the load excluded
     adapters: list = field(default_factory=list)
+    compile_ms: float = 0.0  # kernels compiled while loading (a first run's merge or preparation)
 
 
 def load_model(path: str | None, use_mmap: bool = True, adapters=(), lora_base: str | None = None,
@@ -50,7 +52,7 @@ def load_model(path: str | None, use_mmap: bool = True, adapters=(), lora_base: 
     "runtime" keeps W and adds s·B·(A·x) in every patched linear layer, "auto" merges into f32/f16 weights
     or when a lora_base is given and runs unmerged otherwise.
     """
-    start = time.perf_counter()
+    start, compiled = time.perf_counter(), compile_ms()
     path = path or default_model_path()
     model_file = load_model_file(path, use_mmap=use_mmap)
     vocab = load_vocab(model_file)
@@ -68,8 +70,9 @@ def load_model(path: str | None, use_mmap: bool = True, adapters=(), lora_base: 
     model = LlamaModel(config, tensors, path=path)
     if mode == "runtime":
         model.set_lora(loaded)
-    load_ms = 1000.0 * (time.perf_counter() - start)
-    return LoadedModel(model_file, vocab, model, load_ms, loaded)
+    compiled = compile_ms() - compiled
+    load_ms = 1000.0 * (time.perf_counter() - start) - compiled
+    return LoadedModel(model_file, vocab, model, load_ms, loaded, compiled)
 
 
 def load_vocab(model_file: ModelFile) -> Vocab:
