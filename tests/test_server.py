@@ -14,9 +14,7 @@ import time
 import numpy as np
 import pytest
 
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
+import httpx
 
 from server_helpers import ADAPTER, client, running_server, sse_events  # noqa: E402
 
@@ -455,7 +453,6 @@ CHAT_JSON = [{"role": "system", "content": 'Reply with one line of compact JSON,
 
 
 def test_json_schema_outputs_validate(http):
-    pytest.importorskip("jsonschema")
     for schema, prompt in ((TWO_FIELDS, OBJECT_PROMPT), (COLOURS, ARRAY_PROMPT)):
         for seed in SEEDS:
             out = complete(http, prompt=prompt, json_schema=schema, n_predict=40, temperature=1.0, seed=seed)
@@ -465,7 +462,6 @@ def test_json_schema_outputs_validate(http):
 
 def test_response_format_outputs_validate(http):
     """OpenAI's json_schema shape on the chat route, llama.cpp's json_object + schema shape on /v1/completions."""
-    pytest.importorskip("jsonschema")
     for seed in SEEDS:
         body = {"messages": CHAT_JSON, "max_tokens": 40, "temperature": 1.0, "seed": seed,
                 "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": TWO_FIELDS}}}
@@ -505,7 +501,7 @@ def test_response_format_json_object(http):
 
 
 def test_grammar_through_the_openai_client(url):
-    openai = pytest.importorskip("openai")
+    import openai
     ai = openai.OpenAI(base_url=url + "/v1", api_key="unused")
     yes_no = {"grammar": 'root ::= "yes" | "no"'}
     messages = [{"role": "user", "content": "Is water wet?"}]
@@ -608,7 +604,7 @@ def test_completion_js_module(url, keyed_url):
 
 
 def test_openai_client(url):
-    openai = pytest.importorskip("openai")
+    import openai
     ai = openai.OpenAI(base_url=url + "/v1", api_key="unused")
     assert [m.id for m in ai.models.list().data] == ["smol", "lora-fortunes"]
 

@@ -10,10 +10,7 @@ import time
 
 import pytest
 
-pytest.importorskip("httpx")
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+from selenium import webdriver
 
 from server_helpers import ADAPTER, client, running_server  # noqa: E402
 

@@ -6,9 +6,6 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip("httpx")
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
 
 from server_helpers import client, running_server, sse_events  # noqa: E402
 
@@ -29,7 +26,7 @@ def http(url):
 
 @pytest.fixture(scope="module")
 def ai(url):
-    openai = pytest.importorskip("openai")
+    import openai
     return openai.OpenAI(base_url=url + "/v1", api_key="unused")
 
 
@@ -262,8 +259,8 @@ def weather_model():
 def test_required_tool_call_validates_in_every_seeded_run(ai):
     """tool_choice required at temperature 1: in 20 of 20 runs the openai client parses one call whose
     arguments validate against the function's schema."""
-    openai = pytest.importorskip("openai")
-    jsonschema = pytest.importorskip("jsonschema")
+    import openai
+    import jsonschema
     GetWeather = weather_model()
     tool = openai.pydantic_function_tool(GetWeather, name="get_weather")
     schema = tool["function"]["parameters"]
@@ -302,7 +299,7 @@ def _parses(text):
 
 
 def test_tool_calls_stream_as_openai_streams_them(ai, http):
-    openai = pytest.importorskip("openai")
+    import openai
     GetWeather = weather_model()
     tool = openai.pydantic_function_tool(GetWeather, name="get_weather")
     body = dict(model="smol", messages=ASK, tools=[tool], tool_choice="required", parallel_tool_calls=False,
@@ -380,7 +377,7 @@ LLAMA_TOOLS_TEMPLATE = (
 def test_template_that_takes_tools(smollm2_path, tmp_path):
     """A chat template with its own tool support renders the tools and the history; calls come back in the
     style it asks for (bare JSON with "parameters")."""
-    openai = pytest.importorskip("openai")
+    import openai
     from conftest import rewritten
 
     from llamalora.loader import load_model

@@ -6,9 +6,6 @@ import time
 
 import pytest
 
-pytest.importorskip("httpx")
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
 
 from server_helpers import ADAPTER, client, running_server  # noqa: E402
 
@@ -34,7 +31,6 @@ def samples(text: str) -> dict:
 
 
 def test_metrics_count_requests_tokens_and_adapters(url):
-    pytest.importorskip("prometheus_client")
     with client(url) as http:
         before = samples(http.get("/metrics").text)
         for body in ({"n_predict": 5}, {"n_predict": 3, "model": "fortunes"}, {"n_predict": 4, "model": "fortunes"}):

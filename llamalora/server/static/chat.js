@@ -6,6 +6,7 @@
 // reply generated again), conversations kept and listed. Compare view: the same user turns answered at once
 // under two adapter settings, each reply streaming in its own column.
 
+import { sseEvents } from "./completion.js";
 import { renderMarkdown } from "./markdown.js";
 
 const $ = (id) => document.getElementById(id);
@@ -21,29 +22,8 @@ export async function* chatStream(body, config = {}) {
   const response = await fetch("v1/chat/completions", {
     method: "POST", headers, signal: config.signal, body: JSON.stringify({ ...body, stream: true }),
   });
-  if (!response.ok) {
-    let message = `${response.status} ${response.statusText}`;
-    try { message = (await response.json()).error.message; } catch (e) { /* not JSON */ }
-    throw new Error(message);
-  }
-  const reader = response.body.getReader();
-  const decoder = new TextDecoder();
-  let buffer = "";
-  while (true) {
-    const { done, value } = await reader.read();
-    if (done) return;
-    buffer += decoder.decode(value, { stream: true });
-    let end;
-    while ((end = buffer.indexOf("\n\n")) >= 0) {
-      const event = buffer.slice(0, end);
-      buffer = buffer.slice(end + 2);
-      for (const line of event.split("\n")) {
-        if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
-        const data = JSON.parse(line.slice(6));
-        if (data.error) throw new Error(data.error.message);
-        if (data.choices && data.choices.length) yield data.choices[0];
-      }
-    }
+  for await (const data of sseEvents(response)) {
+    if (data.choices && data.choices.length) yield data.choices[0];
   }
 }
 
