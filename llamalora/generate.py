@@ -14,6 +14,7 @@ from .errors import GrammarError, InputError
 from .grammar import mask_logits
 from .llama import LlamaModel
 from .sampling import ProbsReport, Sampler, token_probs
+from .threads import governor
 from .vocab import StreamDecoder, Vocab
 
 
@@ -92,6 +93,8 @@ class Context:
         ids = [int(i) for i in ids]
         if not ids:
             raise ValueError("nothing to evaluate")
+        threads = governor()
+        n_threads = threads.token_threads() if len(ids) == 1 else threads.batch_threads()
         start, compiled = time.perf_counter(), compile_ms()
         outputs = []
         for begin in range(0, len(ids), self.n_batch):
@@ -102,6 +105,8 @@ class Context:
         compiled = compile_ms() - compiled
         self.timings.compile_ms += compiled
         elapsed = 1000.0 * (time.perf_counter() - start) - compiled
+        if len(ids) == 1:
+            threads.token_done(n_threads, elapsed / 1000.0)
         if generating:
             self.timings.gen_ms += elapsed
             self.timings.gen_tokens += len(ids)

@@ -116,12 +116,15 @@ def merged_tensors(model_file: ModelFile, adapters: list, lora_base: str | None,
 
 
 def set_threads(n_threads: int | None) -> int:
-    """Use n_threads for numba kernels (default: every core, as llama.cpp defaults to the physical cores)."""
+    """Up to n_threads for numba kernels (default: every core, as llama.cpp defaults to the physical cores);
+    threads.Governor decodes with fewer while other programs hold cores."""
     import numba
+
+    from .threads import configure
 
     n = n_threads if n_threads and n_threads > 0 else (os.cpu_count() or 1)
     n = min(n, numba.config.NUMBA_NUM_THREADS)
-    numba.set_num_threads(n)
+    configure(n)
     return n
 
 
