@@ -209,7 +209,8 @@ def quantize_command(in_path, out_path, type_name, threads):
 def export_lora_command(model_path, loras, loras_scaled, lora_base, out_path, outtype, threads):
     """Merge adapters into the base model (in float32, quantized last) and write it as a GGUF."""
     from .loader import default_model_path, load_adapters, set_threads
-    from .lora.merge import check_base, lora_delta, patched_names
+    from .lora.dora import check_combination
+    from .lora.merge import check_base, patched_names, weight_patch
     from .model_file import load_model_file
     from .quantize import rewrite_model, target_type
 
@@ -222,13 +223,14 @@ def export_lora_command(model_path, loras, loras_scaled, lora_base, out_path, ou
         raise InputError(f"{out_path}: the output must not overwrite the base model")
     model_file = load_model_file(model_path)
     loaded = load_adapters(model_file, adapters)
+    check_combination(loaded)
     sources = None
     if lora_base:
         sources = load_model_file(lora_base).tensors
         check_base(sources, model_file.tensors, patched_names(loaded), lora_base)
     note = "+ " + ", ".join(os.path.basename(os.path.normpath(p)) for p, _ in adapters)
     stats = rewrite_model(model_file, out_path, None if outtype == "same" else target_type(outtype),
-                          delta_for=lambda name: lora_delta(loaded, name), sources=sources, name_note=note)
+                          patch_for=lambda name: weight_patch(loaded, name), sources=sources, name_note=note)
     click.echo(f"export-lora: wrote {out_path} ({stats['out_bytes'] / 2**20:.2f} MiB) in {stats['seconds']:.2f} s",
                err=True)
 

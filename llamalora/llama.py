@@ -10,6 +10,7 @@ converter leaves q/k rows in Hugging Face's order, so feature i pairs with featu
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -148,6 +149,13 @@ class KVCache:
                 rope_inplace(block.reshape(count, -1, c.head_dim), np.repeat(cos, count, 0), np.repeat(sin, count, 0),
                              c.rope_neox)
         self.n = n_keep + max(count, 0)
+
+
+class LoraDelta(NamedTuple):
+    """One weight's run-time adapter delta: out = g ⊙ (W·x + s·B·(A·x)), g only for DoRA."""
+    a: np.ndarray         # float32[r, n_cols]: A of every adapter on this weight, stacked along the rank
+    packed_b: np.ndarray  # s·B stacked the same way, packed by kernels.pack_scaled_b
+    g: np.ndarray | None = None  # DoRA's per-output scale m / ‖W + s·B·A‖, float32[n_rows]; None for LoRA
 
 
 @dataclass
@@ -314,28 +322,42 @@ class LlamaModel:
             kernels.matmul(weight, x, out)
         delta = deltas.get(weight.name) if deltas else None
         if delta is not None:
-            a, packed_b = delta
             if x.shape[0] == 1:
-                kernels.add_low_rank_matvec(a, packed_b, x[0], out[0])
+                kernels.add_low_rank_matvec(delta.a, delta.packed_b, x[0], out[0])
             else:
-                kernels.add_low_rank_matmul(a, packed_b, x, out)
+                kernels.add_low_rank_matmul(delta.a, delta.packed_b, x, out)
+            if delta.g is not None:
+                out *= delta.g
         if bias is not None:
             out += bias
         return out
 
     def lora_deltas(self, adapters, scales=None) -> dict:
-        """Run-time deltas {weight name: (A stacked over adapters, s·B stacked and packed: kernels.pack_scaled_b)}
-        for adapters at scales (default: each adapter's own). Cheap: no weight is touched, so any request may have
-        its own."""
+        """Run-time deltas {weight name: LoraDelta} for adapters at scales (default: each adapter's own). Cheap for
+        LoRA (no weight is touched, so any request may have its own); a DoRA tensor's g takes one pass over its W
+        (lora/dora.py)."""
+        from .lora import dora
+
         scales = [1.0] * len(adapters) if scales is None else list(scales)
+        dora.check_combination(adapters, scales)
         deltas = {}
         names = {name for adapter in adapters for name in adapter.tensors}
+        scratch = None
         for name in sorted(names):
-            pairs = [(t.a, np.float32(t.scale * user) * t.b) for adapter, user in zip(adapters, scales)
-                     for t in [adapter.tensors.get(name)] if t is not None and t.scale * user != 0]
-            if pairs:
-                deltas[name] = (np.ascontiguousarray(np.concatenate([a for a, _ in pairs]), dtype=np.float32),
-                                kernels.pack_scaled_b(np.concatenate([b for _, b in pairs], axis=1)))
+            used = [(t, t.scale * user) for adapter, user in zip(adapters, scales)
+                    for t in [adapter.tensors.get(name)] if t is not None and t.scale * user != 0]
+            if not used:
+                continue
+            g = None
+            if used[0][0].magnitude is not None:  # check_combination: a DoRA tensor is alone on its weight
+                t, scale = used[0]
+                tensor = self.tensors[name]
+                if scratch is None or scratch.size < tensor.n_rows * tensor.n_cols:
+                    scratch = np.empty(tensor.n_rows * tensor.n_cols, dtype=np.float32)
+                g = dora.row_scale(tensor, t, scale, scratch)
+            deltas[name] = LoraDelta(np.ascontiguousarray(np.concatenate([t.a for t, _ in used]), dtype=np.float32),
+                                     kernels.pack_scaled_b(np.concatenate([np.float32(s) * t.b for t, s in used],
+                                                                          axis=1)), g)
         return deltas
 
     def set_lora(self, adapters, scales=None) -> None:

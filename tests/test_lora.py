@@ -149,7 +149,9 @@ def test_rslora_and_patterns(tmp_path):
 
 
 REFUSALS = [
-    ({"use_dora": True}, None, "DoRA"),
+    ({"use_dora": True}, None, "has no lora_magnitude_vector (adapter_config.json sets use_dora)"),
+    ({}, {"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": np.ones(64, np.float32)},
+     "is a DoRA magnitude but adapter_config.json does not set use_dora"),
     ({"bias": "all"}, None, "bias 'all' is not supported"),
     ({"modules_to_save": ["lm_head"]}, None, "modules_to_save"),
     ({"peft_type": "IA3"}, None, "peft_type IA3 is not LORA"),

@@ -438,7 +438,9 @@ def test_adapter_name_in_tensor_keys(tmp_path):
 SCRIPT_REFUSALS = [
     ({"modules_to_save": ["lm_head"]}, None, "modules_to_save ['lm_head'] is not supported"),
     ({"bias": "lora_only"}, None, "bias 'lora_only' is not supported"),
-    ({"use_dora": True}, None, "DoRA adapters (use_dora) cannot be merged"),
+    ({"use_dora": True}, {f"base_model.model.model.layers.{i}.self_attn.v_proj.lora_magnitude_vector":
+                          np.ones(32, np.float32) for i in range(2)},
+     "a ggla file holds lora_A and lora_B only, not DoRA's magnitude vectors; write a GGUF adapter (--gguf)"),
     ({"peft_type": "LOHA"}, None, "peft_type LOHA is not LORA"),
     ({"lora_bias": True}, None, "lora_bias"),
     ({}, {"base_model.model.model.embed_tokens.lora_embedding_A": np.zeros((8, 64), np.float32)},

@@ -19,6 +19,9 @@ class LoraTensor:
     a: np.ndarray  # float32[r, n_in]
     b: np.ndarray  # float32[n_out, r]
     scale: float   # alpha / r (or alpha / sqrt(r) with rsLoRA), times the user's scale
+    # DoRA (PEFT's use_dora): the trained magnitude m, float32[n_out] in the file's row order. The patched weight is
+    # then diag(m / ‖W + s·B·A‖) · (W + s·B·A), the norm over each output row (lora/dora.py); None: plain LoRA.
+    magnitude: np.ndarray | None = None
 
 
 @dataclass
@@ -71,6 +74,9 @@ def check_adapter(adapter: LoraAdapter, tensors: dict) -> None:
         if t.a.shape[1] != n_in or t.b.shape[0] != n_out:
             raise AdapterError(f"{adapter.path}: {name}: adapter delta is {(t.b.shape[0], t.a.shape[1])} "
                                f"(B {t.b.shape} · A {t.a.shape}) but the model's tensor is {(n_out, n_in)}")
+        if t.magnitude is not None and t.magnitude.shape != (n_out,):
+            raise AdapterError(f"{adapter.path}: {name}: DoRA magnitude has shape {t.magnitude.shape}, "
+                               f"the model's tensor has {n_out} rows")
 
 
 def b_for_file_scale(t: LoraTensor, file_scale: float) -> np.ndarray:

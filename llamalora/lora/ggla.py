@@ -34,6 +34,9 @@ OLD_NAME = re.compile(r"^layers\.(\d+)\.(\w+\.\w+)\.weight$")
 
 
 def write_ggla(path: str, adapter: LoraAdapter, dtype=np.float32) -> None:
+    if any(t.magnitude is not None for t in adapter.tensors.values()):
+        raise AdapterError(f"{path}: a ggla file holds lora_A and lora_B only, not DoRA's magnitude vectors; "
+                           "write a GGUF adapter (--gguf) instead")
     ftype = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}[np.dtype(dtype)]
     r = int(adapter.r) or next(iter(adapter.tensors.values())).a.shape[0]
     # the header's alpha is an int32: an integral alpha is kept; otherwise alpha = r and B carries the scale

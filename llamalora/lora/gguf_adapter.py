@@ -4,6 +4,10 @@ Metadata: general.architecture, general.type = 'adapter', adapter.type = 'lora',
 Tensors `<weight name>.lora_a` (numpy [r, n_in], ggml ne [n_in, r]) and `.lora_b` (numpy [n_out, r]).
 llama.cpp scales each pair by alpha / r, r taken from that pair's own shape, so rank_pattern needs
 nothing special; a tensor whose scale differs from that (alpha_pattern, rsLoRA) has the ratio folded into B.
+
+DoRA adapters add `<weight name>.lora_m`, the magnitude vector (F32, numpy [n_out], in the GGUF file's row order:
+q and k permuted like B's rows). llama.cpp has no DoRA: its adapter loader stops on the unknown suffix instead of
+running the pair as plain LoRA.
 """
 
 import numpy as np
@@ -25,6 +29,8 @@ def write_gguf_adapter(path: str, adapter: LoraAdapter, architecture: str = "lla
         file_scale = alpha / r if alpha > 0 else 1.0  # llama.cpp: no alpha means scale 1
         writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(t.a, dtype=dtype))
         writer.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b_for_file_scale(t, file_scale), dtype=dtype))
+        if t.magnitude is not None:  # (float32 whatever dtype is: g = m / ‖W + s·B·A‖ scales every output)
+            writer.add_tensor(f"{name}.lora_m", np.ascontiguousarray(t.magnitude, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -51,14 +57,16 @@ def read_gguf_adapter(path: str, architecture: str | None = None) -> LoraAdapter
     alpha = float(fields.get("adapter.lora.alpha") or 0.0)
     halves: dict[str, dict[str, np.ndarray]] = {}
     for t in reader.tensors:
-        if t.name.endswith(".lora_a") or t.name.endswith(".lora_b"):
+        if t.name.endswith((".lora_a", ".lora_b", ".lora_m")):
             base, which = t.name[: -len(".lora_a")], t.name[-1].upper()
         else:
-            raise AdapterError(f"{path}: tensor {t.name} is neither a .lora_a nor a .lora_b")
+            raise AdapterError(f"{path}: tensor {t.name} is neither a .lora_a nor a .lora_b (nor DoRA's .lora_m)")
+        dims = 1 if which == "M" else 2
         if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
-                                 gguf.GGMLQuantizationType.BF16) or len(t.shape) != 2:
+                                 gguf.GGMLQuantizationType.BF16) or len(t.shape) != dims:
             raise AdapterError(f"{path}: tensor {t.name} is {t.tensor_type.name} with {len(t.shape)} dims; "
-                               "LoRA matrices must be 2-D F32, F16 or BF16")
+                               + ("a DoRA magnitude must be a 1-D" if dims == 1 else "LoRA matrices must be 2-D")
+                               + " F32, F16 or BF16")
         array = np.asarray(t.data)
         if t.tensor_type == gguf.GGMLQuantizationType.BF16:
             array = (array.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
@@ -69,9 +77,11 @@ def read_gguf_adapter(path: str, architecture: str | None = None) -> LoraAdapter
     for base, part in halves.items():
         if "A" not in part or "B" not in part:
             raise AdapterError(f"{path}: {base} has no lora_{'b' if 'B' not in part else 'a'}")
-        a, b = part["A"], part["B"]
+        a, b, magnitude = part["A"], part["B"], part.get("M")
         r = a.shape[0]
         ranks.add(r)
-        adapter.tensors[base] = LoraTensor(a, b, alpha / r if alpha > 0 else 1.0)
+        if magnitude is not None and magnitude.shape != (b.shape[0],):
+            raise AdapterError(f"{path}: {base}.lora_m has shape {magnitude.shape}, lora_b has {b.shape[0]} rows")
+        adapter.tensors[base] = LoraTensor(a, b, alpha / r if alpha > 0 else 1.0, magnitude)
     adapter.r = ranks.pop() if len(ranks) == 1 else 0
     return adapter

@@ -2,7 +2,8 @@
 
 Names map from Hugging Face's modules to GGUF tensors; lora_B of q_proj and k_proj gets its rows permuted
 the way llama.cpp's converter permutes q and k for its RoPE layout (llama; qwen2's NEOX RoPE keeps them as they are). Everything PEFT can express
-that a merge of B·A cannot honour is refused with the reason.
+that a merge of B·A cannot honour is refused with the reason. DoRA adapters (use_dora) bring one
+lora_magnitude_vector per module, kept beside A and B (lora/dora.py applies it).
 
 fan_in_fan_out needs no work here: PEFT builds lora_A and lora_B as nn.Linear layers whatever the base
 layer is (A [r, in_features], B [out_features, r]) and transposes B·A only to fit a Conv1D weight stored
@@ -23,6 +24,8 @@ from .adapter import LoraAdapter, LoraTensor
 MODULES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
            "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 NAME = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+# DoRA's magnitude vector: PEFT saves `….lora_magnitude_vector` (older versions `….lora_magnitude_vector.weight`)
+MAGNITUDE = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_(magnitude)_vector(?:\.[\w-]+)?$")
 
 
 def read_peft(folder: str, metadata: dict) -> LoraAdapter:
@@ -30,10 +33,13 @@ def read_peft(folder: str, metadata: dict) -> LoraAdapter:
     tensors = read_tensors(folder)
     pairs: dict[str, dict] = {}
     for key, value in tensors.items():
-        m = NAME.match(key)
+        m = NAME.match(key) or MAGNITUDE.match(key)
         if not m or m.group(2) not in MODULES:
             raise AdapterError(f"{folder}: tensor {key} does not map to a llama weight")
         layer, module, which = int(m.group(1)), m.group(2), m.group(3)
+        if which == "magnitude" and not config.get("use_dora"):
+            raise AdapterError(f"{folder}: tensor {key} is a DoRA magnitude but adapter_config.json does not "
+                               "set use_dora")
         module_name = key.split(f".lora_{which}")[0]
         entry = pairs.setdefault(f"blk.{layer}.{MODULES[module]}.weight", {"module": module_name, "kind": module})
         entry[which] = np.asarray(value, dtype=np.float32)
@@ -54,13 +60,24 @@ def read_peft(folder: str, metadata: dict) -> LoraAdapter:
         if r != r_config or b.shape[1] != r:
             raise AdapterError(f"{folder}: {entry['module']}: lora_A {a.shape} and lora_B {b.shape} do not have "
                                f"the rank {r_config} that adapter_config.json gives")
+        magnitude = entry.get("magnitude")
+        if config.get("use_dora") and magnitude is None:
+            raise AdapterError(f"{folder}: {entry['module']} has no lora_magnitude_vector (adapter_config.json "
+                               "sets use_dora)")
+        if magnitude is not None and magnitude.shape != (b.shape[0],):
+            raise AdapterError(f"{folder}: {entry['module']}: lora_magnitude_vector has shape {magnitude.shape}, "
+                               f"lora_B has {b.shape[0]} rows")
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         if entry["kind"] in ("q_proj", "k_proj") and not neox:
             if not n_head:
                 raise AdapterError(f"{folder}: {entry['module']}: reordering q/k rows into GGUF's order needs the "
                                    "base model's llama.attention.head_count (and head_count_kv), which is not known")
-            b = permute_rows(b, n_head, n_head_kv if entry["kind"] == "k_proj" else n_head)
-        adapter.tensors[name] = LoraTensor(np.ascontiguousarray(a), np.ascontiguousarray(b), scale)
+            heads = n_head_kv if entry["kind"] == "k_proj" else n_head
+            b = permute_rows(b, n_head, heads)
+            if magnitude is not None:  # one value per output row: it moves with the rows
+                magnitude = permute_rows(magnitude, n_head, heads)
+        adapter.tensors[name] = LoraTensor(np.ascontiguousarray(a), np.ascontiguousarray(b), scale,
+                                           None if magnitude is None else np.ascontiguousarray(magnitude))
     return adapter
 
 
@@ -75,8 +92,6 @@ def read_config(folder: str) -> dict:
         raise AdapterError(f"{path}: cannot read it: {e}") from None
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{path}: peft_type {config.get('peft_type')} is not LORA")
-    if config.get("use_dora"):
-        raise AdapterError(f"{path}: DoRA adapters (use_dora) cannot be merged as B·A")
     if config.get("bias", "none") != "none":
         raise AdapterError(f"{path}: bias '{config.get('bias')}' is not supported (only 'none')")
     if config.get("lora_bias"):
