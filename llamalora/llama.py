@@ -222,8 +222,11 @@ class LlamaModel:
         self._rope_rows: dict = {}  # position -> its rope tables (rope_row)
         self._decode_plan, self._decode_plan_layers = None, None
         self.token_embd = tensors["token_embd.weight"]
-        # Tied embeddings: a model without output.weight projects with token_embd.
-        self.output = kernels.prepare(tensors.get("output.weight", self.token_embd))
+        # Tied embeddings: a model without output.weight projects with token_embd. The projection is named
+        # output.weight all the same, so that a run-time delta of the embeddings (keyed token_embd.weight) stays on
+        # the looked-up rows, as PEFT keeps lm_head's base matrix.
+        self.output = dataclasses.replace(kernels.prepare(tensors.get("output.weight", self.token_embd)),
+                                          name="output.weight")
         self.output_norm = as_f32_vector(tensors["output_norm.weight"])
         self.layers = [
             LayerWeights(
@@ -245,9 +248,18 @@ class LlamaModel:
     def new_cache(self, n_ctx: int) -> KVCache:
         return KVCache(self.config, n_ctx)
 
-    def embed(self, tokens: np.ndarray) -> np.ndarray:
+    def embed(self, tokens: np.ndarray, deltas: dict | None = None) -> np.ndarray:
+        """The embedding rows of tokens (+ a run-time LoRA delta of token_embd: s·B[token]·A, PEFT's
+        lora_embedding)."""
         t = self.token_embd
-        return kernels.dequantize_rows(t.type, t.data, t.n_cols, np.asarray(tokens, dtype=np.int64))
+        tokens = np.asarray(tokens, dtype=np.int64)
+        x = kernels.dequantize_rows(t.type, t.data, t.n_cols, tokens)
+        delta = deltas.get(t.name) if deltas else None
+        if delta is not None:
+            r = delta.a.shape[0]
+            scaled_b = delta.packed_b.reshape(-1, r, 16)[tokens // 16, :, tokens % 16]  # rows of s·B
+            x += scaled_b @ delta.a
+        return x
 
     def forward(self, tokens, cache: KVCache, all_logits: bool = False, lora: dict | None = None) -> np.ndarray:
         """Evaluate tokens at positions cache.n, cache.n+1, ...; returns logits float32[b or 1, n_vocab].
@@ -266,7 +278,7 @@ class LlamaModel:
         else:
             cos, sin = rope_tables(np.arange(n_past, n_past + b, dtype=np.int64), c.rope_dim, c.rope_base,
                                    c.rope_factors)
-        x = np.ascontiguousarray(self.embed(tokens), dtype=np.float32)
+        x = np.ascontiguousarray(self.embed(tokens, deltas), dtype=np.float32)
         if b == 1:
             decode.run_layers(self.decode_plan(), x[0], cache, cos, sin, c, deltas)
         else:
@@ -338,8 +350,11 @@ class LlamaModel:
         (lora/dora.py)."""
         from .lora import dora
 
+        from .lora.replace import check_scales
+
         scales = [1.0] * len(adapters) if scales is None else list(scales)
         dora.check_combination(adapters, scales)
+        check_scales(adapters, scales)
         deltas = {}
         names = {name for adapter in adapters for name in adapter.tensors}
         scratch = None

@@ -32,6 +32,9 @@ class LoraAdapter:
     tensors: dict[str, LoraTensor] = field(default_factory=dict)
     alpha: float = 0.0
     r: int = 0
+    # Whole tensors (PEFT's modules_to_save, mergekit-extract-lora's norms) by GGUF name, float32 in the GGUF
+    # tensor's shape and row order: they replace the base's tensors while the adapter is on (lora/replace.py).
+    replaced: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def load_adapter(path: str, metadata: dict, user_scale: float = 1.0) -> LoraAdapter:
@@ -58,13 +61,18 @@ def load_adapter(path: str, metadata: dict, user_scale: float = 1.0) -> LoraAdap
             raise AdapterError(f"{path}: not a LoRA adapter (a PEFT folder, a ggla .bin or a GGUF adapter)")
     for t in adapter.tensors.values():
         t.scale *= user_scale
+    if user_scale == 0:  # the adapter is off: its whole tensors too
+        adapter.replaced = {}
     return adapter
 
 
 def check_adapter(adapter: LoraAdapter, tensors: dict) -> None:
     """Every patched tensor exists in the model and A, B fit its shape; nothing is changed before this passes."""
-    if not adapter.tensors:
+    if not adapter.tensors and not adapter.replaced:
         raise AdapterError(f"{adapter.path}: the adapter patches no tensor")
+    from .replace import check_replaced
+
+    check_replaced(adapter, tensors)
     for name, t in adapter.tensors.items():
         if name not in tensors:
             raise AdapterError(f"{adapter.path}: adapter patches {name}, which the model does not have")

@@ -34,6 +34,10 @@ OLD_NAME = re.compile(r"^layers\.(\d+)\.(\w+\.\w+)\.weight$")
 
 
 def write_ggla(path: str, adapter: LoraAdapter, dtype=np.float32) -> None:
+    if adapter.replaced or "token_embd.weight" in adapter.tensors:
+        raise AdapterError(f"{path}: a ggla file holds LoRA pairs of the linear layers only, not "
+                           + ("whole tensors (modules_to_save)" if adapter.replaced else "a LoRA on embed_tokens")
+                           + "; write a GGUF adapter (--gguf) or keep the PEFT folder")
     if any(t.magnitude is not None for t in adapter.tensors.values()):
         raise AdapterError(f"{path}: a ggla file holds lora_A and lora_B only, not DoRA's magnitude vectors; "
                            "write a GGUF adapter (--gguf) instead")

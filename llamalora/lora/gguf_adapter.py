@@ -5,6 +5,9 @@ Tensors `<weight name>.lora_a` (numpy [r, n_in], ggml ne [n_in, r]) and `.lora_b
 llama.cpp scales each pair by alpha / r, r taken from that pair's own shape, so rank_pattern needs
 nothing special; a tensor whose scale differs from that (alpha_pattern, rsLoRA) has the ratio folded into B.
 
+token_embd.weight's pair is stored as llama.cpp's converter stores it, laid out for the row lookup: lora_a numpy
+[n_vocab, r] (our B: the delta of token t is s·lora_a[t]·lora_bᵀ) and lora_b numpy [n_embd, r] (our A transposed).
+
 DoRA adapters add `<weight name>.lora_m`, the magnitude vector (F32, numpy [n_out], in the GGUF file's row order:
 q and k permuted like B's rows). llama.cpp has no DoRA: its adapter loader stops on the unknown suffix instead of
 running the pair as plain LoRA.
@@ -15,11 +18,16 @@ import numpy as np
 from ..errors import AdapterError
 from .adapter import LoraAdapter, LoraTensor, b_for_file_scale
 
+EMBEDDINGS = "token_embd.weight"
+
 
 def write_gguf_adapter(path: str, adapter: LoraAdapter, architecture: str = "llama", dtype=np.float32) -> None:
     import gguf
 
     alpha = float(adapter.alpha)
+    if adapter.replaced:
+        raise AdapterError(f"{path}: a GGUF adapter holds LoRA pairs, not the whole tensors this adapter replaces "
+                           f"({', '.join(sorted(adapter.replaced))}); keep the PEFT folder")
     writer = gguf.GGUFWriter(path, architecture)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -27,8 +35,11 @@ def write_gguf_adapter(path: str, adapter: LoraAdapter, architecture: str = "lla
     for name, t in adapter.tensors.items():
         r = t.a.shape[0]
         file_scale = alpha / r if alpha > 0 else 1.0  # llama.cpp: no alpha means scale 1
-        writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(t.a, dtype=dtype))
-        writer.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b_for_file_scale(t, file_scale), dtype=dtype))
+        a, b = t.a, b_for_file_scale(t, file_scale)
+        if name == EMBEDDINGS:
+            a, b = b, a.T
+        writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a, dtype=dtype))
+        writer.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b, dtype=dtype))
         if t.magnitude is not None:  # (float32 whatever dtype is: g = m / ‖W + s·B·A‖ scales every output)
             writer.add_tensor(f"{name}.lora_m", np.ascontiguousarray(t.magnitude, dtype=np.float32))
     writer.write_header_to_file()
@@ -78,6 +89,8 @@ def read_gguf_adapter(path: str, architecture: str | None = None) -> LoraAdapter
         if "A" not in part or "B" not in part:
             raise AdapterError(f"{path}: {base} has no lora_{'b' if 'B' not in part else 'a'}")
         a, b, magnitude = part["A"], part["B"], part.get("M")
+        if base == EMBEDDINGS:
+            a, b = np.ascontiguousarray(b.T), np.ascontiguousarray(a)
         r = a.shape[0]
         ranks.add(r)
         if magnitude is not None and magnitude.shape != (b.shape[0],):
