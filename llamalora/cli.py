@@ -226,6 +226,10 @@ def export_lora_command(model_path, loras, loras_scaled, lora_base, out_path, ou
     model_file = load_model_file(model_path)
     loaded = load_adapters(model_file, adapters)
     check_combination(loaded)
+    for adapter in loaded:
+        if adapter.invocation is not None:
+            raise InputError(f"{adapter.path}: an activated LoRA (alora_invocation_tokens) applies from its "
+                             "invocation tokens on and cannot be merged into a model")
     sources = None
     if lora_base:
         sources = load_model_file(lora_base).tensors

@@ -158,6 +158,15 @@ class LoraDelta(NamedTuple):
     g: np.ndarray | None = None  # DoRA's per-output scale m / ‖W + s·B·A‖, float32[n_rows]; None for LoRA
 
 
+class LoraDeltas(dict):
+    """{weight name: LoraDelta} of an adapter set, and the invocation tokens of an activated LoRA among them (None:
+    the deltas apply to every position; generate.Context reads it)."""
+
+    def __init__(self, deltas=(), invocation: tuple | None = None):
+        super().__init__(deltas)
+        self.invocation = invocation
+
+
 @dataclass
 class LayerWeights:
     attn_norm: np.ndarray
@@ -355,7 +364,7 @@ class LlamaModel:
         scales = [1.0] * len(adapters) if scales is None else list(scales)
         dora.check_combination(adapters, scales)
         check_scales(adapters, scales)
-        deltas = {}
+        deltas = LoraDeltas(invocation=activation(adapters, scales))
         names = {name for adapter in adapters for name in adapter.tensors}
         scratch = None
         for name in sorted(names):
@@ -378,6 +387,21 @@ class LlamaModel:
     def set_lora(self, adapters, scales=None) -> None:
         """Apply adapters unmerged from now on (y = W·x + Σ s·B·(A·x)); an empty list removes them."""
         self.lora = self.lora_deltas(adapters, scales)
+
+
+def activation(adapters, scales) -> tuple | None:
+    """The invocation tokens of the one active activated LoRA, None if no active adapter is one; an activated LoRA
+    beside other active adapters is refused (each would start at another position)."""
+    from .errors import AdapterError
+
+    active = [adapter for adapter, scale in zip(adapters, scales) if scale != 0]
+    activated = [adapter for adapter in active if adapter.invocation is not None]
+    if not activated:
+        return None
+    if len(active) > 1:
+        raise AdapterError(f"{activated[0].path}: an activated LoRA (alora_invocation_tokens) runs alone; "
+                           f"{len(active) - 1} other adapter(s) are active beside it")
+    return activated[0].invocation
 
 
 def bias_names(config: LlamaConfig) -> list[str]:

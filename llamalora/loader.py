@@ -92,6 +92,12 @@ def choose_lora_mode(lora_mode: str, adapters: list, tensors: dict, lora_base: s
     """'merge' or 'runtime' ('auto': merge into float weights or through --lora-base, else keep W quantized)."""
     if not adapters:
         return None
+    activated = [adapter.path for adapter in adapters if adapter.invocation is not None]
+    if activated and (lora_mode == "merge" or lora_base):
+        raise InputError(f"{activated[0]}: an activated LoRA (alora_invocation_tokens) applies from its invocation "
+                         "tokens on and cannot be merged into the weights; use --lora-mode runtime")
+    if activated:
+        return "runtime"
     if lora_mode != "auto":
         return lora_mode
     targets = {name for adapter in adapters for name in adapter.tensors}

@@ -35,6 +35,9 @@ class LoraAdapter:
     # Whole tensors (PEFT's modules_to_save, mergekit-extract-lora's norms) by GGUF name, float32 in the GGUF
     # tensor's shape and row order: they replace the base's tensors while the adapter is on (lora/replace.py).
     replaced: dict[str, np.ndarray] = field(default_factory=dict)
+    # Activated LoRA (PEFT's alora_invocation_tokens): the adapter applies from the last occurrence of these token
+    # ids in the prompt on (generate.Context); before it the model is the base model. None: everywhere.
+    invocation: tuple | None = None
 
 
 def load_adapter(path: str, metadata: dict, user_scale: float = 1.0) -> LoraAdapter:

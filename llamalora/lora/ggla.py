@@ -34,6 +34,9 @@ OLD_NAME = re.compile(r"^layers\.(\d+)\.(\w+\.\w+)\.weight$")
 
 
 def write_ggla(path: str, adapter: LoraAdapter, dtype=np.float32) -> None:
+    if adapter.invocation is not None:
+        raise AdapterError(f"{path}: a ggla file has no place for an activated LoRA's invocation tokens; "
+                           "write a GGUF adapter (--gguf)")
     if adapter.replaced or "token_embd.weight" in adapter.tensors:
         raise AdapterError(f"{path}: a ggla file holds LoRA pairs of the linear layers only, not "
                            + ("whole tensors (modules_to_save)" if adapter.replaced else "a LoRA on embed_tokens")

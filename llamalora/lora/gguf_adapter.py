@@ -8,6 +8,8 @@ nothing special; a tensor whose scale differs from that (alpha_pattern, rsLoRA) 
 token_embd.weight's pair is stored as llama.cpp's converter stores it, laid out for the row lookup: lora_a numpy
 [n_vocab, r] (our B: the delta of token t is s·lora_a[t]·lora_bᵀ) and lora_b numpy [n_embd, r] (our A transposed).
 
+An activated LoRA carries adapter.alora.invocation_tokens (an array of token ids), the key llama.cpp reads.
+
 DoRA adapters add `<weight name>.lora_m`, the magnitude vector (F32, numpy [n_out], in the GGUF file's row order:
 q and k permuted like B's rows). llama.cpp has no DoRA: its adapter loader stops on the unknown suffix instead of
 running the pair as plain LoRA.
@@ -32,6 +34,8 @@ def write_gguf_adapter(path: str, adapter: LoraAdapter, architecture: str = "lla
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    if adapter.invocation is not None:
+        writer.add_array(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS, [int(t) for t in adapter.invocation])
     for name, t in adapter.tensors.items():
         r = t.a.shape[0]
         file_scale = alpha / r if alpha > 0 else 1.0  # llama.cpp: no alpha means scale 1
@@ -66,6 +70,7 @@ def read_gguf_adapter(path: str, architecture: str | None = None) -> LoraAdapter
     if architecture and arch != architecture:
         raise AdapterError(f"{path}: adapter is for architecture {arch!r}, the model is {architecture!r}")
     alpha = float(fields.get("adapter.lora.alpha") or 0.0)
+    invocation = fields.get("adapter.alora.invocation_tokens")
     halves: dict[str, dict[str, np.ndarray]] = {}
     for t in reader.tensors:
         if t.name.endswith((".lora_a", ".lora_b", ".lora_m")):
@@ -84,7 +89,7 @@ def read_gguf_adapter(path: str, architecture: str | None = None) -> LoraAdapter
         halves.setdefault(base, {})[which] = np.array(array, dtype=np.float32).reshape(
             tuple(int(d) for d in reversed(t.shape)))
     ranks = set()
-    adapter = LoraAdapter(path, alpha=alpha)
+    adapter = LoraAdapter(path, alpha=alpha, invocation=None if invocation is None else tuple(int(t) for t in invocation))
     for base, part in halves.items():
         if "A" not in part or "B" not in part:
             raise AdapterError(f"{path}: {base} has no lora_{'b' if 'B' not in part else 'a'}")

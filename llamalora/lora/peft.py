@@ -73,7 +73,8 @@ def read_peft(folder: str, metadata: dict) -> LoraAdapter:
     n_head_kv = metadata.get("llama.attention.head_count_kv", n_head)
     # NEOX-rope models (qwen2) keep Hugging Face's q/k row order in GGUF: nothing to permute.
     neox = metadata.get("general.architecture") in NEOX_ROPE_ARCHITECTURES
-    adapter = LoraAdapter(folder, alpha=float(config["lora_alpha"]), r=int(config["r"]))
+    adapter = LoraAdapter(folder, alpha=float(config["lora_alpha"]), r=int(config["r"]),
+                          invocation=invocation_tokens(folder, config))
     if config.get("modules_to_save") and not replaced:
         raise AdapterError(f"{folder}: adapter_config.json lists modules_to_save {config['modules_to_save']} but "
                            "the adapter holds none of their tensors")
@@ -121,6 +122,18 @@ def read_peft(folder: str, metadata: dict) -> LoraAdapter:
         adapter.tensors[name] = LoraTensor(np.ascontiguousarray(a), np.ascontiguousarray(b), scale,
                                            None if magnitude is None else np.ascontiguousarray(magnitude))
     return adapter
+
+
+def invocation_tokens(folder: str, config: dict) -> tuple | None:
+    """alora_invocation_tokens: a non-empty list of token ids, or None."""
+    tokens = config.get("alora_invocation_tokens")
+    if tokens is None:
+        return None
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) and t >= 0 for t in tokens):
+        raise AdapterError(f"{folder}: alora_invocation_tokens must be a non-empty list of token ids, got {tokens!r}")
+    if config.get("use_dora"):
+        raise AdapterError(f"{folder}: activated LoRA (alora_invocation_tokens) with use_dora is not supported")
+    return tuple(tokens)
 
 
 def whole_tensor_name(key: str) -> str | None:
