@@ -93,7 +93,7 @@ class Context:
         n_asked = len(ids)
         start = time.perf_counter()
         outputs = []
-        deltas = self.model.lora if self.lora is None else self.lora
+        deltas = getattr(self.model, "lora", None) if self.lora is None else self.lora  # (a stand-in model may have none)
         invocation = getattr(deltas, "invocation", None)
         if invocation is not None and not generating:
             ids = self._activate(invocation, ids)

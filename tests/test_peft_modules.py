@@ -161,3 +161,16 @@ def test_whole_tensors_of_another_shape_are_refused_in_one_line(tmp_path, key, s
     r = CliRunner().invoke(cli, ["main", "-m", path, "--lora", folder, "-p", "hi", "-n", "1"])
     lines = [line for line in r.output.splitlines() if line.startswith("error:")]
     assert r.exit_code == 1 and len(lines) == 1 and message in lines[0] and "Traceback" not in r.output, r.output
+
+
+def test_gguf_adapters_refuse_whole_tensors(tmp_path, capsys):
+    from test_lora import write_peft
+    from test_lora_formats import load_script
+
+    path = make_tiny_llama(tmp_path / "m.gguf", qtype=T.Q4_1)
+    folder = write_peft(tmp_path / "mts", np.random.default_rng(2), ["v_proj"], config_extra={"modules_to_save": ["norm"]},
+                        names={f"{PREFIX}.norm.weight": np.ones(64, np.float32)})
+    assert load_script().main([folder, "--gguf", "--base", path, "--outfile", str(tmp_path / "a.gguf")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "not the whole tensors this adapter replaces (output_norm.weight)" in err
+    assert not (tmp_path / "a.gguf").exists()
