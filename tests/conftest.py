@@ -33,3 +33,18 @@ def smollm2(smollm2_path):
     from llamalora.loader import load_model
 
     return load_model(smollm2_path, progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_f16_q4_0(tmp_path_factory, smollm2_path):
+    """SmolLM2 as f16 and as q4_0 requantized from that f16 (llama.cpp's way to make a q4_0), made once."""
+    from gguf import GGMLQuantizationType as T
+
+    from llamalora.model_file import load_model_file
+    from llamalora.quantize import rewrite_model
+
+    folder = tmp_path_factory.mktemp("smollm2-requantized")
+    f16, q4_0 = str(folder / "f16.gguf"), str(folder / "q4_0.gguf")
+    rewrite_model(load_model_file(smollm2_path), f16, T.F16, progress=False)
+    rewrite_model(load_model_file(f16), q4_0, T.Q4_0, progress=False)
+    return f16, q4_0

@@ -8,26 +8,18 @@ effect: the perplexity ratio adapter/base on q4_0 within 2% of that ratio on f16
 
 import pytest
 from conftest import data_path
-from gguf import GGMLQuantizationType as T
 
 from llamalora.generate import Context
 from llamalora.loader import load_model
-from llamalora.model_file import load_model_file
 from llamalora.perplexity import perplexity
-from llamalora.quantize import rewrite_model
 
 ADAPTER = data_path("lora-fortunes")
 CHUNKS = 16  # the protocol of perplexity.json and of the issue
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, smollm2_path):
-    folder = tmp_path_factory.mktemp("models")
-    f16 = str(folder / "f16.gguf")
-    q4_0 = str(folder / "q4_0.gguf")
-    rewrite_model(load_model_file(smollm2_path), f16, T.F16, progress=False)
-    rewrite_model(load_model_file(f16), q4_0, T.Q4_0, progress=False)
-    return f16, q4_0
+def models(smollm2_f16_q4_0):
+    return smollm2_f16_q4_0
 
 
 def ppl(path, **kwargs):
