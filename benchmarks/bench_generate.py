@@ -58,8 +58,9 @@ def model_path(name: str) -> str:
     return {"smollm2": models.smollm2, "1b": models.one_b}[family](kind)
 
 
-def adapter_paths(name: str) -> tuple[str, str]:
-    """(PEFT folder, GGUF adapter) of the all-linear r=16 adapter for the model family of name."""
+def adapter_paths(name: str, dora: bool = False) -> tuple[str, str]:
+    """(PEFT folder, GGUF adapter) of the all-linear r=16 adapter (dora: its DoRA form, with magnitudes) for the
+    model family of name."""
     import models
     from bench_lora import all_linear_adapter
 
@@ -67,8 +68,8 @@ def adapter_paths(name: str) -> tuple[str, str]:
 
     family = "1b" if name.startswith("1b") or "1b" in os.path.basename(name) else "smollm2"
     f16 = model_path(f"{family}:f16")
-    folder = all_linear_adapter(os.path.join(models.MODELS, f"lora-all-linear-{family}"),
-                                load_model_file(f16).metadata)
+    folder = all_linear_adapter(os.path.join(models.MODELS, f"{'dora' if dora else 'lora'}-all-linear-{family}"),
+                                load_model_file(f16).metadata, dora=dora)
     gguf = os.path.join(folder, "adapter.gguf")
     if not os.path.exists(gguf):
         subprocess.run([sys.executable, os.path.join(HERE, "..", "scripts", "convert_lora_to_ggml.py"), folder,

@@ -43,11 +43,12 @@ class LayerPlan:
                 raise ValueError(f"bias of {name} has shape {b.shape}, expected ({n_rows},)")
         self.biases = float_table([[b] for b in biases])
         self.keep += [b for b in biases if b is not None]
-        self.no_lora = np.zeros((len(weights), 6), dtype=np.int64)
+        self.no_lora = np.zeros((len(weights), 9), dtype=np.int64)
         self.lora_tables = {}  # id(deltas) -> (deltas, table): the dict is kept so that its id stays its own
 
     def lora_table(self, deltas: dict | None) -> np.ndarray:
-        """int64[n_slots, 6]: (address, rows, cols) of A and of packed s·B per layer weight, zeros where no delta.
+        """int64[n_slots, 9]: (address, rows, cols) of A, of packed s·B and of DoRA's g (llama.LoraDelta) per layer
+        weight, zeros where there is none.
         The arrays are those of `deltas` (checked here: the step reads them by address, without bounds), which the
         caller keeps alive and unchanged while it uses them."""
         if not deltas:
@@ -57,11 +58,13 @@ class LayerPlan:
             return found[1]
         for name, (n_rows, n_cols) in zip(self.names, self.shapes):
             if name in deltas:
-                a, packed_b = deltas[name]
+                a, packed_b, g = deltas[name]
                 if a.ndim != 2 or a.shape[1] != n_cols or packed_b.shape != (-(-n_rows // 16) * a.shape[0], 16):
                     raise ValueError(f"LoRA delta of {name}: A {a.shape} and packed s·B {packed_b.shape} do not "
                                      f"fit a {n_rows} × {n_cols} weight")
-        table = float_table([list(deltas[name]) if name in deltas else [None, None] for name in self.names])
+                if g is not None and g.shape != (n_rows,):
+                    raise ValueError(f"DoRA scale of {name} has shape {g.shape}, expected ({n_rows},)")
+        table = float_table([list(deltas[name]) if name in deltas else [None, None, None] for name in self.names])
         while len(self.lora_tables) >= LORA_TABLES_KEPT:
             self.lora_tables.pop(next(iter(self.lora_tables)))
         self.lora_tables[id(deltas)] = (deltas, table)
@@ -90,13 +93,15 @@ def run_layers(plan: LayerPlan, x: np.ndarray, cache, cos: np.ndarray, sin: np.n
 
 @njit(nogil=True, cache=True)
 def linear(weights, biases, lora, s, x, out, one_thread):
-    """out = W_s · x (+ s·B_s·(A_s·x)) (+ bias_s): weight s of the tables (the delta inside the weight's kernel,
-    which also prefetches the next weight's A)."""
+    """out = W_s · x (+ s·B_s·(A_s·x)) (⊙ g_s) (+ bias_s): weight s of the tables (the delta inside the weight's
+    kernel, which also prefetches the next weight's A; DoRA's per-output scale g after it)."""
     following = min(s + 1, lora.shape[0] - 1)  # whose A the kernel prefetches (the last weight's own: no rows)
     dispatch.matvec_entry(weights, s, x, out, dispatch.float_matrix(lora[s, 0], lora[s, 1], lora[s, 2]),
                           dispatch.float_matrix(lora[s, 3], lora[s, 4], lora[s, 5]),
                           dispatch.float_matrix(lora[following, 0], lora[following, 1] if following > s else 0,
                                                 lora[following, 2]), one_thread)
+    if lora[s, 8]:
+        out *= dispatch.float_matrix(lora[s, 6], 1, lora[s, 8])[0]
     if biases[s, 2]:
         out += dispatch.float_matrix(biases[s, 0], 1, biases[s, 2])[0]
 

@@ -65,10 +65,13 @@ class Context:
 
     def __post_init__(self):
         self.cache = self.model.new_cache(self.n_ctx)
+        # An activated LoRA's start: positions before it were evaluated without its deltas (the base model's KV)
+        self.active_from: int | None = None
 
     def reset(self) -> None:
         self.tokens = []
         self.cache.clear(0)
+        self.active_from = None
 
     def truncate(self, n: int) -> None:
         """Keep only the first n tokens (a shared prefix that the next evaluation extends)."""
@@ -87,6 +90,8 @@ class Context:
             raise ContextFull(f"{n_new} tokens do not fit in a context of {self.n_ctx} even after a shift")
         self.cache.shift(n_keep, n_discard)
         del self.tokens[n_keep : n_keep + n_discard]
+        if self.active_from is not None and self.active_from > n_keep:  # the positions moved down with the cache
+            self.active_from = max(n_keep, self.active_from - n_discard)
 
     def eval(self, ids, generating: bool = False, all_logits: bool = False) -> np.ndarray:
         """Feed ids in batches of n_batch; returns the logits of the last one (or of all, float32[len(ids), n_vocab])."""
@@ -95,17 +100,25 @@ class Context:
             raise ValueError("nothing to evaluate")
         threads = governor()
         n_threads = threads.token_threads() if len(ids) == 1 else threads.batch_threads()
+        n_asked = len(ids)
         start, compiled = time.perf_counter(), compile_ms()
         outputs = []
+        deltas = getattr(self.model, "lora", None) if self.lora is None else self.lora  # (a stand-in model may have none)
+        invocation = getattr(deltas, "invocation", None)
+        if invocation is not None and not generating:
+            ids = self._activate(invocation, ids)
         for begin in range(0, len(ids), self.n_batch):
             chunk = ids[begin : begin + self.n_batch]
             self._make_room(len(chunk))
-            outputs.append(self.model.forward(chunk, self.cache, all_logits=all_logits, lora=self.lora))
+            if invocation is not None:
+                outputs.append(self._forward_activated(chunk, all_logits, deltas))
+            else:
+                outputs.append(self.model.forward(chunk, self.cache, all_logits=all_logits, lora=self.lora))
             self.tokens.extend(chunk)
         compiled = compile_ms() - compiled
         self.timings.compile_ms += compiled
         elapsed = 1000.0 * (time.perf_counter() - start) - compiled
-        if len(ids) == 1:
+        if n_asked == 1:
             threads.token_done(n_threads, elapsed / 1000.0)
         if generating:
             self.timings.gen_ms += elapsed
@@ -113,7 +126,37 @@ class Context:
         else:
             self.timings.prompt_ms += elapsed
             self.timings.prompt_tokens += len(ids)
-        return np.concatenate(outputs) if all_logits else outputs[-1][-1]
+        return np.concatenate(outputs)[-n_asked:] if all_logits else outputs[-1][-1]
+
+
+    def _activate(self, invocation: tuple, ids: list) -> list:
+        """Find where an activated LoRA starts (PEFT: the last occurrence of its invocation tokens in the input,
+        None when absent: the base model throughout) and, where that moves the start below what the cache already
+        holds, drop the cached positions from there and return them with ids, to be evaluated again. Generated tokens
+        never move it."""
+        sequence, n = self.tokens + ids, len(invocation)
+        found = None
+        for start in range(len(sequence) - n, -1, -1):
+            if tuple(sequence[start:start + n]) == invocation:
+                found = start
+                break
+        old, self.active_from = self.active_from, found
+        first_change = min(p for p in (old, found, len(self.tokens)) if p is not None)
+        if old != found and first_change < len(self.tokens):
+            redo = self.tokens[first_change:]
+            self.truncate(first_change)
+            return redo + ids
+        return ids
+
+    def _forward_activated(self, chunk: list, all_logits: bool, deltas) -> np.ndarray:
+        """chunk evaluated without the deltas before active_from and with them from there on."""
+        split = len(chunk) if self.active_from is None else min(max(self.active_from - len(self.tokens), 0), len(chunk))
+        parts = []
+        if split:
+            parts.append(self.model.forward(chunk[:split], self.cache, all_logits=all_logits, lora={}))
+        if split < len(chunk):
+            parts.append(self.model.forward(chunk[split:], self.cache, all_logits=all_logits, lora=deltas))
+        return np.concatenate(parts) if all_logits else parts[-1]
 
 
 def check_prompt_fits(n_prompt: int, n_ctx: int) -> None:
