@@ -29,6 +29,7 @@ RECENT = 8  # tokens at the current count a probe is compared with
 BETTER = 0.92  # a probe must be this much faster (time ratio) to switch
 FIRST_INTERVAL, LONGEST_INTERVAL = 0.25, 4.0  # seconds between probes: doubling while the choice holds
 SLOWDOWN = 1.4  # recent tokens this much slower than the best recent run: probe at once
+ABANDON = 1.5  # a probe token this much slower than the current count's median ends the probe
 
 
 class Governor:
@@ -68,7 +69,9 @@ class Governor:
         with self.lock:
             if self.probe_count is not None and n_threads == self.probe_count:
                 self.probe_times.append(seconds)
-                if len(self.probe_times) >= PROBE_TOKENS:
+                # a clearly slower token ends the probe at once: beside a busy program one step with a thread too
+                # many can take as long as fifty without it
+                if len(self.probe_times) >= PROBE_TOKENS or seconds > ABANDON * self.median():
                     self.finish_probe()
                 return
             if n_threads != self.current:
@@ -86,13 +89,16 @@ class Governor:
         self.alternate += 1
         return options[self.alternate % len(options)]
 
+    def median(self) -> float:
+        return sorted(self.recent)[len(self.recent) // 2]
+
     def finish_probe(self) -> None:
-        trial = sum(self.probe_times[1:]) / (len(self.probe_times) - 1)  # the first may pay a wake-up
-        mine = sorted(self.recent)[len(self.recent) // 2]
-        if trial < BETTER * mine:
+        times = self.probe_times
+        trial = sum(times[1:]) / (len(times) - 1) if len(times) > 1 else times[0]  # the first may pay a wake-up
+        if len(times) >= PROBE_TOKENS and trial < BETTER * self.median():
             self.current = self.probe_count
             self.recent.clear()
-            self.recent.extend(self.probe_times[1:])
+            self.recent.extend(times[1:])
             self.best_recent = float("inf")
             self.interval = FIRST_INTERVAL
         else:
