@@ -1,0 +1,183 @@
+"""A batch of sequences: one step evaluates every sequence's next token, or a chunk of its prompt, at once.
+
+Each sequence is a generate.Context: its own KV cache, position, tokens and run-time adapter deltas (any mix: other
+adapters, other scales, none). `step(model, [(ctx, ids), ...])` evaluates each context's ids and returns each one's
+logits; its sampler and grammar stay with whoever drives that sequence (generate(), the server's scheduler).
+
+- Sequences given one token (decoding) go through one compiled call for all layers and all of them,
+  `forward_columns`: the base W·X runs once for the step (kernels/columns.py: each weight row read once for every
+  column), each column's run-time delta s·B·(A·x) on its own outputs (columns of one adapter share each pass over A;
+  each scale its own s·B), attention over each sequence's own cache. Every column's arithmetic is decode.py's for
+  that token alone, so a sequence's logits in a batch are bit for bit those it gets alone.
+- Sequences given more tokens (a prompt chunk) go through LlamaModel.forward one after the other, as alone (and so
+  does a lone decoding sequence: decode.py's step).
+
+A context that cannot take its tokens (full, shift off) gets its error in place of its logits; the others go on.
+"""
+
+import os
+import time
+
+import numba
+import numpy as np
+from numba import njit
+
+from . import decode
+from .kernels import columns, dispatch
+from .ops import attention, rms_norm, rope_inplace, swiglu
+
+Q, K, V, O, GATE, UP, DOWN = decode.Q, decode.K, decode.V, decode.O, decode.GATE, decode.UP, decode.DOWN
+N_SLOTS = decode.N_SLOTS
+
+
+def step(model, items: list) -> list:
+    """Evaluate items [(ctx, ids), ...] (each context at most once; ids a non-empty list) and return, per item, the
+    logits float32[n_vocab] of its last token, or the exception its context raised (ContextFull, ValueError). Each
+    context's tokens, cache and timings move on as Context.eval would move them."""
+    results: list = [None] * len(items)
+    decoding = []
+    alone = sum(len(ids) == 1 for _, ids in items) == 1  # one token alone: decode.py's step, the same sums
+    for index, (ctx, ids) in enumerate(items):
+        if len(ids) == 1 and not alone:
+            try:
+                ctx._make_room(1)
+            except Exception as e:  # noqa: BLE001 (ContextFull: that sequence alone stops)
+                results[index] = e
+                continue
+            decoding.append(index)
+        else:
+            try:
+                results[index] = ctx.eval(ids)
+            except Exception as e:  # noqa: BLE001
+                results[index] = e
+    if decoding:
+        start = time.perf_counter()
+        contexts = [items[i][0] for i in decoding]
+        logits = decode_tokens(model, contexts, [int(items[i][1][0]) for i in decoding])
+        elapsed = 1000.0 * (time.perf_counter() - start) / len(decoding)
+        for row, index in enumerate(decoding):
+            ctx = items[index][0]
+            ctx.tokens.append(int(items[index][1][0]))
+            ctx.timings.gen_ms += elapsed
+            ctx.timings.gen_tokens += 1
+            results[index] = logits[row]
+    return results
+
+
+def decode_tokens(model, contexts: list, tokens: list) -> np.ndarray:
+    """logits float32[len(contexts), n_vocab]: token j evaluated at position contexts[j].cache.n of its context,
+    whose cache gets its keys and values (cache.n moves on; ctx.tokens is the caller's)."""
+    c = model.config
+    b = len(contexts)
+    plan = model.decode_plan()
+    deltas = [model.lora if ctx.lora is None else ctx.lora for ctx in contexts]
+    for ctx in contexts:
+        if ctx.cache.n >= ctx.cache.n_ctx:
+            raise ValueError(f"a token at position {ctx.cache.n} overflows the context of {ctx.cache.n_ctx}")
+    lora = np.stack([plan.lora_table(d) for d in deltas])
+    caches = np.array([[ctx.cache.k.ctypes.data, ctx.cache.v.ctypes.data, ctx.cache.n_ctx] for ctx in contexts],
+                      dtype=np.int64)
+    positions = np.array([ctx.cache.n for ctx in contexts], dtype=np.int64)
+    rows = [model.rope_row(int(p)) for p in positions]
+    cos = np.ascontiguousarray(np.concatenate([r[0] for r in rows]))
+    sin = np.ascontiguousarray(np.concatenate([r[1] for r in rows]))
+    x = np.ascontiguousarray(np.concatenate([model.embed([t]) for t in tokens]), dtype=np.float32)
+    for ctx in contexts:
+        check_cache(ctx.cache, c)
+    forward_columns(x, plan.weights, plan.norms, plan.biases, lora, caches, positions, cos, sin, c.n_layer, c.n_head,
+                    c.n_head_kv, c.n_ff, c.rms_eps, c.rope_neox, numba.get_num_threads() == 1)
+    for ctx in contexts:
+        ctx.cache.n += 1
+    h = rms_norm(x, model.output_norm, c.rms_eps)
+    out = np.empty((b, model.output.n_rows), dtype=np.float32)
+    output_columns(model, h, out, deltas)
+    return out
+
+
+def check_cache(cache, config) -> None:
+    """The step reads caches by address: each must be float32[n_layer, n_ctx, n_head_kv, head_dim], C order."""
+    shape = (config.n_layer, cache.n_ctx, config.n_head_kv, config.head_dim)
+    for a in (cache.k, cache.v):
+        if a.shape != shape or a.dtype != np.float32 or not a.flags.c_contiguous:
+            raise ValueError(f"a KV cache of shape {a.shape} ({a.dtype}) does not fit the model's {shape}")
+
+
+def output_columns(model, h: np.ndarray, out: np.ndarray, deltas: list) -> None:
+    """out[j] = the output projection of h[j] (+ column j's run-time delta of it), every row of the head read once."""
+    weight = model.output
+    table, keep = dispatch.weight_table([weight])
+    found = [d.get(weight.name) if d else None for d in deltas]
+    lora = decode.float_table([list(delta) if delta is not None else [None, None] for delta in found])
+    columns.matvec_columns_entry(table, 0, h, out, lora, columns.NO_FLOATS, numba.get_num_threads() == 1)
+    del keep  # (the table points into these arrays until here)
+
+
+@njit(nogil=True, cache=True)
+def _next_a(lora, s):
+    """The first column's A of weight s + 1 (what the kernels prefetch while they run weight s), or no rows."""
+    following = min(s + 1, lora.shape[1] - 1)
+    for j in range(lora.shape[0]):
+        if following > s and lora[j, following, 1]:
+            return dispatch.float_matrix(lora[j, following, 0], lora[j, following, 1], lora[j, following, 2])
+    return dispatch.float_matrix(lora[0, following, 0], 0, lora[0, following, 2])
+
+
+@njit(nogil=True, cache=True)
+def linear_columns(weights, biases, lora, s, X, out, one_thread):
+    """out[j] = W_s·X[j] (+ column j's delta s·B·(A·X[j]), lora[j, s]) (+ bias_s) for every column: the one place a
+    batched step applies each sequence's own adapters."""
+    columns.matvec_columns_entry(weights, s, X, out, lora[:, s, :], _next_a(lora, s), one_thread)
+    if biases[s, 2]:
+        bias = dispatch.float_matrix(biases[s, 0], 1, biases[s, 2])[0]
+        for j in range(out.shape[0]):
+            out[j] += bias
+
+
+@njit(nogil=True, cache=True)
+def forward_columns(x, weights, norms, biases, lora, caches, positions, cos, sin, n_layer, n_head, n_head_kv, n_ff,
+                    eps, neox, one_thread):
+    """x float32[b, dim] ← each column's hidden state after every layer, column j the token at positions[j] of the
+    sequence whose KV cache is caches[j] = (address of k, of v, n_ctx), with lora[j] its LoRA tables (decode.py's
+    forward_layers, one column at a time where the columns differ: RoPE, cache writes, attention)."""
+    b, dim = x.shape
+    head_dim = dim // n_head
+    kv_dim = n_head_kv * head_dim
+    q = np.empty((b, n_head, head_dim), dtype=np.float32)
+    k = np.empty((b, n_head_kv, head_dim), dtype=np.float32)
+    v = np.empty((b, n_head_kv, head_dim), dtype=np.float32)
+    attn = np.empty((b, n_head, head_dim), dtype=np.float32)
+    proj = np.empty((b, dim), dtype=np.float32)
+    gate = np.empty((b, n_ff), dtype=np.float32)
+    up = np.empty((b, n_ff), dtype=np.float32)
+    for i in range(n_layer):
+        s = i * N_SLOTS
+        h = rms_norm(x, norms[i, 0], eps)
+        linear_columns(weights, biases, lora, s + Q, h, q.reshape((b, dim)), one_thread)
+        linear_columns(weights, biases, lora, s + K, h, k.reshape((b, kv_dim)), one_thread)
+        linear_columns(weights, biases, lora, s + V, h, v.reshape((b, kv_dim)), one_thread)
+        rope_inplace(q, cos, sin, neox)
+        rope_inplace(k, cos, sin, neox)
+        for j in range(b):
+            n_ctx = caches[j, 2]
+            k_all = dispatch.float_matrix(caches[j, 0], n_layer * n_ctx, kv_dim).reshape((n_layer, n_ctx, n_head_kv,
+                                                                                            head_dim))
+            v_all = dispatch.float_matrix(caches[j, 1], n_layer * n_ctx, kv_dim).reshape((n_layer, n_ctx, n_head_kv,
+                                                                                            head_dim))
+            n_past = positions[j]
+            k_all[i, n_past] = k[j]
+            v_all[i, n_past] = v[j]
+            # (C-ordered views, as decode.py passes them: the same compiled attention)
+            attention(q[j].reshape((1, n_head, head_dim)), k_all[i], v_all[i], n_past,
+                      attn[j].reshape((1, n_head, head_dim)))
+        linear_columns(weights, biases, lora, s + O, attn.reshape((b, dim)), proj, one_thread)
+        x += proj
+        h = rms_norm(x, norms[i, 1], eps)
+        linear_columns(weights, biases, lora, s + GATE, h, gate, one_thread)
+        linear_columns(weights, biases, lora, s + UP, h, up, one_thread)
+        linear_columns(weights, biases, lora, s + DOWN, swiglu(gate, up), proj, one_thread)
+        x += proj
+
+
+for _function in (_next_a, linear_columns, forward_columns):
+    dispatch.cache_follows(_function, dispatch.KERNEL_SOURCES + [__file__, decode.__file__,
+                                                                 os.path.join(os.path.dirname(__file__), "ops.py")])
