@@ -16,7 +16,6 @@ A context that cannot take its tokens (full, shift off) gets its error in place 
 """
 
 import os
-import time
 
 import numba
 import numpy as np
@@ -33,33 +32,24 @@ N_SLOTS = decode.N_SLOTS
 def step(model, items: list) -> list:
     """Evaluate items [(ctx, ids), ...] (each context at most once; ids a non-empty list) and return, per item, the
     logits float32[n_vocab] of its last token, or the exception its context raised (ContextFull, ValueError). Each
-    context's tokens, cache and timings move on as Context.eval would move them."""
+    context's tokens and cache move on as Context.eval_chunk moves them (timings are the caller's)."""
     results: list = [None] * len(items)
     decoding = []
     alone = sum(len(ids) == 1 for _, ids in items) == 1  # one token alone: decode.py's step, the same sums
     for index, (ctx, ids) in enumerate(items):
-        if len(ids) == 1 and not alone:
-            try:
+        try:
+            if len(ids) == 1 and not alone:
                 ctx._make_room(1)
-            except Exception as e:  # noqa: BLE001 (ContextFull: that sequence alone stops)
-                results[index] = e
-                continue
-            decoding.append(index)
-        else:
-            try:
-                results[index] = ctx.eval(ids)
-            except Exception as e:  # noqa: BLE001
-                results[index] = e
+                decoding.append(index)
+            else:
+                results[index] = ctx.eval_chunk(ids)[-1]
+        except Exception as e:  # noqa: BLE001 (ContextFull: that sequence alone stops)
+            results[index] = e
     if decoding:
-        start = time.perf_counter()
         contexts = [items[i][0] for i in decoding]
         logits = decode_tokens(model, contexts, [int(items[i][1][0]) for i in decoding])
-        elapsed = 1000.0 * (time.perf_counter() - start) / len(decoding)
         for row, index in enumerate(decoding):
-            ctx = items[index][0]
-            ctx.tokens.append(int(items[index][1][0]))
-            ctx.timings.gen_ms += elapsed
-            ctx.timings.gen_tokens += 1
+            items[index][0].tokens.append(int(items[index][1][0]))
             results[index] = logits[row]
     return results
 
@@ -70,7 +60,7 @@ def decode_tokens(model, contexts: list, tokens: list) -> np.ndarray:
     c = model.config
     b = len(contexts)
     plan = model.decode_plan()
-    deltas = [model.lora if ctx.lora is None else ctx.lora for ctx in contexts]
+    deltas = [ctx.deltas() for ctx in contexts]
     for ctx in contexts:
         if ctx.cache.n >= ctx.cache.n_ctx:
             raise ValueError(f"a token at position {ctx.cache.n} overflows the context of {ctx.cache.n_ctx}")
@@ -126,7 +116,9 @@ def _next_a(lora, s):
 def linear_columns(weights, biases, lora, s, X, out, one_thread):
     """out[j] = W_s·X[j] (+ column j's delta s·B·(A·X[j]), lora[j, s]) (+ bias_s) for every column: the one place a
     batched step applies each sequence's own adapters."""
-    columns.matvec_columns_entry(weights, s, X, out, lora[:, s, :], _next_a(lora, s), one_thread)
+    # (a C-ordered copy of the weight's LoRA rows: the kernels are compiled for the tables Python passes too)
+    columns.matvec_columns_entry(weights, s, X, out, np.ascontiguousarray(lora[:, s, :]), _next_a(lora, s),
+                                 one_thread)
     if biases[s, 2]:
         bias = dispatch.float_matrix(biases[s, 0], 1, biases[s, 2])[0]
         for j in range(out.shape[0]):

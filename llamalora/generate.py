@@ -88,10 +88,7 @@ class Context:
         start = time.perf_counter()
         outputs = []
         for begin in range(0, len(ids), self.n_batch):
-            chunk = ids[begin : begin + self.n_batch]
-            self._make_room(len(chunk))
-            outputs.append(self.model.forward(chunk, self.cache, all_logits=all_logits, lora=self.lora))
-            self.tokens.extend(chunk)
+            outputs.append(self.eval_chunk(ids[begin : begin + self.n_batch], all_logits))
         elapsed = 1000.0 * (time.perf_counter() - start)
         if generating:
             self.timings.gen_ms += elapsed
@@ -100,6 +97,19 @@ class Context:
             self.timings.prompt_ms += elapsed
             self.timings.prompt_tokens += len(ids)
         return np.concatenate(outputs) if all_logits else outputs[-1][-1]
+
+
+    def eval_chunk(self, ids: list, all_logits: bool = False) -> np.ndarray:
+        """Evaluate ids in one forward pass, making room first (no timings: eval times its calls, a batched step
+        its sequences); logits float32[1 or len(ids), n_vocab]."""
+        self._make_room(len(ids))
+        out = self.model.forward(ids, self.cache, all_logits=all_logits, lora=self.lora)
+        self.tokens.extend(ids)
+        return out
+
+    def deltas(self) -> dict:
+        """The run-time adapter deltas this context evaluates with."""
+        return self.model.lora if self.lora is None else self.lora
 
 
 def check_prompt_fits(n_prompt: int, n_ctx: int) -> None:

@@ -26,7 +26,7 @@ def test_columns_equal_each_column_alone(qtype):
     """W·X[j] + column j's delta, for columns of one adapter at two scales, another adapter and none, equals
     dispatch.matvec of that column alone; a column of extreme values (the integer path declines it) too."""
     rng = np.random.default_rng(int(qtype))
-    n_rows, n_cols = 70, 512
+    n_rows, n_cols = 71, 512  # an odd last row too
     weight = kernels.prepare(type("T", (), {"type": qtype, "data": kernels.quantize(qtype, rng.standard_normal(
         (n_rows, n_cols)).astype(np.float32)), "n_rows": n_rows, "n_cols": n_cols, "name": "w"})())
     kind, *arrays = dispatch.uniform_arrays(weight)

@@ -27,46 +27,40 @@ from .vnni_rows import ROWS_PER_STEP, make_rows_columns_dot, quantize_activation
 
 COLUMNS = 4  # activations per pass over a row pair: 2 rows × 4 columns × 2 accumulators fill half the registers
 _steps = [STEPS[kind] for kind in range(len(STEPS))]
-_pair_1, _pair_2, _pair_3, _pair_4 = (make_rows_columns_dot(ROWS_PER_STEP, n, _steps) for n in range(1, 5))
-_row_1, _row_2, _row_3, _row_4 = (make_rows_columns_dot(1, n, _steps) for n in range(1, 5))
+_pair_1, _pair_2, _pair_4 = (make_rows_columns_dot(ROWS_PER_STEP, n, _steps) for n in (1, 2, 4))
+_row_1 = make_rows_columns_dot(1, 1, _steps)  # an odd last row, column by column (rare: a chunk's rows are even)
 LORA_FIELDS = 6  # (address, rows, cols) of A, then of packed s·B, per column (decode.LayerPlan.lora_table's rows)
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _rows_columns(n_rows, n_columns, kind, row_addr, row_stride, records, nb, outs, out_offset):
-    """W rows × n_columns activations (1-4), for n_rows of 1 or ROWS_PER_STEP rows."""
-    if n_rows == ROWS_PER_STEP:
-        if n_columns == 4:
-            _pair_4(kind, row_addr, row_stride, records, nb, outs, out_offset)
-        elif n_columns == 3:
-            _pair_3(kind, row_addr, row_stride, records, nb, outs, out_offset)
-        elif n_columns == 2:
-            _pair_2(kind, row_addr, row_stride, records, nb, outs, out_offset)
-        else:
-            _pair_1(kind, row_addr, row_stride, records, nb, outs, out_offset)
-    elif n_columns == 4:
-        _row_4(kind, row_addr, row_stride, records, nb, outs, out_offset)
-    elif n_columns == 3:
-        _row_3(kind, row_addr, row_stride, records, nb, outs, out_offset)
-    elif n_columns == 2:
-        _row_2(kind, row_addr, row_stride, records, nb, outs, out_offset)
-    else:
-        _row_1(kind, row_addr, row_stride, records, nb, outs, out_offset)
+@njit(nogil=True, cache=True)
+def _pair_columns(n_columns, kind, row_addr, row_stride, records, nb, outs, out_offset):
+    """ROWS_PER_STEP rows of W × n_columns activations (1-4; three as two and one: a kernel less to compile)."""
+    if n_columns == 4:
+        _pair_4(kind, row_addr, row_stride, records, nb, outs, out_offset)
+        return
+    if n_columns >= 2:
+        _pair_2(kind, row_addr, row_stride, records, nb, outs, out_offset)
+    if n_columns != 2:
+        done = 2 if n_columns == 3 else 0
+        _pair_1(kind, row_addr, row_stride, records + 8 * done, nb, outs + 8 * done, out_offset)
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=True)
 def _rows(kind, row_addr, row_stride, records_addr, nb, outs_addr, n_columns, first, end):
     """Rows first … end - 1 of W times every column (in groups of COLUMNS), ROWS_PER_STEP rows a step."""
     r = first
-    while r < end:
-        n_rows = ROWS_PER_STEP if r + ROWS_PER_STEP <= end else 1
+    while r + ROWS_PER_STEP <= end:
         for g in range(0, n_columns, COLUMNS):
-            _rows_columns(n_rows, min(COLUMNS, n_columns - g), kind, row_addr + r * row_stride, row_stride,
+            _pair_columns(min(COLUMNS, n_columns - g), kind, row_addr + r * row_stride, row_stride,
                           records_addr + 8 * g, nb, outs_addr + 8 * g, 4 * r)
-        r += n_rows
+        r += ROWS_PER_STEP
+    for rest in range(r, end):
+        for j in range(n_columns):
+            _row_1(kind, row_addr + rest * row_stride, row_stride, records_addr + 8 * j, nb, outs_addr + 8 * j,
+                   4 * rest)
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=True)
 def _chunk(kind, row_addr, row_stride, records_addr, nb, outs, n_columns, n_rows, chunk, t_addrs, ranks, b_addrs,
            next_addr, next_lines, lines_per_chunk):
     """Rows chunk·CHUNK_ROWS … of W times every column, then each column's s·B·t on those outputs."""

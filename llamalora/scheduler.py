@@ -1,0 +1,182 @@
+"""Continuous batching: sequences driven from their own threads share one batched step at a time.
+
+Each sequence is a generate.Context whose owner (a thread running generate(), a server slot) calls
+`scheduler.eval(ctx, ids)` where it would call ctx.eval: the call blocks until the ids are evaluated and returns the
+logits of the last one. One worker thread runs batch.step over what the sequences have asked for, as llama.cpp's
+server does with -cb:
+
+- A sequence that has joined (`join`, for as long as it generates) is waited for before a step starts, up to
+  `gather_s` (its owner samples its next token meanwhile); a new one joins the running batch at the next step, one
+  that finishes or is cancelled leaves at once (`leave`).
+- Prompts are cut into chunks of `ubatch` tokens (the last one merged into the one before when it would be shorter
+  than MIN_CHUNK) and a step takes at most `ubatch` prompt tokens beside every sequence's next token: a long prompt
+  advances a chunk a step instead of stalling the others. A chunk's logits do not depend on its length (the matmul
+  path's sums are per token from MIN_CHUNK tokens on), so where a prompt is cut changes nothing, and where it is cut
+  depends on the prompt alone, never on the other sequences.
+- A sequence whose `should_stop` (given at join) turns true while it waits gets Aborted instead of its logits;
+  a sequence that cannot take its tokens (ContextFull) gets that error; the others go on.
+
+Timings: each request's wall time, from its eval call to its logits, goes to its context's timings (prompt or
+generation), which is what its client waits.
+"""
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import batch
+
+MIN_CHUNK = 4  # prompt chunks shorter than this take other kernels (the one-token step, per-token matvecs)
+
+
+class Aborted(Exception):
+    """The sequence's should_stop became true while its tokens waited for a step."""
+
+
+@dataclass
+class Request:
+    ctx: object
+    ids: list
+    generating: bool
+    chunks: list  # the sizes the ids are evaluated in, in order
+    arrived: float = field(default_factory=time.perf_counter)
+    done: threading.Event = field(default_factory=threading.Event)
+    position: int = 0  # ids evaluated so far
+    result: object = None  # logits, or the exception to raise in the caller
+
+
+def prompt_chunks(n: int, ubatch: int) -> list:
+    """Sizes of the chunks n prompt tokens are evaluated in: ubatch each, a last one shorter than MIN_CHUNK merged
+    into the one before."""
+    sizes = [min(ubatch, n - begin) for begin in range(0, n, ubatch)]
+    if len(sizes) > 1 and sizes[-1] < MIN_CHUNK:
+        sizes[-2] += sizes.pop()
+    return sizes
+
+
+class Scheduler:
+    def __init__(self, model, ubatch: int = 128, lock=None, gather_s: float = 0.02,
+                 idle_s: float = 5.0):
+        self.model = model
+        self.ubatch = max(int(ubatch), MIN_CHUNK)
+        self.lock = lock or threading.Lock()  # held around each step (other users of the model take it too)
+        self.gather_s = gather_s
+        self.idle_s = idle_s
+        self.cond = threading.Condition()
+        self.pending: dict = {}  # id(ctx) -> its Request
+        self.joined: dict = {}  # id(ctx) -> its should_stop (contexts are compared by identity)
+        self.thread: threading.Thread | None = None
+        self.n_steps = 0
+
+    # the sequences' side (their own threads)
+
+    def join(self, ctx, should_stop=lambda: False) -> None:
+        """ctx generates from now on: steps wait for its requests (up to gather_s)."""
+        with self.cond:
+            self.joined[id(ctx)] = should_stop
+            self.cond.notify_all()
+
+    def leave(self, ctx) -> None:
+        with self.cond:
+            self.joined.pop(id(ctx), None)
+            self.cond.notify_all()
+
+    def eval(self, ctx, ids, generating: bool = False, all_logits: bool = False) -> np.ndarray:
+        """Context.eval through the batch: the logits of the last of ids (all_logits is evaluated apart, under the
+        lock)."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ValueError("nothing to evaluate")
+        if all_logits:
+            with self.lock:
+                return ctx.eval(ids, generating=generating, all_logits=True)
+        request = Request(ctx, ids, generating, [1] if len(ids) == 1 else prompt_chunks(len(ids), self.ubatch))
+        with self.cond:
+            if id(ctx) in self.pending:
+                raise RuntimeError("a context evaluates one request at a time")
+            self.pending[id(ctx)] = request
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="batch-scheduler", daemon=True)
+                self.thread.start()
+            self.cond.notify_all()
+        request.done.wait()
+        if isinstance(request.result, BaseException):
+            raise request.result
+        elapsed = 1000.0 * (time.perf_counter() - request.arrived)
+        if generating:
+            ctx.timings.gen_ms += elapsed
+            ctx.timings.gen_tokens += len(ids)
+        else:
+            ctx.timings.prompt_ms += elapsed
+            ctx.timings.prompt_tokens += len(ids)
+        return request.result
+
+    def state(self, ctx) -> dict:
+        """Where a sequence is: "idle" (not joined), "prompt" (its prompt waits or runs chunk by chunk), "decoding"
+        (its next token waits for a step) or "sampling" (its owner has the logits), with its prompt's progress."""
+        with self.cond:
+            request = self.pending.get(id(ctx))
+            joined = id(ctx) in self.joined
+        if request is None:
+            return {"phase": "sampling" if joined else "idle", "n_prompt_tokens": 0, "n_prompt_tokens_processed": 0}
+        return {"phase": "decoding" if request.generating else "prompt",
+                "n_prompt_tokens": 0 if request.generating else len(request.ids),
+                "n_prompt_tokens_processed": 0 if request.generating else request.position}
+
+    # the scheduler's thread
+
+    def _gather(self) -> list | None:
+        """The next step's work [(request, ids)] once every joined sequence has asked (or gather_s has passed);
+        None when the thread has been idle for idle_s (it then ends)."""
+        with self.cond:
+            while not self.pending:
+                if not self.cond.wait(self.idle_s) and not self.pending and not self.joined:
+                    self.thread = None
+                    return None
+            deadline = time.monotonic() + self.gather_s
+            while any(key not in self.pending for key in self.joined):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(left)
+            work, budget = [], 0
+            for key, request in list(self.pending.items()):
+                should_stop = self.joined.get(key)
+                if should_stop is not None and should_stop():
+                    self._finish(request, Aborted())
+                    continue
+                size = request.chunks[0]
+                if len(request.ids) > 1:  # a prompt chunk: within the step's budget (the first one always)
+                    if budget and budget + size > self.ubatch:
+                        continue
+                    budget += size
+                work.append((request, request.ids[request.position:request.position + size]))
+            return work
+
+    def _finish(self, request: Request, result) -> None:
+        """Hand the result over (under self.cond)."""
+        request.result = result
+        self.pending.pop(id(request.ctx), None)
+        request.done.set()
+
+    def _run(self) -> None:
+        while True:
+            work = self._gather()
+            if work is None:
+                return
+            if not work:
+                continue
+            try:
+                with self.lock:
+                    results = batch.step(self.model, [(request.ctx, ids) for request, ids in work])
+            except Exception as e:  # noqa: BLE001 (a bug: every request of the step gets it, the thread goes on)
+                results = [e] * len(work)
+            self.n_steps += 1
+            with self.cond:
+                for (request, ids), result in zip(work, results):
+                    request.position += len(ids)
+                    request.chunks.pop(0)
+                    if isinstance(result, BaseException) or not request.chunks:
+                        self._finish(request, result)
