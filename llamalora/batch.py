@@ -9,8 +9,10 @@ logits; its sampler and grammar stay with whoever drives that sequence (generate
   column), each column's run-time delta s·B·(A·x) on its own outputs (columns of one adapter share each pass over A;
   each scale its own s·B), attention over each sequence's own cache. Every column's arithmetic is decode.py's for
   that token alone, so a sequence's logits in a batch are bit for bit those it gets alone.
-- Sequences given more tokens (a prompt chunk) go through LlamaModel.forward one after the other, as alone (and so
-  does a lone decoding sequence: decode.py's step).
+- Sequences given MIN_CHUNK tokens or more (prompt chunks) share the layers' products too
+  (LlamaModel.forward_segments: the matmul tiles sum token by token, so each token's sums are those of its chunk
+  alone), each chunk's deltas on its own rows, its attention over its own cache. A shorter chunk, a lone chunk and
+  a lone decoding sequence go through LlamaModel.forward, as alone.
 
 A context that cannot take its tokens (full, shift off) gets its error in place of its logits; the others go on.
 """
@@ -23,8 +25,9 @@ from numba import njit
 
 from . import decode
 from .kernels import columns, dispatch
-from .ops import attention, rms_norm, rope_inplace, swiglu
+from .ops import attention, rms_norm, rope_inplace, rope_tables, swiglu
 
+MIN_CHUNK = 4  # prompt chunks shorter than this take other kernels (the one-token step, per-token matvecs)
 Q, K, V, O, GATE, UP, DOWN = decode.Q, decode.K, decode.V, decode.O, decode.GATE, decode.UP, decode.DOWN
 N_SLOTS = decode.N_SLOTS
 
@@ -34,29 +37,70 @@ def step(model, items: list) -> list:
     logits float32[n_vocab] of its last token, or the exception its context raised (ContextFull, ValueError). Each
     context's tokens and cache move on as Context.eval_chunk moves them (timings are the caller's)."""
     results: list = [None] * len(items)
-    decoding = []
+    decoding, prefilling = [], []
     alone = sum(len(ids) == 1 for _, ids in items) == 1  # one token alone: decode.py's step, the same sums
+    grouped = sum(len(ids) >= MIN_CHUNK for _, ids in items) > 1 and matmul_sums_per_token(model)
     for index, (ctx, ids) in enumerate(items):
         try:
             if len(ids) == 1 and not alone:
                 ctx._make_room(1)
                 decoding.append(index)
+            elif len(ids) >= MIN_CHUNK and grouped:
+                ctx._make_room(len(ids))
+                prefilling.append(index)
             else:
                 results[index] = ctx.eval_chunk(ids)[-1]
         except Exception as e:  # noqa: BLE001 (ContextFull: that sequence alone stops)
             results[index] = e
-    if decoding:
-        contexts = [items[i][0] for i in decoding]
-        logits = decode_tokens(model, contexts, [int(items[i][1][0]) for i in decoding])
-        for row, index in enumerate(decoding):
-            items[index][0].tokens.append(int(items[index][1][0]))
-            results[index] = logits[row]
+    for indices, evaluate in ((prefilling, prefill), (decoding, decode_tokens)):
+        if not indices:
+            continue
+        try:
+            logits = evaluate(model, [items[i][0] for i in indices], [[int(t) for t in items[i][1]] for i in indices])
+        except Exception as e:  # noqa: BLE001 (a bug: these sequences get it, the others their logits)
+            logits = [e] * len(indices)
+        for row, index in zip(logits, indices):
+            if not isinstance(row, BaseException):
+                items[index][0].tokens.extend(int(t) for t in items[index][1])
+            results[index] = row
     return results
 
 
+def matmul_sums_per_token(model) -> bool:
+    """Whether every layer weight's matmul sums token by token from MIN_CHUNK tokens on (the kernels' tiles do;
+    F32 weights go through BLAS, whose blocking depends on the batch): then prompt chunks of several sequences can
+    share one product and each token keep its sums."""
+    return bool(np.all(model.decode_plan().weights[:, 0] != dispatch.F32))
+
+
+def prefill(model, contexts: list, chunks: list) -> np.ndarray:
+    """logits float32[len(contexts), n_vocab] of each chunk's last token, chunk j (MIN_CHUNK tokens or more)
+    evaluated at positions contexts[j].cache.n … of its context: every weight's product once for all the chunks'
+    tokens (LlamaModel.forward_segments), each token's sums those of its chunk alone."""
+    c = model.config
+    segments, start = [], 0
+    for ctx, ids in zip(contexts, chunks):
+        if ctx.cache.n + len(ids) > ctx.cache.n_ctx:
+            raise ValueError(f"{len(ids)} tokens at position {ctx.cache.n} overflow the context of {ctx.cache.n_ctx}")
+        segments.append((ctx.cache, start, start + len(ids), ctx.deltas()))
+        start += len(ids)
+    positions = np.concatenate([np.arange(ctx.cache.n, ctx.cache.n + len(ids), dtype=np.int64)
+                                for ctx, ids in zip(contexts, chunks)])
+    cos, sin = rope_tables(positions, c.rope_dim, c.rope_base, c.rope_factors)
+    x = np.ascontiguousarray(model.embed(np.concatenate([np.asarray(ids, dtype=np.int64) for ids in chunks])),
+                             dtype=np.float32)
+    model.forward_segments(x, segments, cos, sin)
+    for ctx, ids in zip(contexts, chunks):
+        ctx.cache.n += len(ids)
+    h = rms_norm(np.ascontiguousarray(x[[end - 1 for _, _, end, _ in segments]]), model.output_norm, c.rms_eps)
+    out = np.empty((len(contexts), model.output.n_rows), dtype=np.float32)
+    output_columns(model, h, out, [d for _, _, _, d in segments])
+    return out
+
+
 def decode_tokens(model, contexts: list, tokens: list) -> np.ndarray:
-    """logits float32[len(contexts), n_vocab]: token j evaluated at position contexts[j].cache.n of its context,
-    whose cache gets its keys and values (cache.n moves on; ctx.tokens is the caller's)."""
+    """logits float32[len(contexts), n_vocab]: tokens[j] (a list of one) evaluated at position contexts[j].cache.n
+    of its context, whose cache gets its keys and values (cache.n moves on; ctx.tokens is the caller's)."""
     c = model.config
     b = len(contexts)
     plan = model.decode_plan()
@@ -71,7 +115,7 @@ def decode_tokens(model, contexts: list, tokens: list) -> np.ndarray:
     rows = [model.rope_row(int(p)) for p in positions]
     cos = np.ascontiguousarray(np.concatenate([r[0] for r in rows]))
     sin = np.ascontiguousarray(np.concatenate([r[1] for r in rows]))
-    x = np.ascontiguousarray(np.concatenate([model.embed([t]) for t in tokens]), dtype=np.float32)
+    x = np.ascontiguousarray(np.concatenate([model.embed(t) for t in tokens]), dtype=np.float32)
     for ctx in contexts:
         check_cache(ctx.cache, c)
     forward_columns(x, plan.weights, plan.norms, plan.biases, lora, caches, positions, cos, sin, c.n_layer, c.n_head,

@@ -2,9 +2,11 @@
 
 Each sequence is a generate.Context whose owner (a thread running generate(), a server slot) calls
 `scheduler.eval(ctx, ids)` where it would call ctx.eval: the call blocks until the ids are evaluated and returns the
-logits of the last one. One worker thread runs batch.step over what the sequences have asked for, as llama.cpp's
-server does with -cb:
+logits of the last one. Each step is one batch.step over what the sequences have asked for, as llama.cpp's server
+does with -cb:
 
+- The steps run in the sequences' own threads (whichever asks while no step is running leads), so a lone sequence
+  is evaluated as directly as by Context.eval.
 - A sequence that has joined (`join`, for as long as it generates) is waited for before a step starts, up to
   `gather_s` (its owner samples its next token meanwhile); a new one joins the running batch at the next step, one
   that finishes or is cancelled leaves at once (`leave`).
@@ -28,7 +30,7 @@ import numpy as np
 
 from . import batch
 
-MIN_CHUNK = 4  # prompt chunks shorter than this take other kernels (the one-token step, per-token matvecs)
+MIN_CHUNK = batch.MIN_CHUNK
 
 
 class Aborted(Exception):
@@ -42,7 +44,7 @@ class Request:
     generating: bool
     chunks: list  # the sizes the ids are evaluated in, in order
     arrived: float = field(default_factory=time.perf_counter)
-    done: threading.Event = field(default_factory=threading.Event)
+    done: bool = False
     position: int = 0  # ids evaluated so far
     result: object = None  # logits, or the exception to raise in the caller
 
@@ -57,20 +59,20 @@ def prompt_chunks(n: int, ubatch: int) -> list:
 
 
 class Scheduler:
-    def __init__(self, model, ubatch: int = 128, lock=None, gather_s: float = 0.02,
-                 idle_s: float = 5.0):
+    """The steps run in the sequences' own threads, one at a time: a thread whose request waits while no step is
+    being run leads (gathers the requests, runs steps until its own request is done, hands over); the others wait
+    for their results. So a lone sequence runs its steps itself, with no thread in between."""
+
+    def __init__(self, model, ubatch: int = 128, lock=None, gather_s: float = 0.02):
         self.model = model
         self.ubatch = max(int(ubatch), MIN_CHUNK)
         self.lock = lock or threading.Lock()  # held around each step (other users of the model take it too)
         self.gather_s = gather_s
-        self.idle_s = idle_s
         self.cond = threading.Condition()
         self.pending: dict = {}  # id(ctx) -> its Request
         self.joined: dict = {}  # id(ctx) -> its should_stop (contexts are compared by identity)
-        self.thread: threading.Thread | None = None
+        self.leading = False  # a thread is gathering or running steps
         self.n_steps = 0
-
-    # the sequences' side (their own threads)
 
     def join(self, ctx, should_stop=lambda: False) -> None:
         """ctx generates from now on: steps wait for its requests (up to gather_s)."""
@@ -97,11 +99,18 @@ class Scheduler:
             if id(ctx) in self.pending:
                 raise RuntimeError("a context evaluates one request at a time")
             self.pending[id(ctx)] = request
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="batch-scheduler", daemon=True)
-                self.thread.start()
             self.cond.notify_all()
-        request.done.wait()
+            while not request.done:
+                if self.leading:
+                    self.cond.wait()
+                    continue
+                self.leading = True
+                try:
+                    while not request.done:
+                        self._step()
+                finally:
+                    self.leading = False
+                    self.cond.notify_all()
         if isinstance(request.result, BaseException):
             raise request.result
         elapsed = 1000.0 * (time.perf_counter() - request.arrived)
@@ -125,58 +134,46 @@ class Scheduler:
                 "n_prompt_tokens": 0 if request.generating else len(request.ids),
                 "n_prompt_tokens_processed": 0 if request.generating else request.position}
 
-    # the scheduler's thread
-
-    def _gather(self) -> list | None:
-        """The next step's work [(request, ids)] once every joined sequence has asked (or gather_s has passed);
-        None when the thread has been idle for idle_s (it then ends)."""
-        with self.cond:
-            while not self.pending:
-                if not self.cond.wait(self.idle_s) and not self.pending and not self.joined:
-                    self.thread = None
-                    return None
-            deadline = time.monotonic() + self.gather_s
-            while any(key not in self.pending for key in self.joined):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self.cond.wait(left)
-            work, budget = [], 0
-            for key, request in list(self.pending.items()):
-                should_stop = self.joined.get(key)
-                if should_stop is not None and should_stop():
-                    self._finish(request, Aborted())
+    def _step(self) -> None:
+        """One step (under self.cond, released while the model runs): wait until every joined sequence has asked
+        (or gather_s has passed), evaluate what is asked within the prompt budget, hand the results over."""
+        deadline = time.monotonic() + self.gather_s
+        while any(key not in self.pending for key in self.joined):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.cond.wait(left)
+        work, budget = [], 0
+        for key, request in list(self.pending.items()):
+            should_stop = self.joined.get(key)
+            if should_stop is not None and should_stop():
+                self._finish(request, Aborted())
+                continue
+            size = request.chunks[0]
+            if len(request.ids) > 1:  # a prompt chunk: within the step's budget (the first one always)
+                if budget and budget + size > self.ubatch:
                     continue
-                size = request.chunks[0]
-                if len(request.ids) > 1:  # a prompt chunk: within the step's budget (the first one always)
-                    if budget and budget + size > self.ubatch:
-                        continue
-                    budget += size
-                work.append((request, request.ids[request.position:request.position + size]))
-            return work
+                budget += size
+            work.append((request, request.ids[request.position:request.position + size]))
+        if not work:
+            return
+        self.cond.release()
+        try:
+            with self.lock:
+                results = batch.step(self.model, [(request.ctx, ids) for request, ids in work])
+        except Exception as e:  # noqa: BLE001 (a bug: every request of the step gets it, the server goes on)
+            results = [e] * len(work)
+        finally:
+            self.cond.acquire()
+        self.n_steps += 1
+        for (request, ids), result in zip(work, results):
+            request.position += len(ids)
+            request.chunks.pop(0)
+            if isinstance(result, BaseException) or not request.chunks:
+                self._finish(request, result)
+        self.cond.notify_all()
 
     def _finish(self, request: Request, result) -> None:
-        """Hand the result over (under self.cond)."""
         request.result = result
+        request.done = True
         self.pending.pop(id(request.ctx), None)
-        request.done.set()
-
-    def _run(self) -> None:
-        while True:
-            work = self._gather()
-            if work is None:
-                return
-            if not work:
-                continue
-            try:
-                with self.lock:
-                    results = batch.step(self.model, [(request.ctx, ids) for request, ids in work])
-            except Exception as e:  # noqa: BLE001 (a bug: every request of the step gets it, the thread goes on)
-                results = [e] * len(work)
-            self.n_steps += 1
-            with self.cond:
-                for (request, ids), result in zip(work, results):
-                    request.position += len(ids)
-                    request.chunks.pop(0)
-                    if isinstance(result, BaseException) or not request.chunks:
-                        self._finish(request, result)

@@ -83,29 +83,31 @@ def assert_same_state(a, b):
 @pytest.mark.parametrize("qtype", [T.Q4_1, T.Q4_0, T.Q8_0, T.F16, T.Q6_K])
 def test_step_gives_each_sequence_its_logits_alone(tmp_path, qtype):
     """Five sequences at different positions, with different deltas (none, one set at two scales, another), decode
-    together for some steps while a sixth's prompt chunks share the steps: every logit and cache entry equals what
-    the same context gets evaluating alone."""
+    together for some steps while two more read their prompts chunk by chunk in the same steps (chunks of 4+ tokens
+    share the products, shorter ones go apart): every logit and cache entry equals what the same context gets
+    evaluating alone."""
     model = load_model(make_tiny_llama(tmp_path / "m.gguf", qtype=qtype, dim=256, n_ff=512), progress=False).model
     first, other = random_deltas(model, 8, 1.0, 1), random_deltas(model, 3, 0.7, 2)
     second = {name: (a, np.float32(-1.5) * packed) for name, (a, packed) in first.items()}  # first's A, scale -1.5
     deltas = [{}, first, second, other, first]
     prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10], [11], [12, 13, 14, 15], [16, 17]]
     sequences = pairs(model, prompts, deltas)
-    late = pairs(model, [[20, 21]], [second])[0]
-    chunks = [[30, 31, 32, 33, 34], [35], [36, 37, 38, 39]]
+    late = pairs(model, [[20, 21], [22, 23, 24]], [second, other])  # two prompts read chunk by chunk meanwhile
+    chunks = [([30, 31, 32, 33, 34], [50, 51, 52, 53, 54, 55, 56, 57]), ([35], [58, 59]),
+              ([36, 37, 38, 39], [60, 61, 62, 63, 64, 65])]
     rng = np.random.default_rng(0)
     for n in range(5):
         tokens = rng.integers(1, 200, len(sequences)).tolist()
         items = [(batched, [t]) for (_, batched), t in zip(sequences, tokens)]
         if n < len(chunks):
-            items.append((late[1], chunks[n]))
+            items += [(batched, chunk) for (_, batched), chunk in zip(late, chunks[n])]
         got = batch.step(model, items)
         want = [alone.eval([t], generating=True) for (alone, _), t in zip(sequences, tokens)]
         if n < len(chunks):
-            want.append(late[0].eval(chunks[n]))
+            want += [alone.eval(chunk) for (alone, _), chunk in zip(late, chunks[n])]
         for j, (g, w) in enumerate(zip(got, want)):
             np.testing.assert_array_equal(g, w, err_msg=f"step {n}, sequence {j}")
-    for alone, batched in sequences + [late]:
+    for alone, batched in sequences + late:
         assert_same_state(alone, batched)
 
 

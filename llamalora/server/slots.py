@@ -18,6 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numba
 import numpy as np
 from gguf import GGMLQuantizationType as GGMLType
 
@@ -82,7 +83,9 @@ class SlotPool:
         self.scales = list(scales)  # the scales every request without its own "lora" uses
         self.queue_timeout = queue_timeout
         self.waiters: collections.deque = collections.deque()
-        self.executor = ThreadPoolExecutor(max_workers=n_parallel + 1, thread_name_prefix="slot")
+        # numba's thread count is per thread (a new thread starts at every core): the workers take -t's
+        self.executor = ThreadPoolExecutor(max_workers=n_parallel + 1, thread_name_prefix="slot",
+                                           initializer=numba.set_num_threads, initargs=(numba.get_num_threads(),))
         self.nl_id = newline_id(self.vocab)
         self.deltas: dict = {}  # run-time deltas by scales: requests mostly repeat a few settings
         self.deltas_lock = threading.Lock()
@@ -95,11 +98,13 @@ class SlotPool:
         return sum(s.busy for s in self.slots)
 
     def pick_free(self, job: Job) -> Slot | None:
-        """A free slot for the job: the one asked for, else the longest cached prefix, else the least recently used."""
+        """A free slot for the job: the one asked for, else the longest cached prefix computed with the job's
+        adapter scales, else the least recently used."""
         free = [s for s in self.slots if not s.busy and job.req.id_slot in (-1, s.id)]
         if not free:
             return None
-        return max(free, key=lambda s: (common_prefix(s.ctx.tokens, job.ids) if s.ctx else 0, -s.last_used))
+        return max(free, key=lambda s: (common_prefix(s.ctx.tokens, job.ids) if s.ctx and s.lora_key == job.scales
+                                        else 0, -s.last_used))
 
     async def acquire(self, job: Job) -> Slot:
         if job.req.id_slot >= len(self.slots):
