@@ -1,7 +1,7 @@
 """Continuous batching: sequences driven from their own threads share one batched step at a time.
 
 Each sequence is a generate.Context whose owner (a thread running generate(), a server slot) calls
-`scheduler.eval(ctx, ids)` where it would call ctx.eval: the call blocks until the ids are evaluated and returns the
+`scheduler.eval(ctx, ids)` where it would call ctx.eval (a ScheduledContext does so itself): the call blocks until the ids are evaluated and returns the
 logits of the last one. Each step is one batch.step over what the sequences have asked for, as llama.cpp's server
 does with -cb:
 
@@ -29,8 +29,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import batch
+from .generate import Context
 
 MIN_CHUNK = batch.MIN_CHUNK
+
+
+class ScheduledContext(Context):
+    """A Context whose evaluations are its part of a Scheduler's batched steps (set `scheduler` before use)."""
+
+    scheduler: "Scheduler | None" = None
+
+    def eval(self, ids, generating: bool = False, all_logits: bool = False):
+        return self.scheduler.eval(self, ids, generating=generating, all_logits=all_logits)
 
 
 class Aborted(Exception):
@@ -54,7 +64,8 @@ def prompt_chunks(n: int, ubatch: int) -> list:
     into the one before."""
     sizes = [min(ubatch, n - begin) for begin in range(0, n, ubatch)]
     if len(sizes) > 1 and sizes[-1] < MIN_CHUNK:
-        sizes[-2] += sizes.pop()
+        tail = sizes.pop()
+        sizes[-1] += tail
     return sizes
 
 

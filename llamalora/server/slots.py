@@ -24,8 +24,8 @@ from gguf import GGMLQuantizationType as GGMLType
 
 from .. import kernels
 from ..errors import LlamaLoraError
-from ..generate import Context, Timings, generate
-from ..scheduler import Aborted, Scheduler
+from ..generate import Timings, generate
+from ..scheduler import Aborted, ScheduledContext, Scheduler
 from ..tensor import Tensor
 from .extra_sampling import RequestSampler
 from .schemas import ApiError
@@ -34,13 +34,7 @@ MODEL_LOCK = threading.Lock()  # held by each batched step, and by anything else
 DEFAULT_UBATCH = 128  # prompt tokens a step evaluates beside the others' next tokens
 
 
-class SlotContext(Context):
-    """A Context whose forward passes are its part of the slots' batched steps."""
-
-    scheduler: Scheduler | None = None
-
-    def eval(self, ids, generating: bool = False, all_logits: bool = False):
-        return self.scheduler.eval(self, ids, generating=generating, all_logits=all_logits)
+SlotContext = ScheduledContext  # a slot's Context: its forward passes are its part of the slots' batched steps
 
 
 @dataclass
