@@ -254,20 +254,29 @@ class LlamaModel:
         n_past = cache.n
         if n_past + b > cache.n_ctx:
             raise ValueError(f"{b} tokens at position {n_past} overflow the context of {cache.n_ctx}")
-        if b == 1:
-            cos, sin = self.rope_row(n_past)
+        if b <= decode.COLUMN_TOKENS:  # (the rows the one-token step takes, one per position)
+            rows = [self.rope_row(p) for p in range(n_past, n_past + b)]
+            cos, sin = (np.ascontiguousarray(np.concatenate([r[i] for r in rows])) for i in (0, 1))
         else:
             cos, sin = rope_tables(np.arange(n_past, n_past + b, dtype=np.int64), c.rope_dim, c.rope_base,
                                    c.rope_factors)
         x = np.ascontiguousarray(self.embed(tokens), dtype=np.float32)
         if b == 1:
             decode.run_layers(self.decode_plan(), x[0], cache, cos, sin, c, deltas)
+        elif b <= decode.COLUMN_TOKENS:  # a short chunk: its tokens as columns of the one-token step
+            decode.run_columns(self.decode_plan(), x, [cache] * b, np.arange(n_past, n_past + b), cos, sin, c,
+                               [deltas] * b)
         else:
             self.forward_batch(x, cache, cos, sin, deltas)
         cache.n = n_past + b
         if not all_logits:
             x = x[-1:]
-        return self.linear(self.output, rms_norm(x, self.output_norm, c.rms_eps), deltas)
+        h = rms_norm(x, self.output_norm, c.rms_eps)
+        if 1 < len(h) <= decode.COLUMN_TOKENS:  # a short chunk's logits as its tokens one by one would get them
+            out = np.empty((len(h), self.output.n_rows), dtype=np.float32)
+            decode.linear_rows(self.output, h, out, [deltas] * len(h))
+            return out
+        return self.linear(self.output, h, deltas)
 
     def forward_batch(self, x: np.ndarray, cache: KVCache, cos, sin, deltas: dict) -> None:
         """x float32[b, dim] ← the hidden states after every layer, op by op (a prompt batch)."""

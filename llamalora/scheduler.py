@@ -10,11 +10,9 @@ does with -cb:
 - A sequence that has joined (`join`, for as long as it generates) is waited for before a step starts, up to
   `gather_s` (its owner samples its next token meanwhile); a new one joins the running batch at the next step, one
   that finishes or is cancelled leaves at once (`leave`).
-- Prompts are cut into chunks of `ubatch` tokens (the last one merged into the one before when it would be shorter
-  than MIN_CHUNK) and a step takes at most `ubatch` prompt tokens beside every sequence's next token: a long prompt
-  advances a chunk a step instead of stalling the others. A chunk's logits do not depend on its length (the matmul
-  path's sums are per token from MIN_CHUNK tokens on), so where a prompt is cut changes nothing, and where it is cut
-  depends on the prompt alone, never on the other sequences.
+- Prompts are cut into chunks of `ubatch` tokens (prompt_chunks) and a step takes at most `ubatch` prompt tokens
+  beside every sequence's next token: a long prompt advances a chunk a step instead of stalling the others. Where
+  a prompt is cut depends on the prompt alone, never on the other sequences, so its logits do too.
 - A sequence whose `should_stop` (given at join) turns true while it waits gets Aborted instead of its logits;
   a sequence that cannot take its tokens (ContextFull) gets that error; the others go on.
 
@@ -28,10 +26,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import batch
+from . import batch, decode
 from .generate import Context
 
-MIN_CHUNK = batch.MIN_CHUNK
 
 
 class ScheduledContext(Context):
@@ -60,10 +57,11 @@ class Request:
 
 
 def prompt_chunks(n: int, ubatch: int) -> list:
-    """Sizes of the chunks n prompt tokens are evaluated in: ubatch each, a last one shorter than MIN_CHUNK merged
-    into the one before."""
+    """Sizes of the chunks n prompt tokens are evaluated in: ubatch each, a last one of decode.COLUMN_TOKENS or
+    fewer merged into the one before (which takes the matmul tiles, as the whole prompt would in one Context.eval,
+    where the short chunk alone would take the one-token step's kernels)."""
     sizes = [min(ubatch, n - begin) for begin in range(0, n, ubatch)]
-    if len(sizes) > 1 and sizes[-1] < MIN_CHUNK:
+    if len(sizes) > 1 and sizes[-1] <= decode.COLUMN_TOKENS < sizes[-2]:
         tail = sizes.pop()
         sizes[-1] += tail
     return sizes
@@ -76,7 +74,7 @@ class Scheduler:
 
     def __init__(self, model, ubatch: int = 128, lock=None, gather_s: float = 0.02):
         self.model = model
-        self.ubatch = max(int(ubatch), MIN_CHUNK)
+        self.ubatch = max(int(ubatch), 1)
         self.lock = lock or threading.Lock()  # held around each step (other users of the model take it too)
         self.gather_s = gather_s
         self.cond = threading.Condition()

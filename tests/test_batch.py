@@ -7,7 +7,7 @@ from gguf import GGMLQuantizationType as T
 from tiny_model import make_tiny_llama
 
 from conftest import data_path
-from llamalora import batch, kernels
+from llamalora import batch, decode, kernels
 from llamalora.generate import Context, ContextFull
 from llamalora.kernels import columns, dispatch
 from llamalora.loader import load_adapters, load_model
@@ -74,6 +74,19 @@ def pairs(model, prompts, deltas, n_ctx=64):
     return made
 
 
+def test_a_short_chunk_equals_its_tokens_one_by_one(tmp_path):
+    """A chunk of up to COLUMN_TOKENS tokens runs as columns of the one-token step: the same logits and cache as
+    feeding its tokens one at a time."""
+    model = load_model(make_tiny_llama(tmp_path / "m.gguf"), progress=False).model
+    deltas = random_deltas(model, 4, 1.0, 3)
+    chunked, single = Context(model, n_ctx=64, lora=deltas), Context(model, n_ctx=64, lora=deltas)
+    chunk = list(range(3, 3 + decode.COLUMN_TOKENS))
+    got = chunked.eval(chunk, all_logits=True)
+    want = np.stack([single.eval([t]) for t in chunk])
+    np.testing.assert_array_equal(got, want)
+    assert_same_state(chunked, single)
+
+
 def assert_same_state(a, b):
     assert a.tokens == b.tokens and a.cache.n == b.cache.n
     np.testing.assert_array_equal(a.cache.k[:, :a.cache.n], b.cache.k[:, :b.cache.n])
@@ -83,18 +96,20 @@ def assert_same_state(a, b):
 @pytest.mark.parametrize("qtype", [T.Q4_1, T.Q4_0, T.Q8_0, T.F16, T.Q6_K])
 def test_step_gives_each_sequence_its_logits_alone(tmp_path, qtype):
     """Five sequences at different positions, with different deltas (none, one set at two scales, another), decode
-    together for some steps while two more read their prompts chunk by chunk in the same steps (chunks of 4+ tokens
-    share the products, shorter ones go apart): every logit and cache entry equals what the same context gets
-    evaluating alone."""
+    together for some steps while three more read their prompts chunk by chunk in the same steps (short chunks as
+    columns beside the decoding tokens, longer ones sharing the matmul tiles): every logit and cache entry equals
+    what the same context gets evaluating alone."""
     model = load_model(make_tiny_llama(tmp_path / "m.gguf", qtype=qtype, dim=256, n_ff=512), progress=False).model
+    assert batch.matmul_sums_per_token(model)
     first, other = random_deltas(model, 8, 1.0, 1), random_deltas(model, 3, 0.7, 2)
     second = {name: (a, np.float32(-1.5) * packed) for name, (a, packed) in first.items()}  # first's A, scale -1.5
     deltas = [{}, first, second, other, first]
     prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10], [11], [12, 13, 14, 15], [16, 17]]
     sequences = pairs(model, prompts, deltas)
-    late = pairs(model, [[20, 21], [22, 23, 24]], [second, other])  # two prompts read chunk by chunk meanwhile
-    chunks = [([30, 31, 32, 33, 34], [50, 51, 52, 53, 54, 55, 56, 57]), ([35], [58, 59]),
-              ([36, 37, 38, 39], [60, 61, 62, 63, 64, 65])]
+    late = pairs(model, [[20, 21], [22, 23, 24], [25]], [second, other, {}])  # prompts read chunk by chunk meanwhile
+    run = lambda start, n: list(range(start, start + n))  # noqa: E731
+    chunks = [(run(30, 5), run(50, 20), run(100, 18)), (run(35, 1), run(70, 19), run(120, 17)),
+              (run(36, 4), run(90, 2), run(140, 3))]  # (up to 16 tokens: columns; more: the tiles, shared)
     rng = np.random.default_rng(0)
     for n in range(5):
         tokens = rng.integers(1, 200, len(sequences)).tolist()
