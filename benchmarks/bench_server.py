@@ -98,7 +98,7 @@ async def one_request(http, n, stats, adapters):
             if r.status_code != 200:
                 stats["failed"].append(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
                 return
-            async for line in r.aiter_lines():
+            async for line in sse_lines(r):
                 if not line.startswith("data: "):
                     continue
                 event = json.loads(line[6:])
@@ -188,6 +188,19 @@ def server_command(engine, model, adapter, args, port):
             *(["--lora", adapter] if adapter else [])]
 
 
+async def sse_lines(response):
+    """The lines of an event stream, split where SSE splits them (LF, CR LF): httpx's aiter_lines also splits at
+    U+2028, U+0085 ..., which JSON leaves unescaped inside strings (a random model's text has them)."""
+    pending = b""
+    async for chunk in response.aiter_bytes():
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r").decode("utf-8")
+    if pending:
+        yield pending.rstrip(b"\r").decode("utf-8")
+
+
 async def stream_completion(http, body):
     """(time to first token, tokens generated) of one streamed /completion."""
     start = time.perf_counter()
@@ -195,7 +208,7 @@ async def stream_completion(http, body):
     async with http.stream("POST", "/completion", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
-        async for line in r.aiter_lines():
+        async for line in sse_lines(r):
             if not line.startswith("data: "):
                 continue
             event = json.loads(line[6:])
