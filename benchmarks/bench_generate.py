@@ -4,7 +4,7 @@
     python benchmarks/bench_generate.py -m smollm2:q4_1 -t 2 --no-adapter --pp 128 --tg 32   # one row, quickly
 
 Models are named as benchmarks/models.py makes them (`smollm2:q4_1` is the shipped file; `smollm2:q4_0`, `:q8_0`,
-`:f16`, `:q4_k_m`, `:q6_k`, `1b:q4_0`, `1b:f16`) or given as paths. With the adapter, each model also runs with
+`:f16`, `:q4_k_m`, `:q6_k`, `1b:q4_0`, `1b:q4_k_m`, `1b:f16`) or given as paths. With the adapter, each model also runs with
 a random all-linear r=16 adapter (benchmarks/bench_lora.py makes it): run-time mode for us (W stays quantized),
 the same adapter as GGUF through `lora_path` for llama.cpp, which also applies it unmerged.
 
@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the checkout's llamalora, not an installed one
 sys.path.insert(0, HERE)
 MODEL_NAMES = ("smollm2:q4_1", "smollm2:q4_0", "smollm2:q8_0", "smollm2:f16", "smollm2:q4_k_m", "smollm2:q6_k",
-               "1b:q4_0", "1b:f16")
+               "1b:q4_0", "1b:q4_k_m", "1b:f16")
 
 
 def bandwidth_gbs() -> float:
@@ -58,8 +58,9 @@ def model_path(name: str) -> str:
     return {"smollm2": models.smollm2, "1b": models.one_b}[family](kind)
 
 
-def adapter_paths(name: str) -> tuple[str, str]:
-    """(PEFT folder, GGUF adapter) of the all-linear r=16 adapter for the model family of name."""
+def adapter_paths(name: str, dora: bool = False) -> tuple[str, str]:
+    """(PEFT folder, GGUF adapter) of the all-linear r=16 adapter (dora: its DoRA form, with magnitudes) for the
+    model family of name."""
     import models
     from bench_lora import all_linear_adapter
 
@@ -67,8 +68,8 @@ def adapter_paths(name: str) -> tuple[str, str]:
 
     family = "1b" if name.startswith("1b") or "1b" in os.path.basename(name) else "smollm2"
     f16 = model_path(f"{family}:f16")
-    folder = all_linear_adapter(os.path.join(models.MODELS, f"lora-all-linear-{family}"),
-                                load_model_file(f16).metadata)
+    folder = all_linear_adapter(os.path.join(models.MODELS, f"{'dora' if dora else 'lora'}-all-linear-{family}"),
+                                load_model_file(f16).metadata, dora=dora)
     gguf = os.path.join(folder, "adapter.gguf")
     if not os.path.exists(gguf):
         subprocess.run([sys.executable, os.path.join(HERE, "..", "scripts", "convert_lora_to_ggml.py"), folder,

@@ -1,5 +1,6 @@
 """Merge time of an all-linear r=16 adapter: SmolLM2 and the random 1B-shaped llama, f16 and q4_0, with and
-without --lora-base, and how long a run-time (hot) swap takes on each.
+without --lora-base, and how long a run-time (hot) swap takes on each, for LoRA and for DoRA (whose swap computes
+the per-output scale g from every patched weight).
 
     python benchmarks/bench_lora.py [-t 2] [--repeat 5]
 
@@ -28,8 +29,9 @@ import models  # noqa: E402
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def all_linear_adapter(folder: str, metadata: dict, r: int = 16, alpha: float = 32.0) -> str:
-    """A random PEFT adapter on every linear projection of the model whose metadata is given."""
+def all_linear_adapter(folder: str, metadata: dict, r: int = 16, alpha: float = 32.0, dora: bool = False) -> str:
+    """A random PEFT adapter on every linear projection of the model whose metadata is given; dora adds a
+    lora_magnitude_vector per module (use_dora; random values near 1: the cost does not depend on them)."""
     if os.path.exists(os.path.join(folder, "adapter_config.json")):
         return folder
     dim, ff = metadata["llama.embedding_length"], metadata["llama.feed_forward_length"]
@@ -45,11 +47,13 @@ def all_linear_adapter(folder: str, metadata: dict, r: int = 16, alpha: float = 
             prefix = f"base_model.model.model.layers.{layer}.{part}.{module}"
             tensors[f"{prefix}.lora_A.weight"] = (rng.standard_normal((r, n_in)) * 0.02).astype(np.float32)
             tensors[f"{prefix}.lora_B.weight"] = (rng.standard_normal((n_out, r)) * 0.02).astype(np.float32)
+            if dora:
+                tensors[f"{prefix}.lora_magnitude_vector"] = rng.uniform(0.9, 1.1, n_out).astype(np.float32)
     os.makedirs(folder, exist_ok=True)
     save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
         json.dump({"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": list(MODULES),
-                   "bias": "none"}, f)
+                   "bias": "none", "use_dora": dora}, f)
     return folder
 
 
@@ -83,7 +87,8 @@ def time_merge(path, adapter, lora_base=None, repeat=3) -> list[float]:
 
 
 def time_swap(path, adapter) -> float:
-    """Seconds to switch a loaded model to the adapter at run time (read the adapter, build its deltas)."""
+    """Seconds to switch a loaded model to the adapter at run time (read the adapter, build its deltas; for DoRA
+    also g = m / ‖W + s·B·A‖, one pass over every patched W)."""
     from llamalora.loader import load_adapters, load_model
 
     loaded = load_model(path, progress=False)
@@ -121,9 +126,14 @@ def main():
                    f"| {merge} | {os.getloadavg()[0]:.2f} |")
             rows.append(row)
             print(row, flush=True)
-        swap = time_swap(q4_0, adapter)
-        rows.append(f"| {name} q4_0 hot swap (set_lora) | - | - | - | {swap:.2f} | - | {os.getloadavg()[0]:.2f} |")
-        print(rows[-1], flush=True)
+        dora = all_linear_adapter(os.path.join(models.MODELS, f"dora-all-linear-{name}"), load_model_file(f16).metadata,
+                                  dora=True)
+        for label, folder in (("LoRA", adapter), ("DoRA", dora)):
+            time_swap(q4_0, folder)  # compiled kernels and page cache warm
+            swap = time_swap(q4_0, folder)
+            rows.append(f"| {name} q4_0 hot swap to {label} (set_lora) | - | - | - | {swap:.2f} | - | "
+                        f"{os.getloadavg()[0]:.2f} |")
+            print(rows[-1], flush=True)
     text = "\n".join(rows) + "\n"
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as f:

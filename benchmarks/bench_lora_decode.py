@@ -1,12 +1,14 @@
 """Decode speed with a run-time adapter against the same model without it: the cost of keeping W quantized.
 
     python benchmarks/bench_lora_decode.py [-m smollm2:q4_1 -m 1b:q4_0] [-t 1 -t 2] [--tokens 128] [--rounds 3]
+                                           [--dora]
 
 One process per model and thread count holds two contexts on one loaded model, one with the all-linear r=16
 adapter of benchmarks/bench_lora.py applied at run time, one without. They decode the same tokens, alternating
 token by token (which one goes first alternates too), so that load from other jobs falls on both alike; the
 figure is the ratio of their total times, per round, from an empty context (as llama-bench's tg) and after a
-512-token prompt. bench_generate.py measures the two as separate runs, each beside llama.cpp.
+512-token prompt. bench_generate.py measures the two as separate runs, each beside llama.cpp. --dora runs the same
+adapter in its DoRA form (a magnitude per output: y = g ⊙ (W·x + s·B·(A·x))), written to results/dora_decode.md.
 """
 
 import argparse
@@ -49,14 +51,17 @@ def main():
     parser.add_argument("-t", "--threads", type=int, action="append", help="default: 1 and 2")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--output", default=os.path.join(HERE, "results", "lora_decode.md"))
+    parser.add_argument("--dora", action="store_true", help="the adapter in its DoRA form")
+    parser.add_argument("--output", default=None, help="default: results/lora_decode.md (--dora: dora_decode.md)")
     args = parser.parse_args()
+    output = args.output or os.path.join(HERE, "results", "dora_decode.md" if args.dora else "lora_decode.md")
+    kind = "DoRA" if args.dora else "adapter"
     from llamalora.loader import load_model, set_threads
 
     rows = ["| model | t | context | tg without (median) | tg with adapter (median) | ratio per round | median ratio | load |",
             "|---|---|---|---|---|---|---|---|"]
     for name in args.model or ["smollm2:q4_1", "1b:q4_0"]:
-        folder, _ = adapter_paths(name)
+        folder, _ = adapter_paths(name, dora=args.dora)
         for threads in args.threads or [1, 2]:
             set_threads(threads)
             model = load_model(model_path(name), adapters=[(folder, 1.0)], lora_mode="runtime", progress=False).model
@@ -70,9 +75,9 @@ def main():
                             f"{' '.join(f'{r:.3f}' for r in ratios)} | {statistics.median(ratios):.3f} | "
                             f"{os.getloadavg()[0]:.2f} |")
                 print(rows[-1], flush=True)
-    with open(args.output, "w") as f:
-        f.write("# Decode with a run-time all-linear r=16 adapter / without (`python benchmarks/bench_lora_decode.py`)\n\n"
-                + "\n".join(rows) + "\n")
+    with open(output, "w") as f:
+        f.write(f"# Decode with a run-time all-linear r=16 {kind} / without "
+                f"(`python benchmarks/bench_lora_decode.py{' --dora' if args.dora else ''}`)\n\n" + "\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":

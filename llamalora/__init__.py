@@ -23,11 +23,10 @@ os.environ["NUMBA_CACHE_DIR"] = cache_dir()
 if "numba" in sys.modules:
     sys.modules["numba"].config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
 
-# The kernels run on OpenMP (libgomp) thread teams, a few hundred short parallel loops per token, and idle team
-# threads either spin or sleep between them. Measured on 2 cores (SmolLM2 Q4_1, -t 2, 128 tokens): on an idle machine
-# spinning decodes 211-218 tokens/s (GOMP_SPINCOUNT 3000 to 300000) and passive waiting 142-146; with the other core
-# busy, passive waiting keeps 110 tokens/s while spinning falls to 17-39. Passive is the default because it never
-# collapses; on a machine of its own, OMP_WAIT_POLICY=active or a GOMP_SPINCOUNT is a third faster. Set before
-# libgomp is loaded, which reads it once.
+# The kernels run on OpenMP (libgomp) thread teams, a few hundred short parallel loops per token. Idle team threads
+# spin for a bounded time, then sleep: GOMP_SPINCOUNT 100000 decoded SmolLM2 Q4_1 at 119-125 tokens/s on a quiet
+# 2-core EPYC VM against 33-49 for sleeping at once (OMP_WAIT_POLICY=passive: a wake-up per loop), and a team left
+# idle still sleeps. Beside a busy program spinning threads collapse; threads.Governor then uses fewer of them.
+# Set before libgomp is loaded, which reads it once; the user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT win.
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["OMP_WAIT_POLICY"] = "passive"
+    os.environ["GOMP_SPINCOUNT"] = "100000"

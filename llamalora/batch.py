@@ -30,16 +30,18 @@ def step(model, items: list) -> list:
     logits float32[n_vocab] of its last token, or the exception its context raised (ContextFull, ValueError). Each
     context's tokens and cache move on as Context.eval_chunk moves them (timings are the caller's)."""
     results: list = [None] * len(items)
-    as_columns = [len(ids) <= decode.COLUMN_TOKENS for _, ids in items]
+    # (an activated LoRA's prompt goes alone: Context.eval_chunk splits it where the adapter starts)
+    apart = [len(ids) > 1 and getattr(ctx.own_deltas(), "invocation", None) is not None for ctx, ids in items]
+    as_columns = [len(ids) <= decode.COLUMN_TOKENS and not away for (_, ids), away in zip(items, apart)]
     together = sum(as_columns) > 1  # else the one goes alone (decode.run_layers for one token: the same sums)
-    tiled = len(items) - sum(as_columns) > 1 and matmul_sums_per_token(model)
+    tiled = len(items) - sum(as_columns) - sum(apart) > 1 and matmul_sums_per_token(model)
     columned, prefilling = [], []
     for index, (ctx, ids) in enumerate(items):
         try:
             if as_columns[index] and together:
                 ctx._make_room(len(ids))
                 columned.append(index)
-            elif not as_columns[index] and tiled:
+            elif not as_columns[index] and not apart[index] and tiled:
                 ctx._make_room(len(ids))
                 prefilling.append(index)
             else:
@@ -83,7 +85,9 @@ def columns_logits(model, contexts: list, chunks: list) -> np.ndarray:
     rows = [model.rope_row(int(p)) for p in positions]
     cos = np.ascontiguousarray(np.concatenate([r[0] for r in rows]))
     sin = np.ascontiguousarray(np.concatenate([r[1] for r in rows]))
-    x = np.ascontiguousarray(model.embed(np.asarray(tokens, dtype=np.int64)), dtype=np.float32)
+    # (each chunk's rows looked up with its own deltas, as alone: an embedding delta's product depends on the rows)
+    x = np.ascontiguousarray(np.concatenate([model.embed(np.asarray(ids, dtype=np.int64), ctx.deltas())
+                                             for ctx, ids in zip(contexts, chunks)]), dtype=np.float32)
     decode.run_columns(model.decode_plan(), x, caches, np.asarray(positions, dtype=np.int64), cos, sin, c, deltas)
     for ctx, ids in zip(contexts, chunks):
         ctx.cache.n += len(ids)
@@ -107,8 +111,8 @@ def prefill(model, contexts: list, chunks: list) -> np.ndarray:
     positions = np.concatenate([np.arange(ctx.cache.n, ctx.cache.n + len(ids), dtype=np.int64)
                                 for ctx, ids in zip(contexts, chunks)])
     cos, sin = rope_tables(positions, c.rope_dim, c.rope_base, c.rope_factors)
-    x = np.ascontiguousarray(model.embed(np.concatenate([np.asarray(ids, dtype=np.int64) for ids in chunks])),
-                             dtype=np.float32)
+    x = np.ascontiguousarray(np.concatenate([model.embed(np.asarray(ids, dtype=np.int64), d)
+                                             for ids, (_, _, _, d) in zip(chunks, segments)]), dtype=np.float32)
     model.forward_segments(x, segments, cos, sin)
     for ctx, ids in zip(contexts, chunks):
         ctx.cache.n += len(ids)

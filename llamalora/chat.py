@@ -71,18 +71,34 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+@functools.lru_cache(maxsize=8)
+def template_takes_tools(template: str | None) -> bool:
+    """Whether the template reads a `tools` variable (it then renders the tool definitions itself, as Hugging
+    Face's apply_chat_template(tools=...) has it); a template that does not parse takes none."""
+    import jinja2
+    import jinja2.meta
+
+    try:
+        env = compile_template.__wrapped__(template or CHATML_TEMPLATE).environment
+        return "tools" in jinja2.meta.find_undeclared_variables(env.parse(template or CHATML_TEMPLATE))
+    except jinja2.TemplateError:
+        return False
+
+
 def render_chat(template: str | None, messages: list[dict], add_generation_prompt: bool = True,
-                bos_token: str = "", eos_token: str = "") -> str:
+                bos_token: str = "", eos_token: str = "", tools: list | None = None) -> str:
     """The prompt text for a conversation: `template` (or ChatML when None or empty) rendered with the
-    messages ({"role", "content"} dicts), the generation-prompt flag and the model's BOS/EOS texts.
+    messages ({"role", "content"} dicts, with any further keys such as tool_calls passed on), the
+    generation-prompt flag, the model's BOS/EOS texts and, when given, the tool definitions as `tools`.
     Syntax errors, the template's own raise_exception() and anything the sandbox refuses are InputErrors."""
     import jinja2
 
     check_messages(messages)
     try:
         compiled = compile_template(template or CHATML_TEMPLATE)
+        extra = {"tools": tools} if tools is not None else {}
         return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=bos_token, eos_token=eos_token)
+                               bos_token=bos_token, eos_token=eos_token, **extra)
     except TemplateRaised as e:
         raise InputError(f"chat template: {one_line(e)}") from None
     except jinja2.TemplateError as e:

@@ -218,7 +218,10 @@ def quantize_command(in_path, out_path, type_name, threads):
 def export_lora_command(model_path, loras, loras_scaled, lora_base, out_path, outtype, threads):
     """Merge adapters into the base model (in float32, quantized last) and write it as a GGUF."""
     from .loader import default_model_path, load_adapters, set_threads
-    from .lora.merge import check_base, lora_delta, patched_names
+    from .lora.dora import check_combination
+    from .lora.merge import check_base, patched_names, weight_patch
+    from .lora.replace import keep_tied_output, replacements
+    from . import kernels
     from .model_file import load_model_file
     from .quantize import rewrite_model, target_type
 
@@ -231,13 +234,27 @@ def export_lora_command(model_path, loras, loras_scaled, lora_base, out_path, ou
         raise InputError(f"{out_path}: the output must not overwrite the base model")
     model_file = load_model_file(model_path)
     loaded = load_adapters(model_file, adapters)
+    check_combination(loaded)
+    for adapter in loaded:
+        if adapter.invocation is not None:
+            raise InputError(f"{adapter.path}: an activated LoRA (alora_invocation_tokens) applies from its "
+                             "invocation tokens on and cannot be merged into a model")
     sources = None
     if lora_base:
         sources = load_model_file(lora_base).tensors
         check_base(sources, model_file.tensors, patched_names(loaded), lora_base)
     note = "+ " + ", ".join(os.path.basename(os.path.normpath(p)) for p, _ in adapters)
+    whole = replacements(loaded, model_file.tensors)  # modules_to_save: written in place of the base's tensors
+    changed = keep_tied_output(model_file.tensors, {**whole, **{n: None for n in patched_names(loaded)}})
+    added = {name: t for name, t in changed.items() if name not in model_file.tensors}
+
+    def patch_for(name):
+        if name in whole:
+            return lambda w: kernels.dequantize(whole[name].type, whole[name].data, whole[name].n_cols)
+        return weight_patch(loaded, name)
+
     stats = rewrite_model(model_file, out_path, None if outtype == "same" else target_type(outtype),
-                          delta_for=lambda name: lora_delta(loaded, name), sources=sources, name_note=note)
+                          patch_for=patch_for, sources=sources, name_note=note, added=added)
     click.echo(f"export-lora: wrote {out_path} ({stats['out_bytes'] / 2**20:.2f} MiB) in {stats['seconds']:.2f} s",
                err=True)
 

@@ -70,6 +70,7 @@ def run_main(loaded: LoadedModel, opts: MainOptions, out=None, inp=None, err=Non
     interactive = opts.interactive or opts.interactive_first or opts.instruct or opts.conversation
     ctx = Context(model, n_ctx=opts.n_ctx, n_batch=opts.n_batch, context_shift=opts.context_shift)
     ctx.timings.load_ms = loaded.load_ms
+    ctx.timings.compile_ms = loaded.compile_ms
     sampler = Sampler(opts.sampler, vocab.n_vocab)
     reverse_prompts = list(opts.reverse_prompts)
     if opts.instruct:

@@ -48,11 +48,12 @@ class LayerPlan:
                 raise ValueError(f"bias of {name} has shape {b.shape}, expected ({n_rows},)")
         self.biases = float_table([[b] for b in biases])
         self.keep += [b for b in biases if b is not None]
-        self.no_lora = np.zeros((len(weights), 6), dtype=np.int64)
+        self.no_lora = np.zeros((len(weights), 9), dtype=np.int64)
         self.lora_tables = {}  # id(deltas) -> (deltas, table): the dict is kept so that its id stays its own
 
     def lora_table(self, deltas: dict | None) -> np.ndarray:
-        """int64[n_slots, 6]: (address, rows, cols) of A and of packed s·B per layer weight, zeros where no delta.
+        """int64[n_slots, 9]: (address, rows, cols) of A, of packed s·B and of DoRA's g (llama.LoraDelta) per layer
+        weight, zeros where there is none.
         The arrays are those of `deltas` (checked here: the step reads them by address, without bounds), which the
         caller keeps alive and unchanged while it uses them."""
         if not deltas:
@@ -62,11 +63,13 @@ class LayerPlan:
             return found[1]
         for name, (n_rows, n_cols) in zip(self.names, self.shapes):
             if name in deltas:
-                a, packed_b = deltas[name]
+                a, packed_b, g = deltas[name]
                 if a.ndim != 2 or a.shape[1] != n_cols or packed_b.shape != (-(-n_rows // 16) * a.shape[0], 16):
                     raise ValueError(f"LoRA delta of {name}: A {a.shape} and packed s·B {packed_b.shape} do not "
                                      f"fit a {n_rows} × {n_cols} weight")
-        table = float_table([list(deltas[name]) if name in deltas else [None, None] for name in self.names])
+                if g is not None and g.shape != (n_rows,):
+                    raise ValueError(f"DoRA scale of {name} has shape {g.shape}, expected ({n_rows},)")
+        table = float_table([list(deltas[name]) if name in deltas else [None, None, None] for name in self.names])
         while len(self.lora_tables) >= LORA_TABLES_KEPT:
             self.lora_tables.pop(next(iter(self.lora_tables)))
         self.lora_tables[id(deltas)] = (deltas, table)
@@ -95,13 +98,15 @@ def run_layers(plan: LayerPlan, x: np.ndarray, cache, cos: np.ndarray, sin: np.n
 
 @njit(nogil=True, cache=True)
 def linear(weights, biases, lora, s, x, out, one_thread):
-    """out = W_s · x (+ s·B_s·(A_s·x)) (+ bias_s): weight s of the tables (the delta inside the weight's kernel,
-    which also prefetches the next weight's A)."""
+    """out = W_s · x (+ s·B_s·(A_s·x)) (⊙ g_s) (+ bias_s): weight s of the tables (the delta inside the weight's
+    kernel, which also prefetches the next weight's A; DoRA's per-output scale g after it)."""
     following = min(s + 1, lora.shape[0] - 1)  # whose A the kernel prefetches (the last weight's own: no rows)
     dispatch.matvec_entry(weights, s, x, out, dispatch.float_matrix(lora[s, 0], lora[s, 1], lora[s, 2]),
                           dispatch.float_matrix(lora[s, 3], lora[s, 4], lora[s, 5]),
                           dispatch.float_matrix(lora[following, 0], lora[following, 1] if following > s else 0,
                                                 lora[following, 2]), one_thread)
+    if lora[s, 8]:
+        out *= dispatch.float_matrix(lora[s, 6], 1, lora[s, 8])[0]
     if biases[s, 2]:
         out += dispatch.float_matrix(biases[s, 0], 1, biases[s, 2])[0]
 
@@ -166,10 +171,13 @@ def linear_rows(weight, x: np.ndarray, out: np.ndarray, deltas: list) -> None:
     output projection of a batch's sequences, or of a short chunk's tokens."""
     table, keep = dispatch.weight_table([weight])
     found = [d.get(weight.name) if d else None for d in deltas]
-    lora = float_table([list(delta) if delta is not None else [None, None] for delta in found])
+    lora = float_table([list(delta)[:2] if delta is not None else [None, None] for delta in found])
     columns.matvec_columns_entry(table, 0, np.ascontiguousarray(x, dtype=np.float32), out, lora, columns.NO_FLOATS,
                                  numba.get_num_threads() == 1)
     del keep  # (the table points into these arrays until here)
+    for j, delta in enumerate(found):
+        if delta is not None and delta.g is not None:  # DoRA's per-output scale, as LlamaModel.linear applies it
+            out[j] *= delta.g
 
 
 def check_cache(cache, config) -> None:
@@ -193,11 +201,14 @@ def _next_a(lora, s):
 
 @njit(nogil=True, cache=True)
 def linear_columns(weights, biases, lora, s, X, out, one_thread):
-    """out[j] = W_s·X[j] (+ column j's delta s·B·(A·X[j]), lora[j, s]) (+ bias_s) for every column: the one place a
-    batched step applies each sequence's own adapters."""
+    """out[j] = W_s·X[j] (+ column j's delta s·B·(A·X[j]), lora[j, s]) (⊙ its DoRA g) (+ bias_s) for every column:
+    the one place a batched step applies each sequence's own adapters (linear's arithmetic, column by column)."""
     # (a C-ordered copy of the weight's LoRA rows: the kernels are compiled for the tables Python passes too)
     columns.matvec_columns_entry(weights, s, X, out, np.ascontiguousarray(lora[:, s, :]), _next_a(lora, s),
                                  one_thread)
+    for j in range(out.shape[0]):
+        if lora[j, s, 8]:
+            out[j] *= dispatch.float_matrix(lora[j, s, 6], 1, lora[j, s, 8])[0]
     if biases[s, 2]:
         bias = dispatch.float_matrix(biases[s, 0], 1, biases[s, 2])[0]
         for j in range(out.shape[0]):

@@ -9,20 +9,25 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .compile_clock import compile_ms
 from .errors import GrammarError, InputError
 from .grammar import mask_logits
 from .llama import LlamaModel
-from .sampling import Sampler
+from .sampling import ProbsReport, Sampler, token_probs
+from .threads import governor
 from .vocab import StreamDecoder, Vocab
 
 
 @dataclass
 class Timings:
+    """llama.cpp's timing lines; compilation (a first run's kernels) is counted apart from load and evaluation."""
+
     load_ms: float = 0.0
     prompt_ms: float = 0.0
     prompt_tokens: int = 0
     gen_ms: float = 0.0
     gen_tokens: int = 0
+    compile_ms: float = 0.0
 
     def lines(self) -> list[str]:
         def rate(ms, n):
@@ -30,11 +35,14 @@ class Timings:
             per_second = 1000.0 * n / ms if ms > 0 else 0.0
             return f"{ms:10.2f} ms / {n:5d} tokens ({per_token:8.2f} ms per token, {per_second:8.2f} tokens per second)"
 
-        return [
+        lines = [
             f"llama_print_timings:        load time = {self.load_ms:10.2f} ms",
             f"llama_print_timings: prompt eval time = {rate(self.prompt_ms, self.prompt_tokens)}",
             f"llama_print_timings:        eval time = {rate(self.gen_ms, self.gen_tokens)}",
         ]
+        if self.compile_ms > 0:
+            lines.insert(1, f"llama_print_timings:     compile time = {self.compile_ms:10.2f} ms")
+        return lines
 
 
 class ContextFull(Exception):
@@ -57,10 +65,13 @@ class Context:
 
     def __post_init__(self):
         self.cache = self.model.new_cache(self.n_ctx)
+        # An activated LoRA's start: positions before it were evaluated without its deltas (the base model's KV)
+        self.active_from: int | None = None
 
     def reset(self) -> None:
         self.tokens = []
         self.cache.clear(0)
+        self.active_from = None
 
     def truncate(self, n: int) -> None:
         """Keep only the first n tokens (a shared prefix that the next evaluation extends)."""
@@ -79,37 +90,92 @@ class Context:
             raise ContextFull(f"{n_new} tokens do not fit in a context of {self.n_ctx} even after a shift")
         self.cache.shift(n_keep, n_discard)
         del self.tokens[n_keep : n_keep + n_discard]
+        if self.active_from is not None and self.active_from > n_keep:  # the positions moved down with the cache
+            self.active_from = max(n_keep, self.active_from - n_discard)
 
     def eval(self, ids, generating: bool = False, all_logits: bool = False) -> np.ndarray:
         """Feed ids in batches of n_batch; returns the logits of the last one (or of all, float32[len(ids), n_vocab])."""
         ids = [int(i) for i in ids]
         if not ids:
             raise ValueError("nothing to evaluate")
-        start = time.perf_counter()
+        threads = governor()
+        n_threads = threads.token_threads() if len(ids) == 1 else threads.batch_threads()
+        n_asked = len(ids)
+        start, compiled = time.perf_counter(), compile_ms()
         outputs = []
+        invocation = getattr(self.own_deltas(), "invocation", None)
+        if invocation is not None and not generating:
+            ids = self._activate(invocation, ids)
         for begin in range(0, len(ids), self.n_batch):
             outputs.append(self.eval_chunk(ids[begin : begin + self.n_batch], all_logits))
-        elapsed = 1000.0 * (time.perf_counter() - start)
+        compiled = compile_ms() - compiled
+        self.timings.compile_ms += compiled
+        elapsed = 1000.0 * (time.perf_counter() - start) - compiled
+        if n_asked == 1:
+            threads.token_done(n_threads, elapsed / 1000.0)
         if generating:
             self.timings.gen_ms += elapsed
             self.timings.gen_tokens += len(ids)
         else:
             self.timings.prompt_ms += elapsed
             self.timings.prompt_tokens += len(ids)
-        return np.concatenate(outputs) if all_logits else outputs[-1][-1]
+        return np.concatenate(outputs)[-n_asked:] if all_logits else outputs[-1][-1]
+
+
+    def _activate(self, invocation: tuple, ids: list) -> list:
+        """Find where an activated LoRA starts (PEFT: the last occurrence of its invocation tokens in the input,
+        None when absent: the base model throughout) and, where that moves the start below what the cache already
+        holds, drop the cached positions from there and return them with ids, to be evaluated again. Generated tokens
+        never move it."""
+        sequence, n = self.tokens + ids, len(invocation)
+        found = None
+        for start in range(len(sequence) - n, -1, -1):
+            if tuple(sequence[start:start + n]) == invocation:
+                found = start
+                break
+        old, self.active_from = self.active_from, found
+        first_change = min(p for p in (old, found, len(self.tokens)) if p is not None)
+        if old != found and first_change < len(self.tokens):
+            redo = self.tokens[first_change:]
+            self.truncate(first_change)
+            return redo + ids
+        return ids
+
+    def _forward_activated(self, chunk: list, all_logits: bool, deltas) -> np.ndarray:
+        """chunk evaluated without the deltas before active_from and with them from there on."""
+        split = len(chunk) if self.active_from is None else min(max(self.active_from - len(self.tokens), 0), len(chunk))
+        parts = []
+        if split:
+            parts.append(self.model.forward(chunk[:split], self.cache, all_logits=all_logits, lora={}))
+        if split < len(chunk):
+            parts.append(self.model.forward(chunk[split:], self.cache, all_logits=all_logits, lora=deltas))
+        return np.concatenate(parts) if all_logits else parts[-1]
 
 
     def eval_chunk(self, ids: list, all_logits: bool = False) -> np.ndarray:
-        """Evaluate ids in one forward pass, making room first (no timings: eval times its calls, a batched step
-        its sequences); logits float32[1 or len(ids), n_vocab]."""
+        """Evaluate ids in one forward pass (an activated LoRA's in two, split at its start), making room first (no
+        timings: eval times its calls, a batched step its sequences); logits float32[1 or len(ids), n_vocab]."""
         self._make_room(len(ids))
-        out = self.model.forward(ids, self.cache, all_logits=all_logits, lora=self.lora)
+        deltas = self.own_deltas()
+        if getattr(deltas, "invocation", None) is not None:
+            out = self._forward_activated(ids, all_logits, deltas)
+        else:
+            out = self.model.forward(ids, self.cache, all_logits=all_logits, lora=self.lora)
         self.tokens.extend(ids)
         return out
 
+    def own_deltas(self):
+        """The run-time adapter deltas this context evaluates with (the model's own unless it has its own)."""
+        return getattr(self.model, "lora", None) if self.lora is None else self.lora  # (a stand-in model may have none)
+
     def deltas(self) -> dict:
-        """The run-time adapter deltas this context evaluates with."""
-        return self.model.lora if self.lora is None else self.lora
+        """The deltas the next position is evaluated with: own_deltas, but none before an activated LoRA's start
+        (or anywhere, where its invocation was not found)."""
+        deltas = self.own_deltas()
+        if getattr(deltas, "invocation", None) is not None and (self.active_from is None
+                                                                 or self.active_from > len(self.tokens)):
+            return {}
+        return deltas
 
 
 def check_prompt_fits(n_prompt: int, n_ctx: int) -> None:
@@ -127,6 +193,7 @@ def generate(
     ignore_eos: bool = False,
     should_stop=lambda: False,
     grammar=None,
+    probs: ProbsReport | None = None,
 ):
     """Evaluate the prompt, then yield (token_id, text_piece) until EOS, a stop string, n_predict or a full context.
 
@@ -137,20 +204,22 @@ def generate(
     The generator's return value (StopIteration.value) says why it stopped: "eos", "stop", "limit", "context", "abort".
     grammar: a GrammarState; only tokens that keep the output inside the grammar are sampled, and generation ends
     when the grammar is complete and an end-of-generation token is chosen.
+    probs: when given, one TokenProbs per yielded token is appended to probs.tokens before the token is
+    yielded (sampling.token_probs: the logits the sampler was handed, or its final candidates).
     """
     logits = ctx.eval(prompt_ids) if len(prompt_ids) else None
     if logits is None:
         raise ValueError("generation needs at least one prompt token")
     decoder = StreamDecoder(vocab)
     reason = yield from _sample_tokens(ctx, vocab, sampler, logits, decoder, n_predict, stop, ignore_eos,
-                                       should_stop, grammar)
+                                       should_stop, grammar, probs)
     rest = decoder.flush()
     if rest:
         yield None, rest
     return reason
 
 
-def _sample_tokens(ctx, vocab, sampler, logits, decoder, n_predict, stop, ignore_eos, should_stop, grammar):
+def _sample_tokens(ctx, vocab, sampler, logits, decoder, n_predict, stop, ignore_eos, should_stop, grammar, probs):
     """generate()'s loop: yields (token id, text piece) and returns why it stopped."""
     tail = ""
     n_done = 0
@@ -172,6 +241,11 @@ def _sample_tokens(ctx, vocab, sampler, logits, decoder, n_predict, stop, ignore
             return "eos"
         if grammar is not None:
             grammar.accept(token, vocab)
+        if probs is not None:
+            candidates = getattr(sampler, "candidates", None) if probs.post_sampling else None
+            if probs.post_sampling and candidates is None:
+                candidates = (np.array([token]), np.array([1.0]))  # a sampler that keeps no candidates chose it
+            probs.tokens.append(token_probs(logits[: vocab.n_vocab], token, probs.n, candidates))
         piece = decoder.push(token)
         yield token, piece
         tail = (tail + piece)[-256:]

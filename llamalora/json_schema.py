@@ -85,8 +85,9 @@ def json_literal(value) -> str:
 
 
 class SchemaConverter:
-    def __init__(self, root_schema):
+    def __init__(self, root_schema, prefix: str = ""):
         self.root_schema = root_schema
+        self.prefix = prefix  # before the names of rules made from $ref targets (schema_rules)
         self.rules: dict[str, str] = {}
         self.refs: dict[str, str] = {}  # $ref → rule name
 
@@ -142,7 +143,7 @@ class SchemaConverter:
             if ref not in self.refs:
                 target = self.resolve(ref, path)
                 # the name is taken before the target is visited, so that recursion refers back to it
-                rule = self.refs[ref] = self.add_rule(ref.rsplit("/", 1)[-1] or "root-ref", f"<{ref}>")
+                rule = self.refs[ref] = self.add_rule(self.prefix + (ref.rsplit("/", 1)[-1] or "root-ref"), f"<{ref}>")
                 self.rules[rule] = self.visit(target, rule, ref)
             return self.refs[ref]
         if "const" in schema:
@@ -411,6 +412,18 @@ def schema_to_grammar(schema) -> str:
         converter.rules["root"] = root
     order = ["root"] + sorted(k for k in converter.rules if k != "root")
     return "".join(f"{k} ::= {converter.rules[k]}\n" for k in order)
+
+
+def schema_rules(schema, name: str) -> dict[str, str]:
+    """The rules for values valid under schema, its root rule called `name` and every rule of its own named
+    after it, so that the rules of several schemas (each with its own $refs) go into one grammar; the shared
+    primitives (string, number, space, ...) keep their names and bodies."""
+    converter = SchemaConverter(schema, prefix=name + "-")
+    converter.refs["#"] = name
+    root = converter.visit(schema, name, "")
+    if root != name:
+        converter.rules[name] = root
+    return converter.rules
 
 
 def json_schema_grammar(schema) -> Grammar:

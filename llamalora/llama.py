@@ -10,6 +10,7 @@ converter leaves q/k rows in Hugging Face's order, so feature i pairs with featu
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -150,6 +151,22 @@ class KVCache:
         self.n = n_keep + max(count, 0)
 
 
+class LoraDelta(NamedTuple):
+    """One weight's run-time adapter delta: out = g ⊙ (W·x + s·B·(A·x)), g only for DoRA."""
+    a: np.ndarray         # float32[r, n_cols]: A of every adapter on this weight, stacked along the rank
+    packed_b: np.ndarray  # s·B stacked the same way, packed by kernels.pack_scaled_b
+    g: np.ndarray | None = None  # DoRA's per-output scale m / ‖W + s·B·A‖, float32[n_rows]; None for LoRA
+
+
+class LoraDeltas(dict):
+    """{weight name: LoraDelta} of an adapter set, and the invocation tokens of an activated LoRA among them (None:
+    the deltas apply to every position; generate.Context reads it)."""
+
+    def __init__(self, deltas=(), invocation: tuple | None = None):
+        super().__init__(deltas)
+        self.invocation = invocation
+
+
 @dataclass
 class LayerWeights:
     attn_norm: np.ndarray
@@ -215,8 +232,11 @@ class LlamaModel:
         self._rope_rows: dict = {}  # position -> its rope tables (rope_row)
         self._decode_plan, self._decode_plan_layers = None, None
         self.token_embd = tensors["token_embd.weight"]
-        # Tied embeddings: a model without output.weight projects with token_embd.
-        self.output = kernels.prepare(tensors.get("output.weight", self.token_embd))
+        # Tied embeddings: a model without output.weight projects with token_embd. The projection is named
+        # output.weight all the same, so that a run-time delta of the embeddings (keyed token_embd.weight) stays on
+        # the looked-up rows, as PEFT keeps lm_head's base matrix.
+        self.output = dataclasses.replace(kernels.prepare(tensors.get("output.weight", self.token_embd)),
+                                          name="output.weight")
         self.output_norm = as_f32_vector(tensors["output_norm.weight"])
         self.layers = [
             LayerWeights(
@@ -238,9 +258,18 @@ class LlamaModel:
     def new_cache(self, n_ctx: int) -> KVCache:
         return KVCache(self.config, n_ctx)
 
-    def embed(self, tokens: np.ndarray) -> np.ndarray:
+    def embed(self, tokens: np.ndarray, deltas: dict | None = None) -> np.ndarray:
+        """The embedding rows of tokens (+ a run-time LoRA delta of token_embd: s·B[token]·A, PEFT's
+        lora_embedding)."""
         t = self.token_embd
-        return kernels.dequantize_rows(t.type, t.data, t.n_cols, np.asarray(tokens, dtype=np.int64))
+        tokens = np.asarray(tokens, dtype=np.int64)
+        x = kernels.dequantize_rows(t.type, t.data, t.n_cols, tokens)
+        delta = deltas.get(t.name) if deltas else None
+        if delta is not None:
+            r = delta.a.shape[0]
+            scaled_b = delta.packed_b.reshape(-1, r, 16)[tokens // 16, :, tokens % 16]  # rows of s·B
+            x += scaled_b @ delta.a
+        return x
 
     def forward(self, tokens, cache: KVCache, all_logits: bool = False, lora: dict | None = None) -> np.ndarray:
         """Evaluate tokens at positions cache.n, cache.n+1, ...; returns logits float32[b or 1, n_vocab].
@@ -260,7 +289,7 @@ class LlamaModel:
         else:
             cos, sin = rope_tables(np.arange(n_past, n_past + b, dtype=np.int64), c.rope_dim, c.rope_base,
                                    c.rope_factors)
-        x = np.ascontiguousarray(self.embed(tokens), dtype=np.float32)
+        x = np.ascontiguousarray(self.embed(tokens, deltas), dtype=np.float32)
         if b == 1:
             decode.run_layers(self.decode_plan(), x[0], cache, cos, sin, c, deltas)
         elif b <= decode.COLUMN_TOKENS:  # a short chunk: its tokens as columns of the one-token step
@@ -339,28 +368,45 @@ class LlamaModel:
         for start, end, part_deltas in parts if parts is not None else [(0, x.shape[0], deltas)]:
             delta = part_deltas.get(weight.name) if part_deltas else None
             if delta is not None:
-                a, packed_b = delta[0], delta[1]
                 if end - start == 1:
-                    kernels.add_low_rank_matvec(a, packed_b, x[start], out[start])
+                    kernels.add_low_rank_matvec(delta.a, delta.packed_b, x[start], out[start])
                 else:
-                    kernels.add_low_rank_matmul(a, packed_b, x[start:end], out[start:end])
+                    kernels.add_low_rank_matmul(delta.a, delta.packed_b, x[start:end], out[start:end])
+                if delta.g is not None:
+                    out[start:end] *= delta.g
         if bias is not None:
             out += bias
         return out
 
     def lora_deltas(self, adapters, scales=None) -> dict:
-        """Run-time deltas {weight name: (A stacked over adapters, s·B stacked and packed: kernels.pack_scaled_b)}
-        for adapters at scales (default: each adapter's own). Cheap: no weight is touched, so any request may have
-        its own."""
+        """Run-time deltas {weight name: LoraDelta} for adapters at scales (default: each adapter's own). Cheap for
+        LoRA (no weight is touched, so any request may have its own); a DoRA tensor's g takes one pass over its W
+        (lora/dora.py)."""
+        from .lora import dora
+
+        from .lora.replace import check_scales
+
         scales = [1.0] * len(adapters) if scales is None else list(scales)
-        deltas = {}
+        dora.check_combination(adapters, scales)
+        check_scales(adapters, scales)
+        deltas = LoraDeltas(invocation=activation(adapters, scales))
         names = {name for adapter in adapters for name in adapter.tensors}
+        scratch = None
         for name in sorted(names):
-            pairs = [(t.a, np.float32(t.scale * user) * t.b) for adapter, user in zip(adapters, scales)
-                     for t in [adapter.tensors.get(name)] if t is not None and t.scale * user != 0]
-            if pairs:
-                deltas[name] = (self.stacked_a([a for a, _ in pairs]),
-                                kernels.pack_scaled_b(np.concatenate([b for _, b in pairs], axis=1)))
+            used = [(t, t.scale * user) for adapter, user in zip(adapters, scales)
+                    for t in [adapter.tensors.get(name)] if t is not None and t.scale * user != 0]
+            if not used:
+                continue
+            g = None
+            if used[0][0].magnitude is not None:  # check_combination: a DoRA tensor is alone on its weight
+                t, scale = used[0]
+                tensor = self.tensors[name]
+                if scratch is None or scratch.size < tensor.n_rows * tensor.n_cols:
+                    scratch = np.empty(tensor.n_rows * tensor.n_cols, dtype=np.float32)
+                g = dora.row_scale(tensor, t, scale, scratch)
+            deltas[name] = LoraDelta(self.stacked_a([t.a for t, _ in used]),
+                                     kernels.pack_scaled_b(np.concatenate([np.float32(s) * t.b for t, s in used],
+                                                                          axis=1)), g)
         return deltas
 
     def stacked_a(self, factors: list) -> np.ndarray:
@@ -381,6 +427,21 @@ class LlamaModel:
     def set_lora(self, adapters, scales=None) -> None:
         """Apply adapters unmerged from now on (y = W·x + Σ s·B·(A·x)); an empty list removes them."""
         self.lora = self.lora_deltas(adapters, scales)
+
+
+def activation(adapters, scales) -> tuple | None:
+    """The invocation tokens of the one active activated LoRA, None if no active adapter is one; an activated LoRA
+    beside other active adapters is refused (each would start at another position)."""
+    from .errors import AdapterError
+
+    active = [adapter for adapter, scale in zip(adapters, scales) if scale != 0]
+    activated = [adapter for adapter in active if adapter.invocation is not None]
+    if not activated:
+        return None
+    if len(active) > 1:
+        raise AdapterError(f"{activated[0].path}: an activated LoRA (alora_invocation_tokens) runs alone; "
+                           f"{len(active) - 1} other adapter(s) are active beside it")
+    return activated[0].invocation
 
 
 def bias_names(config: LlamaConfig) -> list[str]:

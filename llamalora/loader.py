@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from gguf import GGMLQuantizationType as GGMLType
 
+from .compile_clock import compile_ms
 from .errors import InputError, VocabError
 from .llama import LlamaConfig, LlamaModel
 from .model_file import ModelFile, load_model_file
@@ -38,8 +39,9 @@ class LoadedModel:
     file: ModelFile
     vocab: Vocab
     model: LlamaModel
-    load_ms: float
+    load_ms: float  # compilation during the load excluded
     adapters: list = field(default_factory=list)
+    compile_ms: float = 0.0  # kernels compiled while loading (a first run's merge or preparation)
 
 
 def load_model(path: str | None, use_mmap: bool = True, adapters=(), lora_base: str | None = None,
@@ -50,7 +52,7 @@ def load_model(path: str | None, use_mmap: bool = True, adapters=(), lora_base: 
     "runtime" keeps W and adds s·B·(A·x) in every patched linear layer, "auto" merges into f32/f16 weights
     or when a lora_base is given and runs unmerged otherwise.
     """
-    start = time.perf_counter()
+    start, compiled = time.perf_counter(), compile_ms()
     path = path or default_model_path()
     model_file = load_model_file(path, use_mmap=use_mmap)
     vocab = load_vocab(model_file)
@@ -63,13 +65,18 @@ def load_model(path: str | None, use_mmap: bool = True, adapters=(), lora_base: 
         raise InputError("--lora-base merges adapters into the weights; it cannot be used with --lora-mode runtime")
     loaded = load_adapters(model_file, list(adapters))
     mode = choose_lora_mode(lora_mode, loaded, tensors, lora_base)
+    if loaded:
+        from .lora.replace import keep_tied_output, replacements
+
+        tensors.update(keep_tied_output(tensors, replacements(loaded, tensors)))
     if mode == "merge":
-        tensors.update(merged_tensors(model_file, loaded, lora_base, progress))
+        tensors.update(merged_tensors(tensors, loaded, lora_base, progress))
     model = LlamaModel(config, tensors, path=path)
     if mode == "runtime":
         model.set_lora(loaded)
-    load_ms = 1000.0 * (time.perf_counter() - start)
-    return LoadedModel(model_file, vocab, model, load_ms, loaded)
+    compiled = compile_ms() - compiled
+    load_ms = 1000.0 * (time.perf_counter() - start) - compiled
+    return LoadedModel(model_file, vocab, model, load_ms, loaded, compiled)
 
 
 def load_vocab(model_file: ModelFile) -> Vocab:
@@ -96,29 +103,42 @@ def choose_lora_mode(lora_mode: str, adapters: list, tensors: dict, lora_base: s
     """'merge' or 'runtime' ('auto': merge into float weights or through --lora-base, else keep W quantized)."""
     if not adapters:
         return None
+    activated = [adapter.path for adapter in adapters if adapter.invocation is not None]
+    if activated and (lora_mode == "merge" or lora_base):
+        raise InputError(f"{activated[0]}: an activated LoRA (alora_invocation_tokens) applies from its invocation "
+                         "tokens on and cannot be merged into the weights; use --lora-mode runtime")
+    if activated:
+        return "runtime"
     if lora_mode != "auto":
         return lora_mode
     targets = {name for adapter in adapters for name in adapter.tensors}
+    if not targets:  # whole tensors only (modules_to_save): they go in either way
+        return "merge"
     float_types = (GGMLType.F32, GGMLType.F16)
     return "merge" if lora_base or all(tensors[n].type in float_types for n in targets) else "runtime"
 
 
-def merged_tensors(model_file: ModelFile, adapters: list, lora_base: str | None, progress: bool) -> dict:
-    """The patched weights W + Σ s·B·A, each in the model's own type."""
+def merged_tensors(tensors: dict, adapters: list, lora_base: str | None, progress: bool) -> dict:
+    """The patched weights W + Σ s·B·A, each in the model's own type (and the base token_embd as output.weight
+    where a tied output would otherwise follow a patched token_embd)."""
     from .lora.merge import merge_adapters
+    from .lora.replace import keep_tied_output
 
     base_tensors = load_model_file(lora_base).tensors if lora_base else None
-    return merge_adapters(model_file.tensors, adapters, base_tensors=base_tensors, base_path=lora_base or "",
-                          progress=progress)
+    return keep_tied_output(tensors, merge_adapters(tensors, adapters, base_tensors=base_tensors,
+                                                    base_path=lora_base or "", progress=progress))
 
 
 def set_threads(n_threads: int | None) -> int:
-    """Use n_threads for numba kernels (default: every core, as llama.cpp defaults to the physical cores)."""
+    """Up to n_threads for numba kernels (default: every core, as llama.cpp defaults to the physical cores);
+    threads.Governor decodes with fewer while other programs hold cores."""
     import numba
+
+    from .threads import configure
 
     n = n_threads if n_threads and n_threads > 0 else (os.cpu_count() or 1)
     n = min(n, numba.config.NUMBA_NUM_THREADS)
-    numba.set_num_threads(n)
+    configure(n)
     return n
 
 

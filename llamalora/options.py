@@ -34,9 +34,11 @@ def model_options(f):
         click.option("-t", "--threads", type=int, default=None, help="threads for the kernels (default: all cores)"),
         click.option("--no-mmap", is_flag=True, help="read the model into memory instead of mapping it"),
         click.option("--lora", "loras", multiple=True, type=str,
-                     help="LoRA adapter (ggla .bin, GGUF adapter or PEFT folder); repeatable"),
+                     help="LoRA adapter (ggla .bin, GGUF adapter or PEFT folder); repeatable; "
+                          "the server also takes NAME=PATH"),
         click.option("--lora-scaled", "loras_scaled", multiple=True, type=(str, float),
-                     help="adapter FILE with user scale S on top of its alpha/r scaling; repeatable"),
+                     help="adapter FILE with user scale S on top of its alpha/r scaling; repeatable; "
+                          "the server also takes NAME=FILE"),
         click.option("--lora-base", "--lora_base", cls=Option, type=str, default=None,
                      help="f16/f32 model to read the patched tensors from (their merge is then quantized)"),
         click.option("--lora-mode", type=click.Choice(["auto", "merge", "runtime"]), default="auto",

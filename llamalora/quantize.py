@@ -178,29 +178,33 @@ def tensor_line(index: int, count: int, tensor: Tensor, new_type: GGMLType, new_
     return f"[{index:4d}/{count:4d}] {tensor.name:>36} - [{dims}], {what}"
 
 
-def rewrite_model(model_file: ModelFile, out_path: str, target, delta_for=None,
-                  sources: dict | None = None, name_note: str | None = None, progress: bool = True) -> dict:
+def rewrite_model(model_file: ModelFile, out_path: str, target, patch_for=None,
+                  sources: dict | None = None, name_note: str | None = None, progress: bool = True,
+                  added: dict | None = None) -> dict:
     """Write model_file's model to out_path quantized to `target` (a mix name, a GGMLType, or None: each tensor
     keeps its own type).
 
-    delta_for(name) -> float32[n_rows, n_cols] or None: added to the weight in float32 before it is quantized.
-    sources: tensors to read the patched weights from instead (--lora-base). Returns sizes, timings and
+    patch_for(name) -> None or f(w): f takes the weight's float32 rows (it may change them in place) and returns the
+    patched weight to quantize (W + Σ s·B·A, or a DoRA weight: lora.merge.weight_patch).
+    sources: tensors to read the patched weights from instead (--lora-base). added: tensors the file does not have
+    to write as well (export-lora's output.weight beside a patched, tied token_embd). Returns sizes, timings and
     the count of tensors per written type.
     """
     start = time.perf_counter()
-    new_types = None if target is None else tensor_types(model_file.tensors, model_file.metadata, target)
+    all_tensors = {**model_file.tensors, **(added or {})}
+    new_types = None if target is None else tensor_types(all_tensors, model_file.metadata, target)
     out_tensors = []
-    count = len(model_file.tensors)
-    for index, tensor in enumerate(model_file.tensors.values(), 1):
+    count = len(all_tensors)
+    for index, tensor in enumerate(all_tensors.values(), 1):
         new_type = tensor.type if new_types is None else new_types[tensor.name]
-        delta = delta_for(tensor.name) if delta_for is not None else None
-        if delta is None and new_type == tensor.type:
+        patch = patch_for(tensor.name) if patch_for is not None else None
+        if patch is None and new_type == tensor.type:
             out_tensors.append(tensor)  # untouched: the bytes as they are
         else:
-            source = sources[tensor.name] if delta is not None and sources is not None else tensor
+            source = sources.get(tensor.name, tensor) if patch is not None and sources is not None else tensor
             w = kernels.dequantize(source.type, source.data, source.n_cols)
-            if delta is not None:
-                w = w + delta
+            if patch is not None:
+                w = patch(np.array(w, dtype=np.float32).reshape(tensor.n_rows, tensor.n_cols))
             data = kernels.quantize(new_type, np.asarray(w, dtype=np.float32).reshape(tensor.n_rows, tensor.n_cols))
             out_tensors.append(Tensor(tensor.name, new_type, tensor.shape, data))
         if progress:

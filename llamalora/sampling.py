@@ -11,10 +11,17 @@ Recent tokens for the penalties: `sample(logits, history)` takes the full token 
 llama.cpp's main feeds the prompt into its penalty window) and uses its last `repeat_last_n` tokens. When the
 caller passes no history, the window the sampler keeps itself from `accept()` is used instead; `accept()`
 must then be called with every prompt token and every chosen token.
+
+Token probabilities (`token_probs`, asked for with a `ProbsReport`): by default the log-softmax of the logits
+the chain received, i.e. the model's own distribution before penalties, logit bias, a grammar's mask and
+temperature (what llama.cpp's `n_probs` and vLLM's default logprobs report); with `post_sampling` the
+probabilities of the candidates the chain kept, renormalised after temperature, as the draw used them
+(llama.cpp's `post_sampling_probs`).
 """
 
+import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -46,6 +53,47 @@ def check_params(p: SamplerParams) -> None:
             raise InputError(f"sampler: {name} must be a finite number, got {getattr(p, name)}")
 
 
+@dataclass
+class TokenProbs:
+    """One generated token's probabilities: its own log-probability and the `n` most probable tokens'
+    (id, log-probability), best first."""
+
+    token: int
+    logprob: float
+    top: list
+    post_sampling: bool = False
+
+
+@dataclass
+class ProbsReport:
+    """A request for probabilities: generate() appends one TokenProbs per generated token to `tokens`."""
+
+    n: int  # how many alternatives per token (0: the chosen token's own figure only)
+    post_sampling: bool = False
+    tokens: list = field(default_factory=list)
+
+
+def token_probs(logits: np.ndarray, token: int, n: int, candidates=None) -> TokenProbs:
+    """The chosen token's log-probability and the n best: from the log-softmax (in float64) of `logits`, or,
+    when `candidates` (ids, probabilities) is given, from the chain's final candidates (a token the chain
+    dropped has probability 0: log -inf, and is never among the best)."""
+    if candidates is not None:
+        ids, probs = candidates
+        probs = np.asarray(probs, dtype=np.float64)
+        order = np.argsort(-probs, kind="stable")
+        order = order[probs[order] > 0][:n]
+        where = np.flatnonzero(np.asarray(ids) == token)
+        own = float(probs[where[0]]) if len(where) else 0.0
+        return TokenProbs(int(token), math.log(own) if own > 0 else -math.inf,
+                          [(int(ids[i]), math.log(float(probs[i]))) for i in order], post_sampling=True)
+    values = np.asarray(logits, dtype=np.float64)
+    top = values.max()
+    log_total = top + math.log(float(np.exp(values - top).sum()))
+    best = top_k(values, n)[0][:n] if n > 0 else []
+    return TokenProbs(int(token), float(values[token] - log_total),
+                      [(int(i), float(values[i] - log_total)) for i in best])
+
+
 class Sampler:
     def __init__(self, params: SamplerParams, n_vocab: int):
         check_params(params)
@@ -59,6 +107,8 @@ class Sampler:
         self.rng = np.random.default_rng(self.seed)
         n = params.repeat_last_n
         self.recent = deque(maxlen=n if n > 0 else None)
+        # The last draw's final candidates (ids, probabilities after the whole chain), for post-sampling figures.
+        self.candidates = None
 
     def accept(self, token: int) -> None:
         """Record a token (prompt or generated) in the sampler's own penalty window."""
@@ -85,7 +135,9 @@ class Sampler:
                 logits = apply_penalties(logits, recent, p.repeat_penalty, p.frequency_penalty,
                                          p.presence_penalty)
         if p.temp <= 0:
-            return int(np.argmax(logits))
+            token = int(np.argmax(logits))
+            self.candidates = (np.array([token]), np.array([1.0]))
+            return token
         log_total = None  # log of the softmax denominator top-p normalises by; None: over `values` themselves
         if 0 < p.top_k < len(logits) or p.typical_p < 1.0:
             ids, values = top_k(logits, p.top_k)
@@ -100,6 +152,7 @@ class Sampler:
         if p.min_p > 0.0:
             ids, values = min_p(ids, values, p.min_p)
         probs = softmax(values / np.float32(p.temp))
+        self.candidates = (ids, probs)
         return int(ids[draw(self.rng, probs)])
 
 

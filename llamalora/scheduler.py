@@ -15,6 +15,9 @@ does with -cb:
   a prompt is cut depends on the prompt alone, never on the other sequences, so its logits do too.
 - A sequence whose `should_stop` (given at join) turns true while it waits gets Aborted instead of its logits;
   a sequence that cannot take its tokens (ContextFull) gets that error; the others go on.
+- Each step runs with threads.Governor's thread count (set on the leading thread); a step of one lone token is
+  what the governor measures, as Context.eval's. An activated LoRA's prompt (where its adapter starts may move)
+  and all_logits evaluations run apart, under the lock.
 
 Timings: each request's wall time, from its eval call to its logits, goes to its context's timings (prompt or
 generation), which is what its client waits.
@@ -27,7 +30,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import batch, decode
+from .compile_clock import compile_ms
 from .generate import Context
+from .threads import governor
 
 
 
@@ -100,10 +105,11 @@ class Scheduler:
         ids = [int(i) for i in ids]
         if not ids:
             raise ValueError("nothing to evaluate")
-        if all_logits:
-            with self.lock:
-                return ctx.eval(ids, generating=generating, all_logits=True)
+        if all_logits or (not generating and getattr(ctx.own_deltas(), "invocation", None) is not None):
+            with self.lock:  # (apart: all logits; an activated LoRA's prompt, which may move where it starts)
+                return Context.eval(ctx, ids, generating=generating, all_logits=all_logits)
         request = Request(ctx, ids, generating, [1] if len(ids) == 1 else prompt_chunks(len(ids), self.ubatch))
+        compiled = compile_ms()
         with self.cond:
             if id(ctx) in self.pending:
                 raise RuntimeError("a context evaluates one request at a time")
@@ -122,7 +128,9 @@ class Scheduler:
                     self.cond.notify_all()
         if isinstance(request.result, BaseException):
             raise request.result
-        elapsed = 1000.0 * (time.perf_counter() - request.arrived)
+        compiled = compile_ms() - compiled  # (kernels compiled meanwhile: their own line in the timings)
+        ctx.timings.compile_ms += compiled
+        elapsed = 1000.0 * (time.perf_counter() - request.arrived) - compiled
         if generating:
             ctx.timings.gen_ms += elapsed
             ctx.timings.gen_tokens += len(ids)
@@ -167,9 +175,16 @@ class Scheduler:
         if not work:
             return
         self.cond.release()
+        # threads.Governor's count, set on this thread; a lone token's step is what it measures and probes with
+        threads = governor()
+        lone_token = len(work) == 1 and len(work[0][1]) == 1
+        n_threads = threads.token_threads() if lone_token else threads.batch_threads()
         try:
             with self.lock:
+                started, compiled = time.perf_counter(), compile_ms()
                 results = batch.step(self.model, [(request.ctx, ids) for request, ids in work])
+                if lone_token and compile_ms() == compiled:
+                    threads.token_done(n_threads, time.perf_counter() - started)
         except Exception as e:  # noqa: BLE001 (a bug: every request of the step gets it, the server goes on)
             results = [e] * len(work)
         finally:

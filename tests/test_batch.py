@@ -10,6 +10,7 @@ from conftest import data_path
 from llamalora import batch, decode, kernels
 from llamalora.generate import Context, ContextFull
 from llamalora.kernels import columns, dispatch
+from llamalora.llama import LoraDelta
 from llamalora.loader import load_adapters, load_model
 
 NO_FLOATS = np.zeros((0, 0), dtype=np.float32)
@@ -59,7 +60,7 @@ def random_deltas(model, rank, scale, seed):
         for w in (layer.attn_q, layer.attn_k, layer.attn_v, layer.attn_output, layer.ffn_gate, layer.ffn_up,
                   layer.ffn_down):
             a, _, packed = factors(rng, w.n_rows, w.n_cols, rank, scale)
-            deltas[w.name] = (a, packed)
+            deltas[w.name] = LoraDelta(a, packed)
     return deltas
 
 
@@ -102,7 +103,7 @@ def test_step_gives_each_sequence_its_logits_alone(tmp_path, qtype):
     model = load_model(make_tiny_llama(tmp_path / "m.gguf", qtype=qtype, dim=256, n_ff=512), progress=False).model
     assert batch.matmul_sums_per_token(model)
     first, other = random_deltas(model, 8, 1.0, 1), random_deltas(model, 3, 0.7, 2)
-    second = {name: (a, np.float32(-1.5) * packed) for name, (a, packed) in first.items()}  # first's A, scale -1.5
+    second = {name: LoraDelta(d.a, np.float32(-1.5) * d.packed_b) for name, d in first.items()}  # first's A
     deltas = [{}, first, second, other, first]
     prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10], [11], [12, 13, 14, 15], [16, 17]]
     sequences = pairs(model, prompts, deltas)

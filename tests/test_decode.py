@@ -9,7 +9,7 @@ from tiny_model import make_tiny_llama
 from llamalora import kernels
 from llamalora.kernels import dispatch
 from llamalora.loader import load_model
-from llamalora.llama import rms_norm, rope_tables
+from llamalora.llama import LoraDelta, rms_norm, rope_tables
 
 TOKENS = [5, 17, 42, 99, 7, 130]
 
@@ -35,14 +35,14 @@ def both_paths(model, deltas):
 
 
 def random_deltas(model, rank, seed=0):
-    """Run-time deltas in lora_deltas' form on every layer weight: (A [r, n_cols], packed s·B [n_rows, r])."""
+    """Run-time deltas in lora_deltas' form on every layer weight: LoraDelta(A [r, n_cols], packed s·B [n_rows, r])."""
     rng = np.random.default_rng(seed)
     deltas = {}
     for layer in model.layers:
         for w in (layer.attn_q, layer.attn_k, layer.attn_v, layer.attn_output, layer.ffn_gate, layer.ffn_up,
                   layer.ffn_down):
-            deltas[w.name] = ((rng.standard_normal((rank, w.n_cols)) * 0.1).astype(np.float32),
-                              kernels.pack_scaled_b(rng.standard_normal((w.n_rows, rank)) * 0.1))
+            deltas[w.name] = LoraDelta((rng.standard_normal((rank, w.n_cols)) * 0.1).astype(np.float32),
+                                       kernels.pack_scaled_b(rng.standard_normal((w.n_rows, rank)) * 0.1))
     return deltas
 
 
@@ -63,6 +63,23 @@ def test_runtime_lora_in_the_step(tmp_path, rank):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     without, _, _, _ = both_paths(model, {})
     assert np.abs(got - without).max() > 0.01  # the deltas did change the logits
+
+
+def test_dora_scale_in_the_step(tmp_path):
+    """DoRA's per-output g (LoraDelta.g) multiplies W·x + s·B·(A·x) in the one-token step as in the batch path; a g
+    of ones is the LoRA delta alone."""
+    model = load_model(make_tiny_llama(tmp_path / "m.gguf"), progress=False).model
+    lora = random_deltas(model, 4)
+    rng = np.random.default_rng(5)
+    dora = {name: LoraDelta(d.a, d.packed_b, rng.uniform(0.5, 1.5, d.packed_b.shape[0] // d.a.shape[0] * 16)
+                            [:model.tensors[name].n_rows].astype(np.float32)) for name, d in lora.items()}
+    got, want, _, _ = both_paths(model, dora)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    plain, _, _, _ = both_paths(model, lora)
+    assert np.abs(got - plain).max() > 0.01
+    ones = {name: LoraDelta(d.a, d.packed_b, np.ones(model.tensors[name].n_rows, np.float32))
+            for name, d in lora.items()}
+    np.testing.assert_array_equal(both_paths(model, ones)[0], plain)
 
 
 def test_step_deltas_are_per_call(tmp_path):
@@ -118,8 +135,8 @@ def test_deltas_of_the_wrong_shape_are_refused(tmp_path):
     """The step reads deltas by address: a misfit must be an error, not a read past an array."""
     model = load_model(make_tiny_llama(tmp_path / "m.gguf"), progress=False).model
     deltas = random_deltas(model, 4)
-    a, packed_b = deltas["blk.1.ffn_down.weight"]
-    deltas["blk.1.ffn_down.weight"] = (a, np.ascontiguousarray(packed_b[:-1]))  # the last chunk a rank short
+    a, packed_b, _ = deltas["blk.1.ffn_down.weight"]
+    deltas["blk.1.ffn_down.weight"] = LoraDelta(a, np.ascontiguousarray(packed_b[:-1]))  # the last chunk a rank short
     with pytest.raises(ValueError, match="ffn_down"):
         model.forward([3], model.new_cache(8), lora=deltas)
 

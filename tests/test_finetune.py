@@ -83,6 +83,59 @@ def test_gradients_equal_central_differences_in_float64(tmp_path):
         assert rel <= 1e-4, (name, rel)
 
 
+def test_dora_gradients_equal_central_differences_in_float64(tmp_path, monkeypatch):
+    """DoRA's gradients (magnitudes, A and B) against central differences of the float64 loss with the weight norms
+    held at their values (PEFT detaches ‖W + s·B·A‖: it is a constant in the backward, so the differences must hold
+    it constant too); the magnitudes' gradient does not depend on that choice."""
+    from llamalora.finetune import model as ft
+
+    _, mf, config = tiny(tmp_path, dim=32, n_ff=64)
+    base = load_base(config, mf.tensors, np.float64)
+    rng = np.random.default_rng(3)
+    params = init_lora(config, {"attn_q": 2, "attn_k": 2, "ffn_down": 2}, rng, np.float64, base=base)
+    for name in params:
+        if name.endswith(".lora_b"):
+            params[name] = rng.normal(0.0, 0.1, params[name].shape)
+        elif name.endswith(".lora_m"):  # away from ‖W + s·B·A‖, so that g is not 1
+            params[name] = params[name] * rng.uniform(0.5, 1.5, params[name].shape)
+    tokens = rng.integers(0, config.n_vocab, (2, 6))
+    targets = rng.integers(0, config.n_vocab, (2, 6))
+    alpha = 3.0
+    grads = zeros_like_params(params)
+    forward_backward(base, params, alpha, tokens, targets, grads)
+    fixed_norms = {name: norms for name, (_, norms) in ft.dora_scales(base, params, ft.lora_scales(params, alpha))
+                   .items()}
+    monkeypatch.setattr(ft, "dora_scales", lambda base, p, scales: {
+        name: (p[f"{name}.lora_m"] / norms, norms) for name, norms in fixed_norms.items()})
+    h = 1e-5
+    for name, p in params.items():
+        numeric = np.zeros_like(p)
+        for idx in np.ndindex(p.shape):
+            old = p[idx]
+            p[idx] = old + h
+            plus = forward_backward(base, params, alpha, tokens, targets)
+            p[idx] = old - h
+            minus = forward_backward(base, params, alpha, tokens, targets)
+            p[idx] = old
+            numeric[idx] = (plus - minus) / (2 * h)
+        assert np.abs(numeric).max() > 1e-6, name
+        rel = np.abs(grads[name] - numeric).max() / np.abs(numeric).max()
+        assert rel <= 1e-4, (name, rel)
+
+
+def test_dora_starts_at_the_base_model(tmp_path):
+    """m = ‖W‖ and B = 0: g is 1 and the first loss is the base model's."""
+    _, mf, config = tiny(tmp_path)
+    base = load_base(config, mf.tensors)
+    params = init_lora(config, {p: 2 for p in PROJECTIONS}, np.random.default_rng(0), base=base)
+    w = kernels.dequantize(mf.tensors["blk.1.ffn_down.weight"].type, mf.tensors["blk.1.ffn_down.weight"].data, 128)
+    np.testing.assert_allclose(params["blk.1.ffn_down.weight.lora_m"], np.linalg.norm(w.astype(np.float64), axis=1),
+                               rtol=1e-6)
+    tokens = np.random.default_rng(1).integers(0, config.n_vocab, (2, 8))
+    assert forward_backward(base, params, 4.0, tokens, tokens) == pytest.approx(
+        forward_backward(base, {}, 4.0, tokens, tokens), rel=1e-6)
+
+
 def random_step(config, rng, rank, shape):
     """(LoRA parameters of every projection at rank, with B non-zero so that every gradient flows, tokens,
     targets), the token arrays of shape (batch, ctx)."""
@@ -312,6 +365,40 @@ def test_written_adapters_run_as_trained(tmp_path):
     assert forward_backward(base, {}, 6.0, tokens, targets) != pytest.approx(want, rel=1e-3)
 
 
+def test_written_dora_adapters_run_as_trained(tmp_path):
+    """--dora: the GGUF adapter (with .lora_m) and the PEFT folder (lora_magnitude_vector, use_dora, q/k rows back in
+    Hugging Face's order) load through our readers, and the inference model gives the training model's loss."""
+    import json
+
+    from llamalora.finetune.model import forward_backward
+    from llamalora.finetune.train import run_finetune
+    from llamalora.loader import load_model
+    from llamalora.lora.adapter import load_adapter
+
+    path, mf, config = tiny(tmp_path, qtype=GGMLType.Q8_0)
+    out, peft = str(tmp_path / "dora.gguf"), str(tmp_path / "peft")
+    result = run_finetune(tiny_run_options(tmp_path, path, lora_out=out, peft_out=peft, adam_iter=3, dora=True,
+                                           ranks={}), quiet=True)
+    params = result["params"]
+    assert json.load(open(f"{peft}/adapter_config.json"))["use_dora"] is True
+    for adapter in (load_adapter(out, mf.metadata), load_adapter(peft, mf.metadata)):
+        assert len(adapter.tensors) == 7 * config.n_layer
+        for name, t in adapter.tensors.items():
+            assert np.array_equal(t.magnitude, params[f"{name}.lora_m"]), name
+            assert np.array_equal(t.b, params[f"{name}.lora_b"]), name
+    tokens = np.array([[1, 300, 301, 302, 303, 304, 305, 306]])
+    targets = np.array([[300, 301, 302, 303, 304, 305, 306, 307]])
+    base = load_base(config, mf.tensors)
+    trained = forward_backward(base, params, 6.0, tokens, targets)
+    for adapter_path in (out, peft):
+        loaded = load_model(path, adapters=[(adapter_path, 1.0)], lora_mode="runtime", progress=False)
+        logits = loaded.model.forward(tokens[0], loaded.model.new_cache(16), all_logits=True).astype(np.float64)
+        logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        assert trained == pytest.approx(float(np.mean(logz - logits[np.arange(8), targets[0]])), rel=1e-5)
+    no_magnitudes = {k: v for k, v in params.items() if not k.endswith(".lora_m")}
+    assert forward_backward(base, no_magnitudes, 6.0, tokens, targets) != pytest.approx(trained, rel=1e-4)
+
+
 def test_finetune_command_line(tmp_path):
     from click.testing import CliRunner
 
@@ -402,6 +489,50 @@ def test_smollm2_steps_equal_transformers_peft(smollm2_base):
                 close(name, grads[name], ref[f"grad1/{name}"], "gradient")
         clip_grad_norm(grads, float(gclip))
         adam.update(params, grads, float(ref["lrs"][step - 1]))
+        if step in (1, steps):
+            for name, p in params.items():
+                close(name, p, ref[f"step{step}/{name}"], f"after step {step}")
+
+
+def test_smollm2_dora_steps_equal_transformers_peft(smollm2_base):
+    """--dora: one and five steps from the same A, B and magnitudes on the same batches equal transformers + PEFT
+    (use_dora) + torch.optim.AdamW (scripts/make_finetune_dora_reference.py, which also loads the PEFT folder we
+    write into PEFT). Our own start, m = ‖W‖, is PEFT's."""
+    from conftest import data_path
+
+    from llamalora.finetune.optim import AdamW, clip_grad_norm
+
+    base, _ = smollm2_base
+    plain = np.load(data_path("finetune_reference.npz"))
+    ref = np.load(data_path("finetune_dora_reference.npz"))
+    rank, alpha, n_ctx, n_batch, grad_acc, steps, lr, beta1, beta2, decay, gclip, eps = plain["settings"]
+    grad_acc, steps = int(grad_acc), int(steps)
+    params = {k[len("initial/"):]: plain[k].copy() for k in plain.files if k.startswith("initial/")}
+    params.update({k[len("initial/"):]: ref[k].copy() for k in ref.files if k.startswith("initial/")})
+    assert len(params) == 3 * 7 * base.config.n_layer
+    ours = init_lora(base.config, {p: int(rank) for p in PROJECTIONS}, np.random.default_rng(0), base=base)
+    for name in params:
+        if name.endswith(".lora_m"):
+            np.testing.assert_allclose(ours[name], params[name], rtol=2e-6, err_msg=name)
+    adam = AdamW(beta1=float(beta1), beta2=float(beta2), eps=float(eps), weight_decay=float(decay))
+
+    def close(name, got, want, what):
+        rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert rel <= 1e-4, (what, name, rel)
+
+    for step in range(1, steps + 1):
+        grads = zeros_like_params(params)
+        loss = 0.0
+        for micro in range(grad_acc):
+            i = (step - 1) * grad_acc + micro
+            loss += forward_backward(base, params, float(alpha), plain["tokens"][i], plain["targets"][i], grads,
+                                     grad_scale=1.0 / grad_acc) / grad_acc
+        assert loss == pytest.approx(float(ref["losses"][step - 1]), rel=1e-5)
+        if step == 1:
+            for name in params:
+                close(name, grads[name], ref[f"grad1/{name}"], "gradient")
+        clip_grad_norm(grads, float(gclip))
+        adam.update(params, grads, float(plain["lrs"][step - 1]))
         if step in (1, steps):
             for name, p in params.items():
                 close(name, p, ref[f"step{step}/{name}"], f"after step {step}")

@@ -237,3 +237,19 @@ def test_schema_outputs_fail_validation_without_the_grammar(smollm2_vocab):
         except jsonschema.ValidationError:
             failures += 1
     assert failures >= 8
+
+
+def test_schema_rules_keep_each_schemas_refs_apart():
+    """Two schemas whose $defs share a name go into one grammar, each resolving its own."""
+    from llamalora.grammar import parse_grammar
+    from llamalora.json_schema import schema_rules
+
+    a = {"$defs": {"Item": {"type": "integer"}}, "type": "array", "items": {"$ref": "#/$defs/Item"}}
+    b = {"$defs": {"Item": {"enum": ["x"]}}, "type": "array", "items": {"$ref": "#/$defs/Item"}}
+    rules = {**schema_rules(a, "first"), **schema_rules(b, "second"), "root": '"a" first | "b" second'}
+    grammar = parse_grammar("".join(f"{k} ::= {v}\n" for k, v in rules.items()))
+    grammar.start().accept_bytes(b'a[1, 2]')
+    grammar.start().accept_bytes(b'b["x"]')
+    for bad in (b'a["x"]', b'b[1]'):
+        with pytest.raises(GrammarError):
+            grammar.start().accept_bytes(bad)

@@ -132,9 +132,11 @@ def test_rslora_and_patterns(tmp_path):
 
 
 REFUSALS = [
-    ({"use_dora": True}, None, "DoRA"),
+    ({"use_dora": True}, None, "has no lora_magnitude_vector (adapter_config.json sets use_dora)"),
+    ({}, {"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": np.ones(64, np.float32)},
+     "is a DoRA magnitude but adapter_config.json does not set use_dora"),
     ({"bias": "all"}, None, "bias 'all' is not supported"),
-    ({"modules_to_save": ["lm_head"]}, None, "modules_to_save"),
+    ({"modules_to_save": ["lm_head"]}, None, "lists modules_to_save ['lm_head'] but the adapter holds none"),
     ({"peft_type": "IA3"}, None, "peft_type IA3 is not LORA"),
     ({}, {"base_model.model.lm_head.lora_A.weight": np.zeros((8, 64), np.float32)}, "does not map to a llama weight"),
     ({"r": 4}, None, "do not have the rank 4"),

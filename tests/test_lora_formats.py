@@ -465,13 +465,17 @@ def test_adapter_name_in_tensor_keys(tmp_path):
 # ---------------------------------------------------------------- refusals
 
 SCRIPT_REFUSALS = [
-    ({"modules_to_save": ["lm_head"]}, None, "modules_to_save ['lm_head'] is not supported"),
+    ({"modules_to_save": ["lm_head"]}, None, "lists modules_to_save ['lm_head'] but the adapter holds none"),
+    ({"modules_to_save": ["lm_head"]}, {"base_model.model.lm_head.weight": np.zeros((400, 64), np.float32)},
+     "a ggla file holds LoRA pairs of the linear layers only, not whole tensors (modules_to_save)"),
     ({"bias": "lora_only"}, None, "bias 'lora_only' is not supported"),
-    ({"use_dora": True}, None, "DoRA adapters (use_dora) cannot be merged"),
+    ({"use_dora": True}, {f"base_model.model.model.layers.{i}.self_attn.v_proj.lora_magnitude_vector":
+                          np.ones(32, np.float32) for i in range(2)},
+     "a ggla file holds lora_A and lora_B only, not DoRA's magnitude vectors; write a GGUF adapter (--gguf)"),
     ({"peft_type": "LOHA"}, None, "peft_type LOHA is not LORA"),
     ({"lora_bias": True}, None, "lora_bias"),
     ({}, {"base_model.model.model.embed_tokens.lora_embedding_A": np.zeros((8, 64), np.float32)},
-     "embed_tokens.lora_embedding_A does not map to a llama weight"),
+     "embed_tokens has no lora_embedding_B"),
     ({}, {"base_model.model.model.layers.0.self_attn.rotary_emb.lora_A.weight": np.zeros((8, 64), np.float32)},
      "rotary_emb.lora_A.weight does not map to a llama weight"),
 ]

@@ -10,6 +10,7 @@ from tiny_model import make_tiny_llama
 
 from llamalora import batch, scheduler
 from llamalora.generate import Context, ContextFull, generate
+from llamalora.llama import LoraDelta
 from llamalora.loader import load_model
 from llamalora.sampling import Sampler, SamplerParams
 from llamalora.scheduler import Aborted, ScheduledContext, Scheduler, prompt_chunks
@@ -78,7 +79,7 @@ def test_threads_generating_together_get_their_tokens_alone(model, steps):
     chunk: each gets the greedy tokens it gets alone, and the steps held several sequences at once."""
     m, vocab = model.model, model.vocab
     first = random_deltas(m, 8, 1.0, 1)
-    deltas = [{}, first, {name: (a, np.float32(0.5) * packed) for name, (a, packed) in first.items()},
+    deltas = [{}, first, {name: LoraDelta(d.a, np.float32(0.5) * d.packed_b) for name, d in first.items()},
               random_deltas(m, 4, 1.0, 2)]
     prompts = [[1, 5, 9], [1, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], [1, 20], [1, 30, 31, 32, 33]]
     alone = [greedy(Context(m, n_ctx=64, lora=d), vocab, p, 10) for d, p in zip(deltas, prompts)]

@@ -6,7 +6,6 @@ import json
 import re
 import time
 
-import numba
 import pytest
 
 httpx = pytest.importorskip("httpx")
@@ -112,22 +111,21 @@ def test_a_hang_up_leaves_the_batch_and_the_others_go_on(server, http):
         time.sleep(0.05)
 
 
-def test_slot_state_and_worker_threads(server, http):
-    """slot_state (for /slots) follows a request through its phases; the workers run with the server's -t."""
+def test_slot_state(server, http):
+    """/slots follows a request through its phases in the batch (pool.slot_state)."""
     url, app = server
-    pool = app.state.server.pool
-    assert pool.executor.submit(numba.get_num_threads).result() == numba.get_num_threads()
     seen = set()
     with concurrent.futures.ThreadPoolExecutor(1) as runner:
         job = runner.submit(complete, http, n_predict=200, ignore_eos=True, id_slot=2)
         deadline = time.monotonic() + 60
-        while not job.done() and time.monotonic() < deadline:
-            state = pool.slot_state(pool.slots[2])
-            if state["is_processing"]:
-                seen.add(state["phase"])
-                assert state["state"] == 1 and state["n_ctx"] == 512
-            time.sleep(0.002)
+        with client(url) as watcher:
+            while not job.done() and time.monotonic() < deadline:
+                state = watcher.get("/slots").json()[2]
+                if state["is_processing"]:
+                    seen.add(state["phase"])
+                    assert state["n_ctx"] == 512 and state["n_past"] > 0
+                time.sleep(0.002)
         assert job.result()["tokens_predicted"] == 200
     assert "decoding" in seen or "sampling" in seen
-    state = pool.slot_state(pool.slots[2])
-    assert state["phase"] == "idle" and not state["is_processing"] and state["n_past"] > 200
+    state = app.state.server.pool.slot_state(app.state.server.pool.slots[2])
+    assert state["phase"] == "idle" and state["n_past"] > 200

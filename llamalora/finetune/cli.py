@@ -71,6 +71,9 @@ from ..errors import LlamaLoraError
               help="gradient checkpointing: keep only each layer's input and recompute the layer in the backward "
                    "pass (about a quarter more compute, activation memory of one layer instead of all: SmolLM2 at "
                    "ctx 64 × batch 4 peaks at 85 MiB instead of 412 MiB)")
+@click.option("--dora", is_flag=True,
+              help="train DoRA (PEFT's use_dora): a magnitude per output row beside each pair, started at ‖W‖; "
+                   "written as <weight>.lora_m in the GGUF adapter and lora_magnitude_vector in the PEFT folder")
 @click.option("-s", "--seed", type=int, default=-1, show_default=True,
               help="seed of the adapter's initial A and of the sample order (-1: from the clock)")
 @click.option("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
@@ -79,7 +82,7 @@ def finetune_command(model, train_data, lora_out, peft_out, checkpoint_in, check
                      adam_iter, epochs, adam_alpha, adam_min_alpha, adam_decay, adam_beta1, adam_beta2, adam_gclip,
                      warmup, cos_decay_steps, cos_decay_restart, cos_decay_min, enable_restart, sample_start,
                      include_sample_start, fill_with_next_samples, sample_random_offsets, no_separate_with_eos,
-                     no_separate_with_bos, save_every, use_checkpointing, seed, threads):
+                     no_separate_with_bos, save_every, use_checkpointing, dora, seed, threads):
     """Train a LoRA adapter on a text file, on the CPU, the base model kept in its own type.
 
     A initialised as PEFT does (kaiming-uniform), B zero; AdamW as PyTorch's; one progress line per step;
@@ -98,7 +101,7 @@ def finetune_command(model, train_data, lora_out, peft_out, checkpoint_in, check
         include_sample_start=include_sample_start, fill_with_next_samples=fill_with_next_samples,
         sample_random_offsets=sample_random_offsets, separate_with_eos=not no_separate_with_eos,
         separate_with_bos=not no_separate_with_bos, save_every=save_every, use_checkpointing=use_checkpointing,
-        seed=seed, threads=threads)
+        dora=dora, seed=seed, threads=threads)
     try:
         summary = run_finetune(opts)
     except LlamaLoraError as e:  # the main group catches these too; this keeps the command usable on its own

@@ -7,6 +7,11 @@ finite differences. The base weights stay frozen in their file type (tiles.py); 
 A LoRA pair patches y = x @ W.T into y = x @ W.T + ((x @ A.T) @ B.T) * s, with s = alpha / r (PEFT's order of
 operations, so that float32 results follow transformers + PEFT closely). Parameters live in a dict keyed by
 the GGUF adapter tensor names (`blk.0.attn_q.weight.lora_a` [r, n_in], `.lora_b` [n_out, r]).
+
+DoRA (`--dora`) adds a magnitude `.lora_m` [n_out] per pair: y = g ⊙ z with z the LoRA output above and
+g = m / ‖W + s·B·A‖ (each output row's norm, formed once per forward from W's tiles). As PEFT does (the DoRA
+paper's section 4.3), the norm is a constant in the backward: dz = g ⊙ dy flows on as LoRA's dy, and
+dm = Σ_tokens dy ⊙ z / ‖W + s·B·A‖.
 """
 
 import math
@@ -20,7 +25,8 @@ from .blas import gemm
 from .pointwise import (add_rms_norm, causal_scores, normalize_causal_rows, rms_norm_bwd_into,
                         softmax_bwd_rows, softmax_minus_onehot, swiglu_bwd, swiglu_fwd)
 from .team import for_row_blocks, prerequisite, row_blocks, run_tasks
-from .tiles import BaseWeight, add_times_w, backward_tasks, base_weight, forward_tasks, rows, times_wt
+from .tiles import (BaseWeight, add_times_w, backward_tasks, base_weight, dequantize_tile, forward_tasks, rows,
+                    tile_ranges, times_wt)
 
 # llama.cpp finetune's names for the seven adapted weights (--rank-wq ... --rank-w3) → GGUF tensor parts.
 LORA_TARGETS = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
@@ -74,14 +80,47 @@ def lora_shapes(config: LlamaConfig, ranks: dict) -> dict:
     return shapes
 
 
-def init_lora(config: LlamaConfig, ranks: dict, rng: np.random.Generator, dtype=np.float32) -> dict:
-    """A as PEFT initialises it (kaiming-uniform, bound 1/sqrt(n_in)), B zero: training starts at the base model."""
+def init_lora(config: LlamaConfig, ranks: dict, rng: np.random.Generator, dtype=np.float32,
+              base: "BaseModel | None" = None) -> dict:
+    """A as PEFT initialises it (kaiming-uniform, bound 1/sqrt(n_in)), B zero: training starts at the base model.
+    With the base model given, DoRA's magnitudes too: m = ‖W‖ per output row (PEFT's ‖W + s·B·A‖ with B zero)."""
     params = {}
     for name, (r, n_out, n_in) in lora_shapes(config, ranks).items():
         bound = 1.0 / math.sqrt(n_in)
         params[f"{name}.lora_a"] = rng.uniform(-bound, bound, size=(r, n_in)).astype(dtype)
         params[f"{name}.lora_b"] = np.zeros((n_out, r), dtype=dtype)
+        if base is not None:
+            _, i, part, _ = name.split(".")
+            params[f"{name}.lora_m"] = weight_norms(base.layers[int(i)][part], params[f"{name}.lora_a"],
+                                                    params[f"{name}.lora_b"], 0.0, dtype)
     return params
+
+
+def weight_norms(w: BaseWeight, a, b, s, dtype=np.float32) -> np.ndarray:
+    """‖W + s·B·A‖ of each output row (DoRA's weight norm), in dtype; W widened tile by tile."""
+    out = np.empty(w.n_rows, dtype=dtype)
+    for r0, r1 in tile_ranges(w):
+        tile = np.array(dequantize_tile(w, r0, r1, np.empty((r1 - r0) * w.n_cols, np.float32)), dtype=dtype)
+        if s != 0:
+            gemm(np.ascontiguousarray(b[r0:r1]), a, tile, s, 1.0)  # tile += s · B @ A
+        np.sqrt(np.einsum("ij,ij->i", tile, tile), out=out[r0:r1])
+    return out
+
+
+def dora_scales(base: "BaseModel", params: dict, scales: dict) -> dict:
+    """{weight name: (g, ‖W + s·B·A‖)} of every DoRA pair in params (those with a .lora_m), g = m / the norm;
+    one task per weight for the thread team."""
+    names = [name[: -len(".lora_m")] for name in params if name.endswith(".lora_m")]
+    found = {}
+
+    def one(name):
+        _, i, part, _ = name.split(".")
+        norms = weight_norms(base.layers[int(i)][part], params[f"{name}.lora_a"], params[f"{name}.lora_b"],
+                             scales[name], base.dtype)
+        found[name] = (params[f"{name}.lora_m"] / norms, norms)
+
+    run_tasks([(lambda name=name: one(name)) for name in names])
+    return found
 
 
 def lora_scales(params: dict, alpha: float) -> dict:
@@ -177,20 +216,27 @@ def _lora_fwd_after(y, u, b, s, wait):
 
 def linears_fwd(x, weights, loras):
     """[(y, u)] for each base weight and its LoRA pair (or None): y = x @ W.T + s · u @ B.T with the LoRA
-    intermediate u = x @ A.T (None without an adapter). The u are one task, ahead of the products' tasks."""
+    intermediate u = x @ A.T (None without an adapter). The u are one task, ahead of the products' tasks.
+    A DoRA pair (a, b, s, (g, norms)) scales y by g and keeps (u, z), z the output before the scaling."""
     results, products, firsts = [], [], []
     first, wait = prerequisite(lambda: [gemm(x, a.T, u) for a, u in firsts])
     for w, lora in zip(weights, loras):
         y = np.empty((x.shape[0], w.n_rows), dtype=x.dtype)
         u = after = None
         if lora is not None:
-            a, b, s = lora
+            a, b, s = lora[:3]
             u = np.empty((x.shape[0], a.shape[0]), dtype=x.dtype)
             firsts.append((a, u))
             after = _lora_fwd_after(y, u, b, s, wait)
         products.append((w, y, after))
         results.append((y, u))
     run_tasks(([first] if firsts else []) + forward_tasks(products, x))
+    for k, lora in enumerate(loras):
+        if lora is not None and lora[3] is not None:
+            y, u = results[k]
+            z = y.copy()
+            y *= lora[3][0]
+            results[k] = (y, (u, z))
     return results
 
 
@@ -215,8 +261,13 @@ def linears_bwd(x, products, grads, dx, accumulate=True):
     first, wait = prerequisite(lambda: [gemm(dy, b, du, s) for dy, b, du, s in firsts])
     for w, u, dy, lora, name in products:
         after = None
+        if lora is not None and lora[3] is not None:  # DoRA: y = g ⊙ z, the norm a constant
+            g, norms = lora[3]
+            u, z = u
+            grads[f"{name}.lora_m"] += np.einsum("ij,ij->j", dy, z) / norms
+            dy = dy * g
         if lora is not None:
-            a, b, s = lora
+            a, b, s = lora[:3]
             ga, gb = grads[f"{name}.lora_a"], grads[f"{name}.lora_b"]
             du = np.empty((dy.shape[0], b.shape[1]), dtype=dy.dtype)
             firsts.append((dy, b, du, s))
@@ -364,9 +415,10 @@ def block_bwd(layer, loras, names, saved, dx3, n_batch, n_ctx, config, tables, g
     return rms_norm_bwd(dh1, layer["attn_norm"], s["xn1"], s["rstd1"], out=dx2)
 
 
-def layer_loras(params: dict, scales: dict, i: int):
+def layer_loras(params: dict, scales: dict, i: int, dora: dict):
+    """{part: (A, B, s, DoRA's (g, norms) or None) or None} and {part: weight name} of layer i."""
     names = {part: f"blk.{i}.{part}.weight" for part in PROJECTIONS}
-    loras = {part: ((params[f"{name}.lora_a"], params[f"{name}.lora_b"], scales[name])
+    loras = {part: ((params[f"{name}.lora_a"], params[f"{name}.lora_b"], scales[name], dora.get(name))
                     if f"{name}.lora_a" in params else None) for part, name in names.items()}
     return loras, names
 
@@ -412,11 +464,12 @@ def forward_backward(base: BaseModel, params: dict, alpha: float, tokens, target
     tokens = np.asarray(tokens)
     n_batch, n_ctx = tokens.shape
     scales = lora_scales(params, alpha)
+    dora = dora_scales(base, params, scales)
     tables = rope_for(c, n_batch, n_ctx, dtype)
     x = rows(base.token_embd, tokens.reshape(-1)).astype(dtype, copy=False)
     kept = []
     for i, layer in enumerate(base.layers):
-        loras, _ = layer_loras(params, scales, i)
+        loras, _ = layer_loras(params, scales, i, dora)
         x_next, saved = block_fwd(layer, loras, x, n_batch, n_ctx, c, tables)
         if grads is not None:
             kept.append(x if checkpointing else saved)
@@ -433,7 +486,7 @@ def forward_backward(base: BaseModel, params: dict, alpha: float, tokens, target
     dx = rms_norm_bwd(dhf, base.output_norm, xnf, rstdf)
     for i in reversed(range(c.n_layer)):
         layer = base.layers[i]
-        loras, names = layer_loras(params, scales, i)
+        loras, names = layer_loras(params, scales, i, dora)
         saved = kept.pop()
         if checkpointing:
             _, saved = block_fwd(layer, loras, saved, n_batch, n_ctx, c, tables)

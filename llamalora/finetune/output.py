@@ -40,12 +40,15 @@ def adapter_of(params: dict, alpha: float, r: int, path: str = "") -> LoraAdapte
         if name.endswith(".lora_a"):
             weight = name[: -len(".lora_a")]
             b = params[f"{weight}.lora_b"]
-            adapter.tensors[weight] = LoraTensor(a.astype(np.float32), b.astype(np.float32), alpha / a.shape[0])
+            m = params.get(f"{weight}.lora_m")
+            adapter.tensors[weight] = LoraTensor(a.astype(np.float32), b.astype(np.float32), alpha / a.shape[0],
+                                                 None if m is None else m.astype(np.float32))
     return adapter
 
 
 def write_adapter_gguf(path: str, params: dict, alpha: float, r: int, architecture: str = "llama") -> None:
-    """A GGUF LoRA adapter (general.type adapter, adapter.type lora, adapter.lora.alpha; f32 lora_a/lora_b)."""
+    """A GGUF LoRA adapter (general.type adapter, adapter.type lora, adapter.lora.alpha; f32 lora_a/lora_b, and
+    DoRA's lora_m)."""
     tmp = path + ".tmp"
     write_gguf_adapter(tmp, adapter_of(params, alpha, r, path), architecture)
     os.replace(tmp, path)
@@ -53,7 +56,8 @@ def write_adapter_gguf(path: str, params: dict, alpha: float, r: int, architectu
 
 def write_peft(folder: str, params: dict, alpha: float, r: int, config, base_name: str | None = None) -> None:
     """adapter_config.json + adapter_model.safetensors that PEFT's PeftModel.from_pretrained loads onto the
-    Hugging Face model: q_proj/k_proj lora_B rows back in Hugging Face's order, per-module ranks in rank_pattern."""
+    Hugging Face model: q_proj/k_proj lora_B rows (and DoRA magnitudes) back in Hugging Face's order, per-module
+    ranks in rank_pattern; DoRA magnitudes as lora_magnitude_vector with use_dora set."""
     from safetensors.numpy import save_file
 
     os.makedirs(folder, exist_ok=True)
@@ -66,14 +70,18 @@ def write_peft(folder: str, params: dict, alpha: float, r: int, config, base_nam
         _, layer, part, _ = weight.split(".")
         module = HF_MODULES[part]
         b = params[f"{weight}.lora_b"].astype(np.float32)
-        if module == "q_proj":
-            b = unpermute_rows(b, config.n_head)
-        elif module == "k_proj":
-            b = unpermute_rows(b, config.n_head_kv)
+        m = params.get(f"{weight}.lora_m")
+        m = None if m is None else m.astype(np.float32)
+        heads = {"q_proj": config.n_head, "k_proj": config.n_head_kv}.get(module)
+        if heads:
+            b = unpermute_rows(b, heads)
+            m = None if m is None else unpermute_rows(m, heads)
         group = "self_attn" if part.startswith("attn") else "mlp"
         prefix = f"base_model.model.model.layers.{layer}.{group}.{module}"
         tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a, dtype=np.float32)
         tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b)
+        if m is not None:
+            tensors[f"{prefix}.lora_magnitude_vector"] = np.ascontiguousarray(m)
         ranks[module] = a.shape[0]
     rank_pattern = {module: rank for module, rank in ranks.items() if rank != r}
     adapter_config = {
@@ -81,6 +89,7 @@ def write_peft(folder: str, params: dict, alpha: float, r: int, config, base_nam
         "r": int(r), "lora_alpha": float(alpha), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
         "target_modules": sorted(ranks), "rank_pattern": rank_pattern, "alpha_pattern": {}, "use_rslora": False,
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None, "layers_to_transform": None,
+        "use_dora": any(name.endswith(".lora_m") for name in params),
     }
     tmp = os.path.join(folder, "adapter_model.safetensors.tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})

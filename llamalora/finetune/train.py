@@ -59,6 +59,7 @@ class FinetuneOptions:
     separate_with_bos: bool = True
     save_every: int = 10
     use_checkpointing: bool = False
+    dora: bool = False  # train DoRA: a magnitude per output row beside each pair (PEFT's use_dora)
     seed: int = -1
     threads: int | None = None
 
@@ -188,7 +189,7 @@ def run_finetune(opts: FinetuneOptions, stop_after: int | None = None, quiet: bo
         params, order, seed = resume(opts, adam, config, ranks, settings)
     else:
         seed = opts.seed if opts.seed >= 0 else int(time.time())
-        params = init_lora(config, ranks, np.random.default_rng(seed))
+        params = init_lora(config, ranks, np.random.default_rng(seed), base=base if opts.dora else None)
         order = start_order(seed, samples)
     header = {"seed": seed, "settings": settings, "ranks": ranks, "lora_r": opts.lora_r,
               "model": {"n_layer": config.n_layer, "dim": config.dim, "n_vocab": config.n_vocab}}
@@ -200,7 +201,7 @@ def run_finetune(opts: FinetuneOptions, stop_after: int | None = None, quiet: bo
                     cos_decay_restart=opts.cos_decay_restart, enable_restart=opts.enable_restart)
     n_params = sum(p.size for p in params.values())
     say(f"finetune: {path}: {config.n_layer} layers, {len(samples.begins)} samples of {len(samples.tokens)} tokens, "
-        f"{n_params} adapter parameters, ctx {opts.n_ctx} × batch {opts.n_batch} × grad-acc {opts.grad_acc}, "
+        f"{n_params} {'DoRA' if opts.dora else 'adapter'} parameters, ctx {opts.n_ctx} × batch {opts.n_batch} × grad-acc {opts.grad_acc}, "
         f"{threads} threads, seed {seed}" + (f", resuming at step {adam.step}" if opts.checkpoint_in else ""))
 
     def save(step):
@@ -277,11 +278,13 @@ def resume(opts: FinetuneOptions, adam: AdamW, config, ranks: dict, settings: di
     for name, (r, n_out, n_in) in shapes.items():
         want[f"{name}.lora_a"] = (r, n_in)
         want[f"{name}.lora_b"] = (n_out, r)
+        if opts.dora:
+            want[f"{name}.lora_m"] = (n_out,)
     got = {name: tuple(p.shape) for name, p in params.items()}
     if got != want:
         diff = sorted(set(got.items()) ^ set(want.items()))[:1]
-        raise InputError(f"{path}: the checkpoint's adapter does not fit this model and these ranks "
-                         f"(first difference: {diff[0][0]} {diff[0][1]})")
+        raise InputError(f"{path}: the checkpoint's adapter does not fit this model, these ranks and "
+                         f"{'--dora' if opts.dora else 'no --dora'} (first difference: {diff[0][0]} {diff[0][1]})")
     for key, value in settings.items():
         if header["settings"].get(key) != value:
             raise InputError(f"{path}: the checkpoint was made with {key} = {header['settings'].get(key)!r}, "

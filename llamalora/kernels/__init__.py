@@ -140,6 +140,13 @@ def add_low_rank_matmul(a: np.ndarray, packed_b: np.ndarray, x: np.ndarray, out:
     low_rank.add_low_rank_matmul(a, packed_b, x, out)
 
 
+def row_norms(w: np.ndarray) -> np.ndarray:
+    """float32[n_rows]: the Euclidean norm of each row of w float32[n_rows, n_cols] (DoRA's weight norm)."""
+    out = np.empty(w.shape[0], dtype=np.float32)
+    dense.row_norms(np.ascontiguousarray(w, dtype=np.float32), out)
+    return out
+
+
 MERGE_SOURCES = {GGMLType.F16: dense.SOURCE_F16, GGMLType.F32: dense.SOURCE_F32}
 MERGE_TARGETS = {GGMLType.Q4_0: dense.TARGET_Q4_0, GGMLType.Q4_1: dense.TARGET_Q4_1, GGMLType.Q8_0: dense.TARGET_Q8_0,
                  GGMLType.F16: dense.TARGET_F16, GGMLType.F32: dense.TARGET_F32}

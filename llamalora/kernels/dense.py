@@ -36,6 +36,18 @@ def add_low_rank(w, a, scaled_b):
                 w[i, j] += coef * a[k, j]
 
 
+@njit(parallel=True, nogil=True, cache=True)
+def row_norms(w, out):
+    """out[i] = ‖w[i, :]‖ (Euclidean, float32 like torch.linalg.norm of float32 rows; the sum of squares is
+    formed in float64 so that a 8192-value row loses nothing to its order)."""
+    for i in prange(w.shape[0]):
+        acc = 0.0
+        for j in range(w.shape[1]):
+            v = np.float64(w[i, j])
+            acc += v * v
+        out[i] = np.float32(np.sqrt(acc))
+
+
 # Kinds of rows merge_low_rank_rows reads and writes (one compiled kernel serves them all: it branches per row)
 SOURCE_F16, SOURCE_F32 = 0, 1
 TARGET_Q4_0, TARGET_Q4_1, TARGET_Q8_0, TARGET_F16, TARGET_F32 = 0, 1, 2, 3, 4

@@ -19,6 +19,9 @@ class LoraTensor:
     a: np.ndarray  # float32[r, n_in]
     b: np.ndarray  # float32[n_out, r]
     scale: float   # alpha / r (or alpha / sqrt(r) with rsLoRA), times the user's scale
+    # DoRA (PEFT's use_dora): the trained magnitude m, float32[n_out] in the file's row order. The patched weight is
+    # then diag(m / ‖W + s·B·A‖) · (W + s·B·A), the norm over each output row (lora/dora.py); None: plain LoRA.
+    magnitude: np.ndarray | None = None
 
 
 @dataclass
@@ -29,6 +32,12 @@ class LoraAdapter:
     tensors: dict[str, LoraTensor] = field(default_factory=dict)
     alpha: float = 0.0
     r: int = 0
+    # Whole tensors (PEFT's modules_to_save, mergekit-extract-lora's norms) by GGUF name, float32 in the GGUF
+    # tensor's shape and row order: they replace the base's tensors while the adapter is on (lora/replace.py).
+    replaced: dict[str, np.ndarray] = field(default_factory=dict)
+    # Activated LoRA (PEFT's alora_invocation_tokens): the adapter applies from the last occurrence of these token
+    # ids in the prompt on (generate.Context); before it the model is the base model. None: everywhere.
+    invocation: tuple | None = None
 
 
 def load_adapter(path: str, metadata: dict, user_scale: float = 1.0) -> LoraAdapter:
@@ -55,13 +64,18 @@ def load_adapter(path: str, metadata: dict, user_scale: float = 1.0) -> LoraAdap
             raise AdapterError(f"{path}: not a LoRA adapter (a PEFT folder, a ggla .bin or a GGUF adapter)")
     for t in adapter.tensors.values():
         t.scale *= user_scale
+    if user_scale == 0:  # the adapter is off: its whole tensors too
+        adapter.replaced = {}
     return adapter
 
 
 def check_adapter(adapter: LoraAdapter, tensors: dict) -> None:
     """Every patched tensor exists in the model and A, B fit its shape; nothing is changed before this passes."""
-    if not adapter.tensors:
+    if not adapter.tensors and not adapter.replaced:
         raise AdapterError(f"{adapter.path}: the adapter patches no tensor")
+    from .replace import check_replaced
+
+    check_replaced(adapter, tensors)
     for name, t in adapter.tensors.items():
         if name not in tensors:
             raise AdapterError(f"{adapter.path}: adapter patches {name}, which the model does not have")
@@ -71,6 +85,9 @@ def check_adapter(adapter: LoraAdapter, tensors: dict) -> None:
         if t.a.shape[1] != n_in or t.b.shape[0] != n_out:
             raise AdapterError(f"{adapter.path}: {name}: adapter delta is {(t.b.shape[0], t.a.shape[1])} "
                                f"(B {t.b.shape} · A {t.a.shape}) but the model's tensor is {(n_out, n_in)}")
+        if t.magnitude is not None and t.magnitude.shape != (n_out,):
+            raise AdapterError(f"{adapter.path}: {name}: DoRA magnitude has shape {t.magnitude.shape}, "
+                               f"the model's tensor has {n_out} rows")
 
 
 def b_for_file_scale(t: LoraTensor, file_scale: float) -> np.ndarray:

@@ -41,6 +41,16 @@ OLD_NAME = re.compile(r"^layers\.(\d+)\.(\w+\.\w+)\.weight$")
 
 def write_ggla(path: str, adapter: LoraAdapter, metadata: dict, dtype=np.float32) -> None:
     """adapter: B's rows in GGUF's order; metadata: the base model's (its head counts order q and k back)."""
+    if adapter.invocation is not None:
+        raise AdapterError(f"{path}: a ggla file has no place for an activated LoRA's invocation tokens; "
+                           "write a GGUF adapter (--gguf)")
+    if adapter.replaced or "token_embd.weight" in adapter.tensors:
+        raise AdapterError(f"{path}: a ggla file holds LoRA pairs of the linear layers only, not "
+                           + ("whole tensors (modules_to_save)" if adapter.replaced else "a LoRA on embed_tokens")
+                           + "; write a GGUF adapter (--gguf) or keep the PEFT folder")
+    if any(t.magnitude is not None for t in adapter.tensors.values()):
+        raise AdapterError(f"{path}: a ggla file holds lora_A and lora_B only, not DoRA's magnitude vectors; "
+                           "write a GGUF adapter (--gguf) instead")
     ftype = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}[np.dtype(dtype)]
     r = int(adapter.r) or next(iter(adapter.tensors.values())).a.shape[0]
     # the header's alpha is an int32: an integral alpha is kept; otherwise alpha = r and B carries the scale

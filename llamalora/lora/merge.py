@@ -1,4 +1,5 @@
 """Merging adapters into weights: W' = W + Σ s·(B·A), computed in float32, written back in W's own type.
+A DoRA tensor becomes diag(m / ‖W + s·B·A‖) · (W + s·B·A) (lora/dora.py).
 
 With a lora-base model the patched tensors are read from it (typically f16, so the sum is formed on
 weights that were never quantized) and quantized once, to the type of the model being run.
@@ -13,6 +14,7 @@ import numpy as np
 from .. import kernels
 from ..errors import AdapterError
 from ..tensor import Tensor
+from . import dora
 
 
 def patched_names(adapters) -> list[str]:
@@ -44,6 +46,27 @@ def lora_delta(adapters, name: str) -> np.ndarray | None:
     return delta
 
 
+def dora_tensor(adapters, name: str):
+    """The DoRA LoraTensor that patches `name` (dora.check_combination leaves it alone there), or None."""
+    for adapter in adapters:
+        t = adapter.tensors.get(name)
+        if t is not None and t.scale != 0 and t.magnitude is not None:
+            return t
+    return None
+
+
+def weight_patch(adapters, name: str):
+    """f(w) -> the patched weight for w, the float32 rows of W (changed in place), or None if no adapter patches
+    `name`: w + Σ s·B·A, or DoRA's diag(g)·(w + s·B·A)."""
+    t = dora_tensor(adapters, name)
+    if t is not None:
+        return lambda w: dora.merge_in_place(w, t, t.scale)
+    delta = lora_delta(adapters, name)
+    if delta is None:
+        return None
+    return lambda w: np.add(w, delta, out=w)
+
+
 def stacked_factors(adapters, name: str) -> tuple:
     """A and s·B of every adapter that patches `name`, stacked along the rank: Σ s·(B·A) is then one product
     (None, None) if none does."""
@@ -62,20 +85,24 @@ def merge_adapters(tensors: dict, adapters: list, base_tensors: dict | None = No
     from tqdm import tqdm
 
     start = time.perf_counter()
+    dora.check_combination(adapters)
     names = patched_names(adapters)
     if base_tensors is not None:
         check_base(base_tensors, tensors, names, base_path)
     merged = {}
     # one float32 buffer for every tensor whose W must be widened first (fresh memory costs page faults)
     needs_scratch = [n for n in names if (base_tensors or tensors)[n].type not in kernels.MERGE_SOURCES
-                     or tensors[n].type not in kernels.MERGE_TARGETS]
+                     or tensors[n].type not in kernels.MERGE_TARGETS or dora_tensor(adapters, n) is not None]
     largest = max((tensors[n].n_rows * tensors[n].n_cols for n in needs_scratch), default=0)
     scratch = np.empty(largest, dtype=np.float32)
     for name in tqdm(names, desc="merging adapters", unit="tensor", disable=not progress, file=sys.stderr):
         target = tensors[name]
         source = base_tensors[name] if base_tensors is not None else target
         a, scaled_b = stacked_factors(adapters, name)
-        if a is None:
+        dora_t = dora_tensor(adapters, name)
+        if dora_t is not None:
+            data = kernels.quantize(target.type, dora.merged_weight(source, dora_t, dora_t.scale, scratch))
+        elif a is None:
             data = kernels.quantize(target.type, kernels.dequantize(source.type, source.data, source.n_cols))
         else:
             data = kernels.merge_low_rank(source.type, source.data, target.type, a, scaled_b, 1.0, scratch=scratch)

@@ -2,7 +2,11 @@
 
 Names map from Hugging Face's modules to GGUF tensors; lora_B of q_proj and k_proj gets its rows permuted
 the way llama.cpp's converter permutes q and k for its RoPE layout (llama; qwen2's NEOX RoPE keeps them as they are). Everything PEFT can express
-that a merge of B·A cannot honour is refused with the reason.
+that a merge of B·A cannot honour is refused with the reason. DoRA adapters (use_dora) bring one
+lora_magnitude_vector per module, kept beside A and B (lora/dora.py applies it). LoRA on embed_tokens
+(lora_embedding_A [r, vocab], lora_embedding_B [dim, r]) becomes a pair on token_embd.weight whose delta
+s·A_eᵀ·B_eᵀ adds to the looked-up rows. Whole tensors (modules_to_save: lm_head, embed_tokens, norms, projections;
+mergekit-extract-lora's norms) are kept in LoraAdapter.replaced, to stand in for the base's while the adapter is on.
 
 fan_in_fan_out needs no work here: PEFT builds lora_A and lora_B as nn.Linear layers whatever the base
 layer is (A [r, in_features], B [out_features, r]) and transposes B·A only to fit a Conv1D weight stored
@@ -23,22 +27,63 @@ from .adapter import LoraAdapter, LoraTensor
 MODULES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
            "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 NAME = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+# DoRA's magnitude vector: PEFT saves `….lora_magnitude_vector` (older versions `….lora_magnitude_vector.weight`)
+MAGNITUDE = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_(magnitude)_vector(?:\.[\w-]+)?$")
+# LoRA on the token embeddings: PEFT's Embedding layer keeps lora_embedding_A [r, vocab] and _B [dim, r]
+EMBEDDING = re.compile(r"^(?:.*\.)?(embed_tokens)\.lora_embedding_([AB])(?:\.[\w-]+)?$")
+# modules_to_save and mergekit-extract-lora's norms: whole tensors of the base's own shape, by their module
+WHOLE = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?(?:layers\.(\d+)\.(?:(?:self_attn|mlp)\.)?)?"
+                   r"(\w+)(?:\.modules_to_save(?:\.[\w-]+)?)?\.weight$")
+WHOLE_TOP = {"embed_tokens": "token_embd.weight", "lm_head": "output.weight", "norm": "output_norm.weight"}
+WHOLE_LAYER = {**{module: f"{part}.weight" for module, part in MODULES.items()},
+               "input_layernorm": "attn_norm.weight", "post_attention_layernorm": "ffn_norm.weight"}
 
 
 def read_peft(folder: str, metadata: dict) -> LoraAdapter:
     config = read_config(folder)
     tensors = read_tensors(folder)
     pairs: dict[str, dict] = {}
+    replaced: dict[str, tuple] = {}  # GGUF name -> (PEFT key, whole tensor)
     for key, value in tensors.items():
-        m = NAME.match(key)
+        m = EMBEDDING.match(key)
+        if m:
+            if config.get("use_dora"):
+                raise AdapterError(f"{folder}: {key}: DoRA on embed_tokens (a magnitude per embedding feature) is "
+                                   "not supported")
+            entry = pairs.setdefault("token_embd.weight", {"module": key.split(".lora_embedding")[0],
+                                                           "kind": "embed_tokens"})
+            entry["E" + m.group(2)] = np.asarray(value, dtype=np.float32)
+            continue
+        m = NAME.match(key) or MAGNITUDE.match(key)
+        if not m and ".lora_" not in key:
+            whole = whole_tensor_name(key)
+            if whole is not None:
+                replaced[whole] = (key, np.asarray(value, dtype=np.float32))
+                continue
         if not m or m.group(2) not in MODULES:
             raise AdapterError(f"{folder}: tensor {key} does not map to a llama weight")
         layer, module, which = int(m.group(1)), m.group(2), m.group(3)
+        if which == "magnitude" and not config.get("use_dora"):
+            raise AdapterError(f"{folder}: tensor {key} is a DoRA magnitude but adapter_config.json does not "
+                               "set use_dora")
         module_name = key.split(f".lora_{which}")[0]
         entry = pairs.setdefault(f"blk.{layer}.{MODULES[module]}.weight", {"module": module_name})
         entry[which] = np.asarray(value, dtype=np.float32)
-    adapter = LoraAdapter(folder, alpha=float(config["lora_alpha"]), r=int(config["r"]))
+    adapter = LoraAdapter(folder, alpha=float(config["lora_alpha"]), r=int(config["r"]),
+                          invocation=invocation_tokens(folder, config))
+    if config.get("modules_to_save") and not replaced:
+        raise AdapterError(f"{folder}: adapter_config.json lists modules_to_save {config['modules_to_save']} but "
+                           "the adapter holds none of their tensors")
+    for name, (key, value) in replaced.items():
+        if name in pairs:
+            raise AdapterError(f"{folder}: {key} replaces {name}, which the adapter's LoRA pair patches too")
+        heads = qk_heads(name, metadata, f"{folder}: {key}")
+        adapter.replaced[name] = np.ascontiguousarray(permute_rows(value, heads) if heads else value)
     for name, entry in sorted(pairs.items(), key=lambda item: model_order(item[0])):
+        if entry.get("kind") == "embed_tokens":  # ΔE = s·(B_e·A_e)ᵀ = s·A_eᵀ·B_eᵀ: b = A_eᵀ [vocab, r], a = B_eᵀ
+            if "EA" not in entry or "EB" not in entry:
+                raise AdapterError(f"{folder}: {entry['module']} has no lora_embedding_{'B' if 'EB' not in entry else 'A'}")
+            entry["A"], entry["B"] = entry.pop("EB").T, entry.pop("EA").T
         if "A" not in entry or "B" not in entry:
             missing = "lora_B" if "B" not in entry else "lora_A"
             raise AdapterError(f"{folder}: {entry['module']} has no {missing}")
@@ -50,19 +95,54 @@ def read_peft(folder: str, metadata: dict) -> LoraAdapter:
         if r != r_config or b.shape[1] != r:
             raise AdapterError(f"{folder}: {entry['module']}: lora_A {a.shape} and lora_B {b.shape} do not have "
                                f"the rank {r_config} that adapter_config.json gives")
+        magnitude = entry.get("magnitude")
+        if config.get("use_dora") and magnitude is None:
+            raise AdapterError(f"{folder}: {entry['module']} has no lora_magnitude_vector (adapter_config.json "
+                               "sets use_dora)")
+        if magnitude is not None and magnitude.shape != (b.shape[0],):
+            raise AdapterError(f"{folder}: {entry['module']}: lora_magnitude_vector has shape {magnitude.shape}, "
+                               f"lora_B has {b.shape[0]} rows")
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         heads = qk_heads(name, metadata, f"{folder}: {entry['module']}")
         if heads:
             b = permute_rows(b, heads)
-        adapter.tensors[name] = LoraTensor(np.ascontiguousarray(a), np.ascontiguousarray(b), scale)
+            if magnitude is not None:  # one value per output row: it moves with the rows
+                magnitude = permute_rows(magnitude, heads)
+        adapter.tensors[name] = LoraTensor(np.ascontiguousarray(a), np.ascontiguousarray(b), scale,
+                                           None if magnitude is None else np.ascontiguousarray(magnitude))
     return adapter
 
 
 def model_order(weight: str) -> tuple:
     """Sort key of 'blk.N.attn_q.weight': by layer, then in the order the Hugging Face model holds the modules
-    (PEFT's state dict order, which llama.cpp's converter wrote to its files)."""
-    _, layer, part, _ = weight.split(".")
-    return int(layer), list(MODULES.values()).index(part)
+    (PEFT's state dict order, which llama.cpp's converter wrote to its files); token_embd first."""
+    parts = weight.split(".")
+    if len(parts) != 4:
+        return -1, 0
+    return int(parts[1]), list(MODULES.values()).index(parts[2])
+
+
+def invocation_tokens(folder: str, config: dict) -> tuple | None:
+    """alora_invocation_tokens: a non-empty list of token ids, or None."""
+    tokens = config.get("alora_invocation_tokens")
+    if tokens is None:
+        return None
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) and t >= 0 for t in tokens):
+        raise AdapterError(f"{folder}: alora_invocation_tokens must be a non-empty list of token ids, got {tokens!r}")
+    if config.get("use_dora"):
+        raise AdapterError(f"{folder}: activated LoRA (alora_invocation_tokens) with use_dora is not supported")
+    return tuple(tokens)
+
+
+def whole_tensor_name(key: str) -> str | None:
+    """The GGUF name of a whole tensor an adapter file carries (modules_to_save, mergekit's norms), or None."""
+    m = WHOLE.match(key)
+    if not m:
+        return None
+    layer, module = m.group(1), m.group(2)
+    if layer is None:
+        return WHOLE_TOP.get(module)
+    return f"blk.{layer}.{WHOLE_LAYER[module]}" if module in WHOLE_LAYER else None
 
 
 def read_config(folder: str) -> dict:
@@ -76,15 +156,10 @@ def read_config(folder: str) -> dict:
         raise AdapterError(f"{path}: cannot read it: {e}") from None
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{path}: peft_type {config.get('peft_type')} is not LORA")
-    if config.get("use_dora"):
-        raise AdapterError(f"{path}: DoRA adapters (use_dora) cannot be merged as B·A")
     if config.get("bias", "none") != "none":
         raise AdapterError(f"{path}: bias '{config.get('bias')}' is not supported (only 'none')")
     if config.get("lora_bias"):
         raise AdapterError(f"{path}: lora_bias (a bias on lora_B) is not supported")
-    if config.get("modules_to_save"):
-        raise AdapterError(f"{path}: modules_to_save {config['modules_to_save']} is not supported "
-                           "(it replaces whole modules, not a low-rank delta)")
     for key in ("r", "lora_alpha"):
         if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
             raise AdapterError(f"{path}: {key} must be a positive number, got {config.get(key)!r}")

@@ -12,12 +12,15 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..errors import LlamaLoraError
 from . import schemas
+from .adapters import AdapterEntry, AdapterRegistry, check_new_name, default_name
+from .logprobs import llama_item, probs_report
+from .monitoring import Metrics, job_label, metrics_route, slots_route
 from .schemas import ApiError, CompletionRequest
 from .slots import Job, SlotPool, embedding
 
@@ -25,7 +28,7 @@ STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
 PUBLIC_PATHS = {"/health", "/v1/health", "/v1/models", "/models"}
 # Paths (and what lies below them) that need the API key; the web page's files (/completion.js) do not.
 API_PATHS = ("/completion", "/completions", "/tokenize", "/detokenize", "/embedding", "/embeddings", "/props",
-             "/lora-adapters", "/slots", "/v1", "/infill", "/chat", "/models")
+             "/lora-adapters", "/slots", "/v1", "/infill", "/chat", "/models", "/apply-template", "/metrics")
 
 
 def is_api_path(path: str) -> bool:
@@ -47,6 +50,10 @@ class ServerOptions:
     scales: list = field(default_factory=list)
     adapters_merged: bool = False  # merged into the weights (--lora-base, --lora-mode merge): scales are fixed
     max_body: int = 4 * 2**20  # request bodies beyond this many bytes are refused (413)
+    adapter_names: list | None = None  # default: each named after its folder or file
+    lora_admin: bool = False  # /lora-adapters/load and /unload without an API key
+    metrics: bool = False  # GET /metrics (llama.cpp's --metrics)
+    slots: bool = True  # GET /slots (llama.cpp's --slots / --no-slots)
 
 
 @dataclass
@@ -56,6 +63,8 @@ class ServerState:
     pool: SlotPool
     alias: str
     plain_vocab: object  # the vocabulary without the leading-space rule (/tokenize adds none)
+    registry: AdapterRegistry
+    metrics: Metrics = field(default_factory=Metrics)
     started: float = field(default_factory=time.time)
 
     @property
@@ -66,11 +75,8 @@ class ServerState:
         return self.vocab.tokenize(text, add_bos=False, parse_special=True)
 
     def parse_completion(self, body: dict, **kw) -> CompletionRequest:
-        return schemas.parse_completion(body, self.vocab.n_vocab, self.pool.n_ctx, self.n_adapters(),
+        return schemas.parse_completion(body, self.vocab.n_vocab, self.pool.n_ctx, self.registry.ids(),
                                         self.tokenize_text, **kw)
-
-    def n_adapters(self) -> int:
-        return len(self.options.adapter_paths)
 
     def prompt_ids(self, parts: list) -> list[int]:
         """BOS (when the model adds one), then each string tokenized (special tokens parsed) and each id as is."""
@@ -87,13 +93,9 @@ class ServerState:
         if len(ids) > n_ctx - 4:
             raise ApiError(400, f"the prompt is {len(ids)} tokens, beyond the context of {n_ctx} tokens per slot "
                                 f"(at most {n_ctx - 4}); shorten it or start the server with a larger -c")
-        scales = list(self.options.scales)
-        if req.lora is not None:
-            if self.options.adapters_merged:
-                raise ApiError(400, "'lora': the adapters are merged into the weights (--lora-base or --lora-mode "
-                                    "merge), so a request cannot change their scales")
-            scales = [req.lora.get(i, 0.0) for i in range(self.n_adapters())]
-        return Job(ids=ids, req=req, scales=tuple(scales) if not self.options.adapters_merged else ())
+        choice = self.registry.choose(req.model, req.lora, self.alias)
+        return Job(ids=ids, req=req, scales=choice.key, adapters=choice.adapters, probs=probs_report(req),
+                   label=job_label(self.registry, choice.key))
 
 
 def error_response(e: ApiError) -> JSONResponse:
@@ -131,6 +133,8 @@ async def job_events(state: ServerState, job: Job):
         await state.pool.submit(job)
         while True:
             event = await job.events.get()
+            if event[0] == "done":
+                state.metrics.record(job.label, event[1])
             yield event
             if event[0] in ("done", "error"):
                 return
@@ -201,14 +205,20 @@ async def completion(request: Request):
     prompt = prompt_text(req.parts)
     if not req.stream:
         tokens, info = await run_to_end(state, job, request)
-        return JSONResponse(final_object(state, req, info, tokens, prompt))
+        final = final_object(state, req, info, tokens, prompt)
+        if job.probs is not None:
+            final["completion_probabilities"] = [llama_item(state.vocab, tp) for tp in job.probs.tokens]
+        return JSONResponse(final)
 
     async def stream():
         tokens = []
         async for event in job_events(state, job):
             if event[0] == "token":
                 tokens.append(event[1])
-                yield sse({"content": event[2], "tokens": [event[1]], "stop": False, "id_slot": job.slot.id})
+                out = {"content": event[2], "tokens": [event[1]], "stop": False, "id_slot": job.slot.id}
+                if event[3] is not None:
+                    out["completion_probabilities"] = [llama_item(state.vocab, event[3])]
+                yield sse(out)
             elif event[0] == "error":
                 yield sse(event[1].body())
             else:
@@ -260,7 +270,8 @@ async def embed_text(state: ServerState, content: str) -> list[float]:
     if len(ids) > state.pool.n_ctx:
         raise ApiError(400, f"'content' is {len(ids)} tokens, beyond the context of {state.pool.n_ctx} tokens per slot")
     model = state.loaded.model
-    deltas = state.pool.deltas_for(tuple(state.options.scales))
+    choice = state.registry.choose(None, None, state.alias)
+    deltas = state.pool.deltas_for(choice.key, choice.adapters)
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(state.pool.executor, embedding, model, ids, deltas)
 
@@ -282,24 +293,83 @@ async def props(request: Request):
     })
 
 
-def adapter_list(state: ServerState) -> list:
-    return [{"id": i, "path": path, "scale": scale}
-            for i, (path, scale) in enumerate(zip(state.options.adapter_paths, state.options.scales))]
-
-
 async def lora_adapters(request: Request):
     state = state_of(request)
+    registry = state.registry
     if request.method == "GET":
-        return JSONResponse(adapter_list(state))
-    scales = schemas.parse_adapter_scales(await read_body(request, allow_array=True), state.n_adapters())
-    if state.options.adapters_merged:
+        return JSONResponse(registry.listing())
+    scales = schemas.parse_adapter_scales(await read_body(request, allow_array=True), registry.ids())
+    if registry.merged:
         raise ApiError(400, "the adapters are merged into the weights (--lora-base or --lora-mode merge): "
                             "their scales cannot change")
-    # Adapters not named keep scale 0, as llama.cpp's POST /lora-adapters sets the whole list.
-    new = [scales.get(i, 0.0) for i in range(state.n_adapters())]
-    state.options.scales = new
-    state.pool.scales = new
-    return JSONResponse({"success": True, "adapters": adapter_list(state)})
+    registry.set_global_scales(scales)
+    return JSONResponse({"success": True, "adapters": registry.listing()})
+
+
+def check_lora_admin(state: ServerState) -> None:
+    if not (state.options.lora_admin or state.options.api_key):
+        raise ApiError(403, "loading and unloading adapters is off: start the server with --lora-admin "
+                            "(or with --api-key, which then guards it)", "permission_error")
+    if state.registry.merged:
+        raise ApiError(400, "the adapters are merged into the weights (--lora-base or --lora-mode merge): "
+                            "none can be loaded or unloaded while the server runs")
+
+
+async def load_adapter_into(state: ServerState, name, path, scale) -> dict:
+    """Read and check an adapter as at start-up (in a worker thread), then serve it under name."""
+    from ..loader import load_adapters
+
+    check_lora_admin(state)
+    name = check_new_name(name, state.alias)
+    if not isinstance(path, str) or not path:
+        raise ApiError(400, "'path' must be the adapter's folder or file")
+    if state.registry.by_name(name) is not None:
+        raise ApiError(400, f"an adapter named '{name}' is already loaded")
+    scale = schemas.get_float({"scale": scale}, "scale", 1.0)
+    adapter, = await asyncio.get_running_loop().run_in_executor(None, load_adapters, state.loaded.file,
+                                                                 [(path, 1.0)])
+    entry = state.registry.add(name, path, adapter, scale)
+    return {"id": entry.id, "name": entry.name, "path": entry.path, "scale": entry.scale}
+
+
+async def unload_adapter(state: ServerState, name) -> dict:
+    check_lora_admin(state)
+    if not isinstance(name, str):
+        raise ApiError(400, "'name' must be the name of a loaded adapter")
+    entry = state.registry.remove(name)
+    state.pool.forget_adapter(entry.id)
+    return {"id": entry.id, "name": entry.name, "path": entry.path}
+
+
+async def lora_load(request: Request):
+    """POST /lora-adapters/load {"name", "path", "scale"?}."""
+    state = state_of(request)
+    body = await read_body(request)
+    adapter = await load_adapter_into(state, body.get("name"), body.get("path"), body.get("scale"))
+    return JSONResponse({"success": True, "adapter": adapter, "adapters": state.registry.listing()})
+
+
+async def lora_unload(request: Request):
+    """POST /lora-adapters/unload {"name"}: requests already accepted keep running with it."""
+    state = state_of(request)
+    body = await read_body(request)
+    adapter = await unload_adapter(state, body.get("name"))
+    return JSONResponse({"success": True, "adapter": adapter, "adapters": state.registry.listing()})
+
+
+async def vllm_load(request: Request):
+    """vLLM's POST /v1/load_lora_adapter {"lora_name", "lora_path"}, answered as vLLM answers."""
+    state = state_of(request)
+    body = await read_body(request)
+    adapter = await load_adapter_into(state, body.get("lora_name"), body.get("lora_path"), None)
+    return PlainTextResponse(f"Success: LoRA adapter '{adapter['name']}' added successfully.")
+
+
+async def vllm_unload(request: Request):
+    state = state_of(request)
+    body = await read_body(request)
+    adapter = await unload_adapter(state, body.get("lora_name"))
+    return PlainTextResponse(f"Success: LoRA adapter '{adapter['name']}' removed successfully.")
 
 
 # errors and the API key
@@ -354,7 +424,14 @@ def create_app(loaded, options: ServerOptions, adapters: list) -> Starlette:
     plain_vocab = copy.copy(loaded.vocab)
     plain_vocab.add_space_prefix = False
     alias = options.alias or os.path.basename(loaded.file.path)
-    state = ServerState(loaded, options, pool, alias, plain_vocab)
+    names = options.adapter_names or [default_name(p) for p in options.adapter_paths]
+    objects = adapters or [None] * len(options.adapter_paths)  # merged: nothing to apply at run time
+    # Named in a request, an adapter runs at its start-up scale, or at 1 when it starts switched off (scale 0).
+    registry = AdapterRegistry([AdapterEntry(i, name, path, adapter, scale or 1.0, scale)
+                                for i, (name, path, adapter, scale)
+                                in enumerate(zip(names, options.adapter_paths, objects, options.scales))],
+                               merged=options.adapters_merged)
+    state = ServerState(loaded, options, pool, alias, plain_vocab, registry)
     static_dir = options.static_dir or STATIC_DIR
     routes = [
         Route("/health", health, methods=["GET"]),
@@ -366,6 +443,12 @@ def create_app(loaded, options: ServerOptions, adapters: list) -> Starlette:
         Route("/embedding", embedding_route, methods=["POST"]),
         Route("/embeddings", embedding_route, methods=["POST"]),
         Route("/lora-adapters", lora_adapters, methods=["GET", "POST"]),
+        Route("/metrics", metrics_route, methods=["GET"]),
+        Route("/slots", slots_route, methods=["GET"]),
+        Route("/lora-adapters/load", lora_load, methods=["POST"]),
+        Route("/lora-adapters/unload", lora_unload, methods=["POST"]),
+        Route("/v1/load_lora_adapter", vllm_load, methods=["POST"]),
+        Route("/v1/unload_lora_adapter", vllm_unload, methods=["POST"]),
         *openai_routes(),
         Mount("/", StaticFiles(directory=static_dir, html=True), name="static"),
     ]

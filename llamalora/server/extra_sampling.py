@@ -45,7 +45,7 @@ def tail_free(ids: np.ndarray, values: np.ndarray, z: float, min_keep: int = 1):
 
 
 def mirostat_v1(rng, logits: np.ndarray, tau: float, eta: float, mu: float, m: int = MIROSTAT_M):
-    """One mirostat (version 1) draw: returns (token id, new mu)."""
+    """One mirostat (version 1) draw: returns (token id, new mu, the candidates drawn from (ids, probabilities))."""
     n_vocab = len(logits)
     ids, values = top_k(logits, 0)
     probs = softmax(values)
@@ -64,11 +64,12 @@ def mirostat_v1(rng, logits: np.ndarray, tau: float, eta: float, mu: float, m: i
     kept = softmax(values[:k])
     index = draw(rng, kept)
     surprise = -math.log2(kept[index])
-    return int(ids[index]), mu - eta * (surprise - tau)
+    return int(ids[index]), mu - eta * (surprise - tau), (ids[:k], kept)
 
 
 def mirostat_v2(rng, logits: np.ndarray, tau: float, eta: float, mu: float):
-    """One mirostat 2 draw: drop tokens whose surprise -log2(p) exceeds mu, draw; returns (token id, new mu)."""
+    """One mirostat 2 draw: drop tokens whose surprise -log2(p) exceeds mu, draw; returns (token id, new mu,
+    the candidates drawn from)."""
     ids, values = top_k(logits, 0)
     probs = softmax(values)
     with np.errstate(divide="ignore"):
@@ -76,11 +77,12 @@ def mirostat_v2(rng, logits: np.ndarray, tau: float, eta: float, mu: float):
     keep = max(int(np.argmax(surprise > mu)) if (surprise > mu).any() else len(probs), 1)
     kept = softmax(values[:keep])
     index = draw(rng, kept)
-    return int(ids[index]), mu - eta * (-math.log2(kept[index]) - tau)
+    return int(ids[index]), mu - eta * (-math.log2(kept[index]) - tau), (ids[:keep], kept)
 
 
 class RequestSampler:
-    """A request's sampler: same interface as Sampler (sample(logits, history), accept(token), seed)."""
+    """A request's sampler: same interface as Sampler (sample(logits, history), accept(token), seed, and
+    `candidates`, the last draw's final candidates)."""
 
     def __init__(self, req, n_vocab: int, nl_id: int | None):
         self.req = req
@@ -90,6 +92,7 @@ class RequestSampler:
         self.seed = self.inner.seed
         self.n_vocab = n_vocab
         self.mu = 2.0 * req.mirostat_tau
+        self.candidates = None
 
     def accept(self, token: int) -> None:
         pass  # the penalty window is read from the history generate() passes in
@@ -112,11 +115,13 @@ class RequestSampler:
                 if not r.penalize_nl and nl_logit is not None:
                     logits[self.nl_id] = nl_logit
         if r.temperature <= 0:
-            return int(np.argmax(logits))
+            token = int(np.argmax(logits))
+            self.candidates = (np.array([token]), np.array([1.0]))
+            return token
         if r.mirostat:
             scaled = logits / np.float32(r.temperature)
             step = mirostat_v1 if r.mirostat == 1 else mirostat_v2
-            token, self.mu = step(self.inner.rng, scaled, r.mirostat_tau, r.mirostat_eta, self.mu)
+            token, self.mu, self.candidates = step(self.inner.rng, scaled, r.mirostat_tau, r.mirostat_eta, self.mu)
             return token
         if r.tfs_z < 1.0:
             ids, values = top_k(logits, r.top_k)
@@ -124,4 +129,6 @@ class RequestSampler:
             masked = np.full_like(logits, -np.inf)
             masked[kept] = logits[kept]
             logits = masked
-        return self.inner.sample(logits, history)
+        token = self.inner.sample(logits, history)
+        self.candidates = self.inner.candidates
+        return token

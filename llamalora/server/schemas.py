@@ -170,8 +170,9 @@ def get_logit_bias(body: dict, n_vocab: int, tokenize) -> dict:
     return out
 
 
-def get_lora(body: dict, n_adapters: int):
-    """A request's own adapter scales: [{"id": i, "scale": s}, ...] → {id: scale}, or None when absent."""
+def get_lora(body: dict, ids):
+    """A request's own adapter scales: [{"id": i, "scale": s}, ...] → {id: scale}, or None when absent.
+    ids: the adapters loaded."""
     v = body.get("lora")
     if v is None:
         return None
@@ -184,9 +185,11 @@ def get_lora(body: dict, n_adapters: int):
         adapter_id = get_int(entry, "id", None)
         if adapter_id is None:
             raise ApiError(400, f"'lora'[{i}].id is required")
-        if not 0 <= adapter_id < n_adapters:
+        if adapter_id not in ids:
+            n = len(ids)
             raise ApiError(400, f"'lora'[{i}].id: adapter {adapter_id} does not exist "
-                                f"({n_adapters} adapter{'s' if n_adapters != 1 else ''} loaded)")
+                                f"({n} adapter{'s' if n != 1 else ''} loaded"
+                                + (f": ids {', '.join(map(str, ids))})" if n else ")"))
         scales[adapter_id] = get_float(entry, "scale", 1.0)
     return scales
 
@@ -271,17 +274,22 @@ class CompletionRequest:
     cache_prompt: bool = False
     id_slot: int = -1
     lora: dict | None = None  # {adapter id: scale} for this request alone
+    model: str | None = None  # the model asked for: an adapter's name picks that adapter
     grammar: str = ""  # GBNF text (from 'grammar' or 'json_schema'); "" for none
     parsed_grammar: object = None  # its llamalora.grammar.Grammar, parsed when the request was checked
+    n_probs: int = 0  # alternatives reported per token (llama.cpp's n_probs, OpenAI's top_logprobs)
+    post_sampling_probs: bool = False  # report the sampler chain's final probabilities instead
+    logprobs: bool = False  # report the chosen tokens' figures even with n_probs 0 (OpenAI's logprobs)
 
     def settings(self) -> dict:
         """The generation settings as llama.cpp reports them back."""
-        out = {k: v for k, v in self.__dict__.items() if k not in ("parts", "logit_bias", "lora", "parsed_grammar")}
+        hidden = ("parts", "logit_bias", "lora", "parsed_grammar", "model")
+        out = {k: v for k, v in self.__dict__.items() if k not in hidden}
         out["logit_bias"] = [[k, v if math.isfinite(v) else False] for k, v in self.logit_bias.items()]
         return out
 
 
-def parse_completion(body: dict, n_vocab: int, n_ctx: int, n_adapters: int, tokenize, prompt_name="prompt",
+def parse_completion(body: dict, n_vocab: int, n_ctx: int, adapter_ids, tokenize, prompt_name="prompt",
                      n_predict_name="n_predict", n_predict_default=-1) -> CompletionRequest:
     """A /completion body (or the llama.cpp-compatible part of an OpenAI one) checked field by field."""
     parts = get_prompt(body, n_vocab, prompt_name) if prompt_name else []
@@ -314,16 +322,19 @@ def parse_completion(body: dict, n_vocab: int, n_ctx: int, n_adapters: int, toke
         stream=get_bool(body, "stream", False),
         cache_prompt=get_bool(body, "cache_prompt", False),
         id_slot=get_int(body, "id_slot", get_int(body, "slot_id", -1), low=-1),
-        lora=get_lora(body, n_adapters),
+        lora=get_lora(body, adapter_ids),
+        model=get_str(body, "model", None),
         grammar=grammar_text,
         parsed_grammar=grammar,
+        n_probs=get_int(body, "n_probs", 0, low=0, high=n_vocab),
+        post_sampling_probs=get_bool(body, "post_sampling_probs", False),
     )
 
 
-def parse_adapter_scales(body, n_adapters: int) -> dict:
+def parse_adapter_scales(body, adapter_ids) -> dict:
     """POST /lora-adapters: [{"id", "scale"}, ...] (or {"lora": [...]}) → {id: scale}."""
     if isinstance(body, dict):
         body = body.get("lora", body.get("adapters"))
     if not isinstance(body, list):
         raise ApiError(400, "body must be an array of {\"id\": adapter id, \"scale\": number}")
-    return get_lora({"lora": body}, n_adapters)
+    return get_lora({"lora": body}, adapter_ids)

@@ -12,19 +12,20 @@ step, so concurrent requests with different adapters share the step and never se
 
 import asyncio
 import collections
+import itertools
 import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import numba
 import numpy as np
 from gguf import GGMLQuantizationType as GGMLType
 
 from .. import kernels
 from ..errors import LlamaLoraError
 from ..generate import Timings, generate
+from ..sampling import ProbsReport
 from ..scheduler import Aborted, ScheduledContext, Scheduler
 from ..tensor import Tensor
 from .extra_sampling import RequestSampler
@@ -32,6 +33,7 @@ from .schemas import ApiError
 
 MODEL_LOCK = threading.Lock()  # held by each batched step, and by anything else that runs the model (embeddings)
 DEFAULT_UBATCH = 128  # prompt tokens a step evaluates beside the others' next tokens
+TASK_IDS = itertools.count()
 
 
 SlotContext = ScheduledContext  # a slot's Context: its forward passes are its part of the slots' batched steps
@@ -41,6 +43,7 @@ SlotContext = ScheduledContext  # a slot's Context: its forward passes are its p
 class Slot:
     id: int
     ctx: SlotContext | None = None
+    job: "Job | None" = None  # the request it runs (for /slots)
     lora_key: tuple = ()  # the adapter scales the cached tokens were computed with
     busy: bool = False
     last_used: float = 0.0
@@ -51,10 +54,15 @@ class Slot:
 class Job:
     ids: list  # prompt token ids
     req: object  # schemas.CompletionRequest
-    scales: tuple  # adapter scales for this request
+    scales: tuple  # this request's adapters as ((adapter id, scale), ...), the ones not at 0 (LoraChoice.key)
+    adapters: tuple = ()  # their LoraAdapter objects, in the same order (LoraChoice.adapters)
+    probs: ProbsReport | None = None  # token probabilities to report with each token, when asked for
     cancel: threading.Event = field(default_factory=threading.Event)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     slot: Slot | None = None
+    label: str = ""  # what /metrics counts it under (the adapters it runs)
+    id_task: int = field(default_factory=lambda: next(TASK_IDS))
+    n_decoded: int = 0  # tokens generated so far (for /slots)
 
 
 def common_prefix(a: list, b: list) -> int:
@@ -77,9 +85,7 @@ class SlotPool:
         self.scales = list(scales)  # the scales every request without its own "lora" uses
         self.queue_timeout = queue_timeout
         self.waiters: collections.deque = collections.deque()
-        # numba's thread count is per thread (a new thread starts at every core): the workers take -t's
-        self.executor = ThreadPoolExecutor(max_workers=n_parallel + 1, thread_name_prefix="slot",
-                                           initializer=numba.set_num_threads, initargs=(numba.get_num_threads(),))
+        self.executor = ThreadPoolExecutor(max_workers=n_parallel + 1, thread_name_prefix="slot")
         self.nl_id = newline_id(self.vocab)
         self.deltas: dict = {}  # run-time deltas by scales: requests mostly repeat a few settings
         self.deltas_lock = threading.Lock()
@@ -126,6 +132,7 @@ class SlotPool:
 
     def release(self, slot: Slot) -> None:
         slot.busy = False
+        slot.job = None
         slot.last_used = time.monotonic()
         for entry in list(self.waiters):
             future, job = entry
@@ -142,6 +149,7 @@ class SlotPool:
         """Wait for a slot (in arrival order), then start the job's worker; its events arrive in job.events."""
         self.loop = asyncio.get_running_loop()
         job.slot = await self.acquire(job)
+        job.slot.job = job
         self.executor.submit(self.run_job, job)
 
     # generation (worker threads)
@@ -156,23 +164,29 @@ class SlotPool:
         return slot.ctx
 
     def slot_state(self, slot: Slot) -> dict:
-        """A slot's place in the batch, for /slots: llama.cpp's state (0 idle, 1 processing) and is_processing, the
-        phase ("idle", "prompt": its prompt is being read, "decoding": its next token waits for a step, "sampling"),
-        its prompt's progress (n_prompt_tokens, n_prompt_tokens_processed), the tokens its cache holds (n_past) and
-        the requests it has served."""
+        """A slot's place in the batched steps, for /slots: its phase ("idle", "prompt": its prompt is being read,
+        "decoding": its next token waits for a step, "sampling": its worker has the logits), its prompt's progress
+        (n_prompt_tokens, n_prompt_tokens_processed) and the tokens its cache holds (n_past)."""
         phase = self.scheduler.state(slot.ctx) if slot.ctx is not None else self.scheduler.state(None)
-        return {"id": slot.id, "n_ctx": self.n_ctx, "state": int(slot.busy), "is_processing": slot.busy, **phase,
-                "n_past": len(slot.ctx.tokens) if slot.ctx is not None else 0, "n_served": slot.n_served}
+        return {**phase, "n_past": len(slot.ctx.tokens) if slot.ctx is not None else 0}
 
-    def deltas_for(self, scales: tuple) -> dict:
-        if not self.adapters:
+    def deltas_for(self, key: tuple, adapters: tuple = ()) -> dict:
+        """Run-time deltas for adapters at the scales in key ((id, scale), ...); ids are never reused, so a
+        cached entry stays right for as long as it lives."""
+        if not key:
             return {}
         with self.deltas_lock:
-            if scales not in self.deltas:
+            if key not in self.deltas:
                 if len(self.deltas) >= 8:
                     self.deltas.pop(next(iter(self.deltas)))
-                self.deltas[scales] = self.model.lora_deltas(self.adapters, scales)
-            return self.deltas[scales]
+                self.deltas[key] = self.model.lora_deltas(list(adapters), [scale for _, scale in key])
+            return self.deltas[key]
+
+    def forget_adapter(self, adapter_id: int) -> None:
+        """Drop the cached deltas of an unloaded adapter (requests running with it keep their own)."""
+        with self.deltas_lock:
+            for key in [k for k in self.deltas if any(i == adapter_id for i, _ in k)]:
+                del self.deltas[key]
 
     def run_job(self, job: Job) -> None:
         slot = job.slot
@@ -200,7 +214,7 @@ class SlotPool:
             n_cached = min(common_prefix(ctx.tokens, ids), len(ids) - 1)
         ctx.truncate(n_cached)
         slot.lora_key = job.scales
-        ctx.lora = self.deltas_for(job.scales)
+        ctx.lora = self.deltas_for(job.scales, job.adapters)
         ctx.timings = Timings()
         # n_predict -1 runs until the context is full; a bounded request shifts the context (keeping n_keep).
         ctx.context_shift = req.n_predict >= 0
@@ -209,7 +223,7 @@ class SlotPool:
         stops = tuple(req.stop)
         grammar = req.parsed_grammar.start() if req.parsed_grammar is not None else None
         gen = generate(ctx, self.vocab, sampler, ids[n_cached:], n_predict=req.n_predict, stop=stops,
-                       ignore_eos=req.ignore_eos, should_stop=job.cancel.is_set, grammar=grammar)
+                       ignore_eos=req.ignore_eos, should_stop=job.cancel.is_set, grammar=grammar, probs=job.probs)
         text, sent, n_tokens = "", 0, 0
         started = time.perf_counter()
         reason = "limit"
@@ -221,8 +235,9 @@ class SlotPool:
                 if token is None:  # the end of an incomplete character, flushed after the last token
                     continue
                 n_tokens += 1
+                job.n_decoded = n_tokens
                 ready = held_back_start(text, sent, stops)
-                self.emit(job, "token", token, text[sent:ready])
+                self.emit(job, "token", token, text[sent:ready], job.probs.tokens[-1] if job.probs else None)
                 sent = ready
         except StopIteration as stop:
             reason = stop.value or "limit"

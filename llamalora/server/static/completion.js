@@ -34,6 +34,12 @@ export async function* llamaStream(prompt, params = {}, config = {}) {
     headers,
     signal: config.signal || (config.controller && config.controller.signal),
   });
+  yield* sseEvents(response);
+}
+
+// The JSON objects of a fetch() response's server-sent events (`data: ...` lines; [DONE] ends nothing by
+// itself); an error status or an error event becomes an Error with the server's message.
+export async function* sseEvents(response) {
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
     try { message = (await response.json()).error.message; } catch (e) { /* not JSON */ }
@@ -44,7 +50,7 @@ export async function* llamaStream(prompt, params = {}, config = {}) {
   let buffer = "";
   while (true) {
     const { done, value } = await reader.read();
-    if (done) break;
+    if (done) return;
     buffer += decoder.decode(value, { stream: true });
     let end;
     while ((end = buffer.indexOf("\n\n")) >= 0) {
