@@ -123,7 +123,11 @@ def test_slot_state(server, http):
                 state = watcher.get("/slots").json()[2]
                 if state["is_processing"]:
                     seen.add(state["phase"])
-                    assert state["n_ctx"] == 512 and state["n_past"] > 0
+                    assert state["n_ctx"] == 512
+                    if state["phase"] == "prompt":  # nothing in the cache until its first chunk has run
+                        assert 0 <= state["n_prompt_tokens_processed"] < state["n_prompt_tokens"]
+                    else:
+                        assert state["n_past"] > 0
                 time.sleep(0.002)
         assert job.result()["tokens_predicted"] == 200
     assert "decoding" in seen or "sampling" in seen
