@@ -1,4 +1,4 @@
-"""One token at a time: every layer of the model in one compiled call.
+"""One token at a time, or a few token columns: every layer of the model in one compiled call.
 
 A prompt batch runs op by op through LlamaModel.forward, where each op's Python call is small next to its work.
 For a single token the ops are tiny: a dozen Python-level calls per layer (norm, seven matvecs, RoPE, cache
@@ -8,6 +8,11 @@ weights are rows of a table (kernels.dispatch: each type's own kernel, called fr
 
 The arithmetic is ops.py's, in the batch path's order, so a token's hidden state is the batch path's bit for bit
 (run-time LoRA deltas aside: their dot products are summed in another order).
+
+`forward_columns` runs a few tokens as columns through the same step (kernels/columns.py: every weight row read
+once for all of them): the decoding sequences of a batch (batch.py), each with its own cache, position and deltas,
+and a short prompt chunk (up to COLUMN_TOKENS tokens, one column per token in order). Each column's sums are
+run_layers' for that token alone, so a chunk evaluated this way equals its tokens decoded one by one.
 """
 
 import os
@@ -16,7 +21,7 @@ import numba
 import numpy as np
 from numba import njit
 
-from .kernels import dispatch
+from .kernels import columns, dispatch
 from .ops import attention, rms_norm, rope_inplace, swiglu
 
 SLOTS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -139,5 +144,122 @@ def forward_layers(x, weights, norms, biases, lora, k_all, v_all, n_past, cos, s
         x += proj
 
 
-for _function in (linear, forward_layers):
+COLUMN_TOKENS = 16  # token columns a prompt chunk runs as (longer chunks: the matmul tiles, faster from ~24 on)
+
+
+def run_columns(plan: LayerPlan, x: np.ndarray, caches: list, positions: np.ndarray, cos: np.ndarray,
+                sin: np.ndarray, config, deltas: list) -> None:
+    """x float32[b, dim] (C order) ← each column's hidden state after every layer: column j is the token at
+    positions[j] of the sequence whose KVCache is caches[j], run with deltas[j] (a sequence's columns in order of
+    position: each sees the keys of those before it). Each column's arithmetic is run_layers' for that token alone
+    (kernels/columns.py reads every weight row once for all the columns). The caches' n are the caller's."""
+    for cache in {id(c): c for c in caches}.values():
+        check_cache(cache, config)
+    table = np.array([[c.k.ctypes.data, c.v.ctypes.data, c.n_ctx] for c in caches], dtype=np.int64)
+    for c, p in zip(caches, positions):
+        if p >= c.n_ctx:
+            raise ValueError(f"a token at position {p} overflows the context of {c.n_ctx}")
+    lora = np.stack([plan.lora_table(d) for d in deltas])
+    forward_columns(x, plan.weights, plan.norms, plan.biases, lora, table, np.asarray(positions, dtype=np.int64),
+                    cos, sin, config.n_layer, config.n_head, config.n_head_kv, config.n_ff, config.rms_eps,
+                    config.rope_neox, numba.get_num_threads() == 1)
+
+
+def linear_rows(weight, x: np.ndarray, out: np.ndarray, deltas: list) -> None:
+    """out[j] = W·x[j] (+ deltas[j]'s run-time delta of W) for a few rows x float32[b, n_cols], every row of W read
+    once for them all and each row's sums those of the one-token path (kernels.matvec, add_low_rank_matvec): the
+    output projection of a batch's sequences, or of a short chunk's tokens."""
+    table, keep = dispatch.weight_table([weight])
+    found = [d.get(weight.name) if d else None for d in deltas]
+    lora = float_table([list(delta)[:2] if delta is not None else [None, None] for delta in found])
+    columns.matvec_columns_entry(table, 0, np.ascontiguousarray(x, dtype=np.float32), out, lora, columns.NO_FLOATS,
+                                 numba.get_num_threads() == 1)
+    del keep  # (the table points into these arrays until here)
+    for j, delta in enumerate(found):
+        if delta is not None and delta.g is not None:  # DoRA's per-output scale, as LlamaModel.linear applies it
+            out[j] *= delta.g
+
+
+def check_cache(cache, config) -> None:
+    """run_columns reads caches by address: each must be float32[n_layer, n_ctx, n_head_kv, head_dim], C order."""
+    shape = (config.n_layer, cache.n_ctx, config.n_head_kv, config.head_dim)
+    for a in (cache.k, cache.v):
+        if a.shape != shape or a.dtype != np.float32 or not a.flags.c_contiguous:
+            raise ValueError(f"a KV cache of shape {a.shape} ({a.dtype}) does not fit the model's {shape}")
+
+
+
+@njit(nogil=True, cache=True)
+def _next_a(lora, s):
+    """The first column's A of weight s + 1 (what the kernels prefetch while they run weight s), or no rows."""
+    following = min(s + 1, lora.shape[1] - 1)
+    for j in range(lora.shape[0]):
+        if following > s and lora[j, following, 1]:
+            return dispatch.float_matrix(lora[j, following, 0], lora[j, following, 1], lora[j, following, 2])
+    return dispatch.float_matrix(lora[0, following, 0], 0, lora[0, following, 2])
+
+
+@njit(nogil=True, cache=True)
+def linear_columns(weights, biases, lora, s, X, out, one_thread):
+    """out[j] = W_s·X[j] (+ column j's delta s·B·(A·X[j]), lora[j, s]) (⊙ its DoRA g) (+ bias_s) for every column:
+    the one place a batched step applies each sequence's own adapters (linear's arithmetic, column by column)."""
+    # (a C-ordered copy of the weight's LoRA rows: the kernels are compiled for the tables Python passes too)
+    columns.matvec_columns_entry(weights, s, X, out, np.ascontiguousarray(lora[:, s, :]), _next_a(lora, s),
+                                 one_thread)
+    for j in range(out.shape[0]):
+        if lora[j, s, 8]:
+            out[j] *= dispatch.float_matrix(lora[j, s, 6], 1, lora[j, s, 8])[0]
+    if biases[s, 2]:
+        bias = dispatch.float_matrix(biases[s, 0], 1, biases[s, 2])[0]
+        for j in range(out.shape[0]):
+            out[j] += bias
+
+
+@njit(nogil=True, cache=True)
+def forward_columns(x, weights, norms, biases, lora, caches, positions, cos, sin, n_layer, n_head, n_head_kv, n_ff,
+                    eps, neox, one_thread):
+    """x float32[b, dim] ← each column's hidden state after every layer, column j the token at positions[j] of the
+    sequence whose KV cache is caches[j] = (address of k, of v, n_ctx), with lora[j] its LoRA tables (decode.py's
+    forward_layers, one column at a time where the columns differ: RoPE, cache writes, attention)."""
+    b, dim = x.shape
+    head_dim = dim // n_head
+    kv_dim = n_head_kv * head_dim
+    q = np.empty((b, n_head, head_dim), dtype=np.float32)
+    k = np.empty((b, n_head_kv, head_dim), dtype=np.float32)
+    v = np.empty((b, n_head_kv, head_dim), dtype=np.float32)
+    attn = np.empty((b, n_head, head_dim), dtype=np.float32)
+    proj = np.empty((b, dim), dtype=np.float32)
+    gate = np.empty((b, n_ff), dtype=np.float32)
+    up = np.empty((b, n_ff), dtype=np.float32)
+    for i in range(n_layer):
+        s = i * N_SLOTS
+        h = rms_norm(x, norms[i, 0], eps)
+        linear_columns(weights, biases, lora, s + Q, h, q.reshape((b, dim)), one_thread)
+        linear_columns(weights, biases, lora, s + K, h, k.reshape((b, kv_dim)), one_thread)
+        linear_columns(weights, biases, lora, s + V, h, v.reshape((b, kv_dim)), one_thread)
+        rope_inplace(q, cos, sin, neox)
+        rope_inplace(k, cos, sin, neox)
+        for j in range(b):
+            n_ctx = caches[j, 2]
+            k_all = dispatch.float_matrix(caches[j, 0], n_layer * n_ctx, kv_dim).reshape((n_layer, n_ctx, n_head_kv,
+                                                                                            head_dim))
+            v_all = dispatch.float_matrix(caches[j, 1], n_layer * n_ctx, kv_dim).reshape((n_layer, n_ctx, n_head_kv,
+                                                                                            head_dim))
+            n_past = positions[j]
+            k_all[i, n_past] = k[j]
+            v_all[i, n_past] = v[j]
+            # (C-ordered views, as decode.py passes them: the same compiled attention)
+            attention(q[j].reshape((1, n_head, head_dim)), k_all[i], v_all[i], n_past,
+                      attn[j].reshape((1, n_head, head_dim)))
+        linear_columns(weights, biases, lora, s + O, attn.reshape((b, dim)), proj, one_thread)
+        x += proj
+        h = rms_norm(x, norms[i, 1], eps)
+        linear_columns(weights, biases, lora, s + GATE, h, gate, one_thread)
+        linear_columns(weights, biases, lora, s + UP, h, up, one_thread)
+        linear_columns(weights, biases, lora, s + DOWN, swiglu(gate, up), proj, one_thread)
+        x += proj
+
+
+
+for _function in (linear, forward_layers, _next_a, linear_columns, forward_columns):
     dispatch.cache_follows(_function, dispatch.KERNEL_SOURCES + [__file__, os.path.join(os.path.dirname(__file__), "ops.py")])

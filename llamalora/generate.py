@@ -103,18 +103,11 @@ class Context:
         n_asked = len(ids)
         start, compiled = time.perf_counter(), compile_ms()
         outputs = []
-        deltas = getattr(self.model, "lora", None) if self.lora is None else self.lora  # (a stand-in model may have none)
-        invocation = getattr(deltas, "invocation", None)
+        invocation = getattr(self.own_deltas(), "invocation", None)
         if invocation is not None and not generating:
             ids = self._activate(invocation, ids)
         for begin in range(0, len(ids), self.n_batch):
-            chunk = ids[begin : begin + self.n_batch]
-            self._make_room(len(chunk))
-            if invocation is not None:
-                outputs.append(self._forward_activated(chunk, all_logits, deltas))
-            else:
-                outputs.append(self.model.forward(chunk, self.cache, all_logits=all_logits, lora=self.lora))
-            self.tokens.extend(chunk)
+            outputs.append(self.eval_chunk(ids[begin : begin + self.n_batch], all_logits))
         compiled = compile_ms() - compiled
         self.timings.compile_ms += compiled
         elapsed = 1000.0 * (time.perf_counter() - start) - compiled
@@ -157,6 +150,32 @@ class Context:
         if split < len(chunk):
             parts.append(self.model.forward(chunk[split:], self.cache, all_logits=all_logits, lora=deltas))
         return np.concatenate(parts) if all_logits else parts[-1]
+
+
+    def eval_chunk(self, ids: list, all_logits: bool = False) -> np.ndarray:
+        """Evaluate ids in one forward pass (an activated LoRA's in two, split at its start), making room first (no
+        timings: eval times its calls, a batched step its sequences); logits float32[1 or len(ids), n_vocab]."""
+        self._make_room(len(ids))
+        deltas = self.own_deltas()
+        if getattr(deltas, "invocation", None) is not None:
+            out = self._forward_activated(ids, all_logits, deltas)
+        else:
+            out = self.model.forward(ids, self.cache, all_logits=all_logits, lora=self.lora)
+        self.tokens.extend(ids)
+        return out
+
+    def own_deltas(self):
+        """The run-time adapter deltas this context evaluates with (the model's own unless it has its own)."""
+        return getattr(self.model, "lora", None) if self.lora is None else self.lora  # (a stand-in model may have none)
+
+    def deltas(self) -> dict:
+        """The deltas the next position is evaluated with: own_deltas, but none before an activated LoRA's start
+        (or anywhere, where its invocation was not found)."""
+        deltas = self.own_deltas()
+        if getattr(deltas, "invocation", None) is not None and (self.active_from is None
+                                                                 or self.active_from > len(self.tokens)):
+            return {}
+        return deltas
 
 
 def check_prompt_fits(n_prompt: int, n_ctx: int) -> None:

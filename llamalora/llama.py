@@ -228,6 +228,7 @@ class LlamaModel:
                 raise ModelFileError(f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {want}")
         self.tensors = tensors
         self.lora: dict = {}  # run-time adapter deltas by weight name (set_lora)
+        self._stacked: dict = {}  # ids of A factors -> (the factors, their stack): stacked_a
         self._rope_rows: dict = {}  # position -> its rope tables (rope_row)
         self._decode_plan, self._decode_plan_layers = None, None
         self.token_embd = tensors["token_embd.weight"]
@@ -282,41 +283,61 @@ class LlamaModel:
         n_past = cache.n
         if n_past + b > cache.n_ctx:
             raise ValueError(f"{b} tokens at position {n_past} overflow the context of {cache.n_ctx}")
-        if b == 1:
-            cos, sin = self.rope_row(n_past)
+        if b <= decode.COLUMN_TOKENS:  # (the rows the one-token step takes, one per position)
+            rows = [self.rope_row(p) for p in range(n_past, n_past + b)]
+            cos, sin = (np.ascontiguousarray(np.concatenate([r[i] for r in rows])) for i in (0, 1))
         else:
             cos, sin = rope_tables(np.arange(n_past, n_past + b, dtype=np.int64), c.rope_dim, c.rope_base,
                                    c.rope_factors)
         x = np.ascontiguousarray(self.embed(tokens, deltas), dtype=np.float32)
         if b == 1:
             decode.run_layers(self.decode_plan(), x[0], cache, cos, sin, c, deltas)
+        elif b <= decode.COLUMN_TOKENS:  # a short chunk: its tokens as columns of the one-token step
+            decode.run_columns(self.decode_plan(), x, [cache] * b, np.arange(n_past, n_past + b), cos, sin, c,
+                               [deltas] * b)
         else:
             self.forward_batch(x, cache, cos, sin, deltas)
         cache.n = n_past + b
         if not all_logits:
             x = x[-1:]
-        return self.linear(self.output, rms_norm(x, self.output_norm, c.rms_eps), deltas)
+        h = rms_norm(x, self.output_norm, c.rms_eps)
+        if 1 < len(h) <= decode.COLUMN_TOKENS:  # a short chunk's logits as its tokens one by one would get them
+            out = np.empty((len(h), self.output.n_rows), dtype=np.float32)
+            decode.linear_rows(self.output, h, out, [deltas] * len(h))
+            return out
+        return self.linear(self.output, h, deltas)
 
     def forward_batch(self, x: np.ndarray, cache: KVCache, cos, sin, deltas: dict) -> None:
         """x float32[b, dim] ← the hidden states after every layer, op by op (a prompt batch)."""
+        self.forward_segments(x, [(cache, 0, x.shape[0], deltas)], cos, sin)
+
+    def forward_segments(self, x: np.ndarray, segments: list, cos, sin) -> None:
+        """forward_batch for the tokens of several sequences at once: segment (cache, start, end, deltas) holds rows
+        start … end - 1 of x, at positions cache.n …, and its own run-time deltas (cos, sin: each row's position).
+        Each weight's product runs once for all the rows, and every row's sums are those it gets alone (the matmul
+        path sums token by token); each segment's deltas go on its own rows, its attention over its own cache.
+        The caches' n are the caller's to move."""
         c = self.config
-        b, n_past = x.shape[0], cache.n
+        b = x.shape[0]
+        parts = [(start, end, deltas) for _, start, end, deltas in segments]
         attn_out = np.empty((b, c.n_head, c.head_dim), dtype=np.float32)
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.attn_norm, c.rms_eps)
-            q = self.linear(layer.attn_q, h, deltas, layer.bias.get("attn_q")).reshape(b, c.n_head, c.head_dim)
-            k = self.linear(layer.attn_k, h, deltas, layer.bias.get("attn_k")).reshape(b, c.n_head_kv, c.head_dim)
-            v = self.linear(layer.attn_v, h, deltas, layer.bias.get("attn_v")).reshape(b, c.n_head_kv, c.head_dim)
+            q = self.linear(layer.attn_q, h, None, layer.bias.get("attn_q"), parts).reshape(b, c.n_head, c.head_dim)
+            k = self.linear(layer.attn_k, h, None, layer.bias.get("attn_k"), parts).reshape(b, c.n_head_kv, c.head_dim)
+            v = self.linear(layer.attn_v, h, None, layer.bias.get("attn_v"), parts).reshape(b, c.n_head_kv, c.head_dim)
             rope_inplace(q, cos, sin, c.rope_neox)
             rope_inplace(k, cos, sin, c.rope_neox)
-            cache.k[i, n_past : n_past + b] = k
-            cache.v[i, n_past : n_past + b] = v
-            attention(q, cache.k[i], cache.v[i], n_past, attn_out)
-            x += self.linear(layer.attn_output, attn_out.reshape(b, c.dim), deltas, layer.bias.get("attn_output"))
+            for cache, start, end, _ in segments:
+                n_past = cache.n
+                cache.k[i, n_past : n_past + end - start] = k[start:end]
+                cache.v[i, n_past : n_past + end - start] = v[start:end]
+                attention(q[start:end], cache.k[i], cache.v[i], n_past, attn_out[start:end])
+            x += self.linear(layer.attn_output, attn_out.reshape(b, c.dim), None, layer.bias.get("attn_output"), parts)
             h = rms_norm(x, layer.ffn_norm, c.rms_eps)
-            gate = self.linear(layer.ffn_gate, h, deltas, layer.bias.get("ffn_gate"))
-            up = self.linear(layer.ffn_up, h, deltas, layer.bias.get("ffn_up"))
-            x += self.linear(layer.ffn_down, swiglu(gate, up), deltas, layer.bias.get("ffn_down"))
+            gate = self.linear(layer.ffn_gate, h, None, layer.bias.get("ffn_gate"), parts)
+            up = self.linear(layer.ffn_up, h, None, layer.bias.get("ffn_up"), parts)
+            x += self.linear(layer.ffn_down, swiglu(gate, up), None, layer.bias.get("ffn_down"), parts)
 
     def rope_row(self, position: int) -> tuple[np.ndarray, np.ndarray]:
         """rope_tables of one position, kept (a decode step would otherwise spend more on them than on its norms)."""
@@ -333,22 +354,26 @@ class LlamaModel:
             self._decode_plan, self._decode_plan_layers = decode.LayerPlan(self.layers), self.layers
         return self._decode_plan
 
-    def linear(self, weight: kernels.Weight, x: np.ndarray, deltas: dict, bias: np.ndarray | None = None) -> np.ndarray:
-        """y = x @ W.T (+ Σ s·(x @ A.T) @ B.T for run-time adapters) (+ bias); W stays in its file type."""
+    def linear(self, weight: kernels.Weight, x: np.ndarray, deltas: dict | None, bias: np.ndarray | None = None,
+               parts: list | None = None) -> np.ndarray:
+        """y = x @ W.T (+ Σ s·(x @ A.T) @ B.T for run-time adapters) (+ bias); W stays in its file type.
+        parts: [(start, end, deltas)], rows start … end - 1 with their own deltas (several sequences' tokens at once;
+        None: every row with `deltas`)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], weight.n_rows), dtype=np.float32)
         if x.shape[0] == 1:
             kernels.matvec(weight, x[0], out[0])
         else:
             kernels.matmul(weight, x, out)
-        delta = deltas.get(weight.name) if deltas else None
-        if delta is not None:
-            if x.shape[0] == 1:
-                kernels.add_low_rank_matvec(delta.a, delta.packed_b, x[0], out[0])
-            else:
-                kernels.add_low_rank_matmul(delta.a, delta.packed_b, x, out)
-            if delta.g is not None:
-                out *= delta.g
+        for start, end, part_deltas in parts if parts is not None else [(0, x.shape[0], deltas)]:
+            delta = part_deltas.get(weight.name) if part_deltas else None
+            if delta is not None:
+                if end - start == 1:
+                    kernels.add_low_rank_matvec(delta.a, delta.packed_b, x[start], out[start])
+                else:
+                    kernels.add_low_rank_matmul(delta.a, delta.packed_b, x[start:end], out[start:end])
+                if delta.g is not None:
+                    out[start:end] *= delta.g
         if bias is not None:
             out += bias
         return out
@@ -379,10 +404,25 @@ class LlamaModel:
                 if scratch is None or scratch.size < tensor.n_rows * tensor.n_cols:
                     scratch = np.empty(tensor.n_rows * tensor.n_cols, dtype=np.float32)
                 g = dora.row_scale(tensor, t, scale, scratch)
-            deltas[name] = LoraDelta(np.ascontiguousarray(np.concatenate([t.a for t, _ in used]), dtype=np.float32),
+            deltas[name] = LoraDelta(self.stacked_a([t.a for t, _ in used]),
                                      kernels.pack_scaled_b(np.concatenate([np.float32(s) * t.b for t, s in used],
                                                                           axis=1)), g)
         return deltas
+
+    def stacked_a(self, factors: list) -> np.ndarray:
+        """The A factors stacked along the rank, float32 C order: the same array for the same factors whatever the
+        scales, so that a batched step's sequences of one adapter at different scales share each pass over A
+        (kernels/vnni_columns.py groups them by A's address). Kept while the factors live (the key holds them)."""
+        if len(factors) == 1:
+            return np.ascontiguousarray(factors[0], dtype=np.float32)  # (the adapter's own array when it can be)
+        key = tuple(id(a) for a in factors)
+        found = self._stacked.get(key)
+        if found is None or any(a is not b for a, b in zip(found[0], factors)):
+            while len(self._stacked) >= 64:
+                self._stacked.pop(next(iter(self._stacked)))
+            found = self._stacked[key] = (list(factors), np.ascontiguousarray(np.concatenate(factors),
+                                                                               dtype=np.float32))
+        return found[1]
 
     def set_lora(self, adapters, scales=None) -> None:
         """Apply adapters unmerged from now on (y = W·x + Σ s·B·(A·x)); an empty list removes them."""

@@ -15,6 +15,13 @@ ADAPTER = data_path("lora-fortunes")
 @contextlib.contextmanager
 def running_server(loaded, adapters, **options):
     """Yields the base URL of a server for `loaded` on 127.0.0.1, port chosen by the OS; stops it afterwards."""
+    with running_app(loaded, adapters, **options) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def running_app(loaded, adapters, **options):
+    """running_server, yielding (base URL, the Starlette app) (app.state.server.pool: its slots)."""
     import uvicorn
 
     from llamalora.server.app import ServerOptions, create_app
@@ -32,7 +39,7 @@ def running_server(loaded, adapters, **options):
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", app
     finally:
         server.should_exit = True
         thread.join(timeout=10)

@@ -62,31 +62,36 @@ def _scalar(builder, base, byte_offset):
     return builder.extract_element(_vector(builder, base, byte_offset, 1), ir.Constant(ir.IntType(32), 0))
 
 
-def _emit_rows_dot(builder, a, row0, n_rows, x, n, t):
-    """t[row0 + i] = a[row0 + i, :] · x for i < n_rows (a float32[·, n] at the i8* a; x, t float32 i8*)."""
+def _emit_rows_dot(builder, a, row0, n_rows, xs, n, ts):
+    """ts[j][row0 + i] = a[row0 + i, :] · xs[j] for i < n_rows and every column j (a float32[·, n] at the i8* a;
+    xs[j], ts[j] float32 i8*): each A vector is loaded once for all the columns, and each column's sums are formed
+    exactly as with that column alone."""
     intp = n.type
     c = lambda v: ir.Constant(intp, v)  # noqa: E731
     vf = ir.VectorType(ir.FloatType(), LANES)
-    accs = [cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * LANES)) for _ in range(n_rows)]
+    accs = [[cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * LANES)) for _ in range(n_rows)] for _ in xs]
     rows = [builder.mul(builder.mul(builder.add(row0, c(i)), n), c(4)) for i in range(n_rows)]
     whole = builder.udiv(n, c(LANES))
     with cgutils.for_range(builder, whole, intp=intp) as loop:
         offset = builder.mul(loop.index, c(4 * LANES))
-        xv = _vector(builder, x, offset, LANES)
-        for acc, row in zip(accs, rows):
-            builder.store(simd._fmuladd(builder, _vector(builder, a, builder.add(row, offset), LANES), xv,
-                                        builder.load(acc)), acc)
-    sums = [simd._reduce(builder, builder.load(acc)) for acc in accs]
-    sums = [cgutils.alloca_once_value(builder, v) for v in sums]
+        avs = [_vector(builder, a, builder.add(row, offset), LANES) for row in rows]
+        for x, column in zip(xs, accs):
+            xv = _vector(builder, x, offset, LANES)
+            for acc, av in zip(column, avs):
+                builder.store(simd._fmuladd(builder, av, xv, builder.load(acc)), acc)
+    sums = [[cgutils.alloca_once_value(builder, simd._reduce(builder, builder.load(acc))) for acc in column]
+            for column in accs]
     with cgutils.for_range_slice(builder, builder.mul(whole, c(LANES)), n, c(1), intp=intp) as (j, _):
         offset = builder.mul(j, c(4))
-        xj = _scalar(builder, x, offset)
-        for acc, row in zip(sums, rows):
-            aj = _scalar(builder, a, builder.add(row, offset))
-            builder.store(builder.fadd(builder.fmul(aj, xj), builder.load(acc)), acc)
-    for i, acc in enumerate(sums):
-        ptr = builder.gep(t, [builder.mul(builder.add(row0, c(i)), c(4))])
-        builder.store(builder.load(acc), builder.bitcast(ptr, ir.FloatType().as_pointer()))
+        ajs = [_scalar(builder, a, builder.add(row, offset)) for row in rows]
+        for x, column in zip(xs, sums):
+            xj = _scalar(builder, x, offset)
+            for acc, aj in zip(column, ajs):
+                builder.store(builder.fadd(builder.fmul(aj, xj), builder.load(acc)), acc)
+    for t, column in zip(ts, sums):
+        for i, acc in enumerate(column):
+            ptr = builder.gep(t, [builder.mul(builder.add(row0, c(i)), c(4))])
+            builder.store(builder.load(acc), builder.bitcast(ptr, ir.FloatType().as_pointer()))
 
 
 def _five_argument_intrinsic(emit, addresses):
@@ -105,20 +110,85 @@ def _five_argument_intrinsic(emit, addresses):
     return intrinsic(typer)
 
 
-def _rank_dots(builder, a, r, x, n, t):
+def _rank_dots(builder, a, r, xs, n, ts):
     intp = n.type
     groups = builder.udiv(r, ir.Constant(intp, DOT_ROWS))
     with cgutils.for_range(builder, groups, intp=intp) as loop:
-        _emit_rows_dot(builder, a, builder.mul(loop.index, ir.Constant(intp, DOT_ROWS)), DOT_ROWS, x, n, t)
+        _emit_rows_dot(builder, a, builder.mul(loop.index, ir.Constant(intp, DOT_ROWS)), DOT_ROWS, xs, n, ts)
     with cgutils.for_range_slice(builder, builder.mul(groups, ir.Constant(intp, DOT_ROWS)), r,
                                  ir.Constant(intp, 1), intp=intp) as (k, _):
-        _emit_rows_dot(builder, a, k, 1, x, n, t)
+        _emit_rows_dot(builder, a, k, 1, xs, n, ts)
 
 
 # rank_dots(a_addr, r, x_addr, n, t_addr): t[k] = a[k, :] · x for k < r: a float32[r, n] at a_addr (C order),
 # x float32[n], t float32[r]; DOT_ROWS rows share each load of x, each row's sum in 16 lanes, halved at the end,
 # then the n % 16 tail.
-rank_dots = _five_argument_intrinsic(_rank_dots, (0, 2, 4))
+def _rank_dots_1(builder, a, r, x, n, t):
+    _rank_dots(builder, a, r, [x], n, [t])
+
+
+rank_dots = _five_argument_intrinsic(_rank_dots_1, (0, 2, 4))
+
+
+def _rank_dots_of(n_columns):
+    """rank_dots for n_columns activations at once: (a_addr, r, x_table, n, t_table), column j's x and t at the
+    addresses x_table[j] and t_table[j] (int64 arrays); A is read once for them all, each column's t as rank_dots
+    forms it."""
+
+    def emit(builder, a, r, x_table, n, t_table):
+        i64p = ir.IntType(64).as_pointer()
+        i8p = ir.IntType(8).as_pointer()
+
+        def column(table, j):
+            ptr = builder.gep(builder.bitcast(table, i64p), [ir.Constant(ir.IntType(32), j)])
+            return builder.inttoptr(builder.load(ptr), i8p)
+
+        _rank_dots(builder, a, r, [column(x_table, j) for j in range(n_columns)], n,
+                   [column(t_table, j) for j in range(n_columns)])
+
+    emit.__name__ = f"rank_dots_{n_columns}"
+    return _five_argument_intrinsic(emit, (0, 2, 4))
+
+
+_rank_dots_2, _rank_dots_3, _rank_dots_4 = (_rank_dots_of(k) for k in (2, 3, 4))
+
+
+@njit(nogil=True, cache=True)
+def rank_dots_columns(a_addrs, ranks, X, columns, t):
+    """t[i, :ranks[i]] = A_i · X[columns[i]] for every i with a rank, A_i float32[ranks[i], n] at a_addrs[i]: the
+    columns of one A (the same address and rank) share each pass over it, four at a time (run-time LoRA deltas of a
+    batch: the sequences of one adapter, at any scale)."""
+    n = X.shape[1]
+    m = a_addrs.shape[0]
+    done = np.zeros(m, dtype=np.bool_)
+    x_table = np.zeros(4, dtype=np.int64)
+    t_table = np.zeros(4, dtype=np.int64)
+    for i in range(m):
+        if done[i] or ranks[i] == 0:
+            continue
+        k = 0
+        for j in range(i, m):
+            if not done[j] and a_addrs[j] == a_addrs[i] and ranks[j] == ranks[i]:
+                done[j] = True
+                x_table[k], t_table[k] = X[columns[j]].ctypes.data, t[j].ctypes.data
+                k += 1
+                if k == 4:
+                    _rank_dots_group(k, a_addrs[i], ranks[i], x_table, n, t_table)
+                    k = 0
+        if k:
+            _rank_dots_group(k, a_addrs[i], ranks[i], x_table, n, t_table)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _rank_dots_group(k, a_addr, r, x_table, n, t_table):
+    if k == 4:
+        _rank_dots_4(a_addr, r, x_table.ctypes.data, n, t_table.ctypes.data)
+    elif k == 3:
+        _rank_dots_3(a_addr, r, x_table.ctypes.data, n, t_table.ctypes.data)
+    elif k == 2:
+        _rank_dots_2(a_addr, r, x_table.ctypes.data, n, t_table.ctypes.data)
+    else:
+        rank_dots(a_addr, r, x_table[0], n, t_table[0])
 
 
 def _emit_rank_columns(builder, t, r, packed, out, col, width):

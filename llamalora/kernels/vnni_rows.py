@@ -281,45 +281,83 @@ def make_rows_dot(n_rows, steps):
 
         def codegen(context, builder, signature, args):
             kind, row_addr, row_stride, records_addr, nb, out_addr = args
-            intp = nb.type
-            c = lambda v: ir.Constant(intp, v)  # noqa: E731
-            rows = [builder.inttoptr(builder.add(row_addr, builder.mul(row_stride, c(k))), _i8.as_pointer())
-                    for k in range(n_rows)]
-            records = builder.inttoptr(records_addr, _i8.as_pointer())
-            n_pairs = builder.lshr(builder.add(nb, c(1)), c(1))
-            mask = load_at(builder, records, builder.mul(n_pairs, c(PAIR_BYTES)), _v64b, 64)
-            out = builder.inttoptr(out_addr, _f32.as_pointer())
-            done = builder.append_basic_block("rows_dot.done")
-            switch = builder.switch(kind, done)
-            for k_index, step in enumerate(steps):
-                block = builder.append_basic_block(f"rows_dot.kind{k_index}")
-                switch.add_case(c(k_index), block)
-                builder.position_at_end(block)
-                zero = ir.Constant(_v16f, [0.0] * 16)
-                acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(step.n_accumulators)]
-                       for _ in range(n_rows)]
-                env = {"builder": builder, "c": c, "nb": nb, "rows": rows, "records": records, "mask": mask,
-                       "acc": acc}
-                with cgutils.for_range(builder, step.n_units(builder, c, nb)) as loop:
-                    step.unit(env, loop.index, PREFETCH_BYTES > 0)
-                if step.tail is not None:
-                    step.tail(env)
-                for k in range(n_rows):
-                    accs = [builder.load(a) for a in acc[k]]
-                    if step.finish is not None:
-                        total = step.finish(builder, accs)
-                    else:
-                        total = accs[0]
-                        for a in accs[1:]:
-                            total = builder.fadd(total, a)
-                    builder.store(simd._reduce(builder, total), builder.gep(out, [c(k)]))
-                builder.branch(done)
-            builder.position_at_end(done)
+            _emit_rows_dot(builder, steps, n_rows, kind, row_addr, row_stride, [records_addr], nb, [out_addr])
             return context.get_dummy_value()
 
         return sig, codegen
 
     return rows_dot
+
+
+def make_rows_columns_dot(n_rows, n_columns, steps):
+    """Intrinsic (kind, row_addr, row_stride, records_table, nb, out_table, out_offset) -> None: make_rows_dot's
+    products for n_columns activations at once: column j's records at the address records_table[j], its outputs
+    at out_table[j] + out_offset (two int64 arrays of addresses; the offset in bytes). Every column gets the step
+    code of make_rows_dot in turn (the rows' prefetches with the first column only), so its sums are those of the
+    one-column kernel, operation for operation; the rows' loads and unpacking, the same values for every column,
+    are left to LLVM to share (its value numbering merges them: nothing is stored between them)."""
+
+    @intrinsic
+    def rows_columns_dot(typingctx, kind, row_addr, row_stride, records_table, nb, out_table, out_offset):
+        sig = types.none(*[types.intp] * 7)
+
+        def codegen(context, builder, signature, args):
+            kind, row_addr, row_stride, records_table, nb, out_table, out_offset = args
+            intp = nb.type
+
+            def column(table, j):
+                return builder.load(builder.gep(builder.inttoptr(table, intp.as_pointer()), [ir.Constant(intp, j)]))
+
+            records = [column(records_table, j) for j in range(n_columns)]
+            outs = [builder.add(column(out_table, j), out_offset) for j in range(n_columns)]
+            _emit_rows_dot(builder, steps, n_rows, kind, row_addr, row_stride, records, nb, outs)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return rows_columns_dot
+
+
+def _emit_rows_dot(builder, steps, n_rows, kind, row_addr, row_stride, records_addrs, nb, out_addrs):
+    """The body of the kernels above: for each column j, out_addrs[j][k] = row k · (the activation whose records
+    are at records_addrs[j])."""
+    intp = nb.type
+    c = lambda v: ir.Constant(intp, v)  # noqa: E731
+    rows = [builder.inttoptr(builder.add(row_addr, builder.mul(row_stride, c(k))), _i8.as_pointer())
+            for k in range(n_rows)]
+    records = [builder.inttoptr(a, _i8.as_pointer()) for a in records_addrs]
+    n_pairs = builder.lshr(builder.add(nb, c(1)), c(1))
+    mask = load_at(builder, records[0], builder.mul(n_pairs, c(PAIR_BYTES)), _v64b, 64)
+    outs = [builder.inttoptr(a, _f32.as_pointer()) for a in out_addrs]
+    done = builder.append_basic_block("rows_dot.done")
+    switch = builder.switch(kind, done)
+    for k_index, step in enumerate(steps):
+        block = builder.append_basic_block(f"rows_dot.kind{k_index}")
+        switch.add_case(c(k_index), block)
+        builder.position_at_end(block)
+        zero = ir.Constant(_v16f, [0.0] * 16)
+        envs = [{"builder": builder, "c": c, "nb": nb, "rows": rows, "records": column_records, "mask": mask,
+                 "acc": [[cgutils.alloca_once_value(builder, zero) for _ in range(step.n_accumulators)]
+                         for _ in range(n_rows)]}
+                for column_records in records]
+        with cgutils.for_range(builder, step.n_units(builder, c, nb)) as loop:
+            for j, env in enumerate(envs):
+                step.unit(env, loop.index, PREFETCH_BYTES > 0 and j == 0)
+        if step.tail is not None:
+            for env in envs:
+                step.tail(env)
+        for env, out in zip(envs, outs):
+            for k in range(n_rows):
+                accs = [builder.load(a) for a in env["acc"][k]]
+                if step.finish is not None:
+                    total = step.finish(builder, accs)
+                else:
+                    total = accs[0]
+                    for a in accs[1:]:
+                        total = builder.fadd(total, a)
+                builder.store(simd._reduce(builder, total), builder.gep(out, [c(k)]))
+        builder.branch(done)
+    builder.position_at_end(done)
 
 
 def block_heads(builder, row, starts, n_halves):

@@ -39,6 +39,7 @@ def is_api_path(path: str) -> bool:
 class ServerOptions:
     n_ctx: int = 2048  # for all slots together, as llama.cpp's -c
     n_batch: int = 512
+    n_ubatch: int = 128  # prompt tokens a batched step evaluates beside the other slots' next tokens
     n_parallel: int = 1
     embedding: bool = False
     alias: str | None = None
@@ -419,7 +420,7 @@ def create_app(loaded, options: ServerOptions, adapters: list) -> Starlette:
 
     n_slot_ctx = max(options.n_ctx // max(options.n_parallel, 1), 8)
     pool = SlotPool(loaded, options.n_parallel, n_slot_ctx, options.n_batch, adapters, options.scales,
-                    queue_timeout=options.timeout)
+                    queue_timeout=options.timeout, n_ubatch=options.n_ubatch)
     plain_vocab = copy.copy(loaded.vocab)
     plain_vocab.add_space_prefix = False
     alias = options.alias or os.path.basename(loaded.file.path)

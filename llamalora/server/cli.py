@@ -33,6 +33,9 @@ def load_for_server(model_path, threads, no_mmap, loras, loras_scaled, lora_base
 @model_options
 @click.option("-c", "--ctx-size", "--ctx_size", cls=Option, type=int, default=2048, help="context size in tokens, shared by the slots (0: the model's)")
 @click.option("-b", "--batch-size", "--batch_size", cls=Option, type=int, default=512, help="prompt tokens evaluated per batch")
+@click.option("-ub", "--ubatch-size", cls=Option, type=int, default=128, show_default=True,
+              help="prompt tokens a batched step evaluates beside the other slots' next tokens (a longer prompt "
+                   "is read a chunk a step)")
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
 @click.option("--port", type=int, default=8080, show_default=True, help="port to listen on")
 @click.option("--path", "static_path", type=click.Path(exists=True, file_okay=False), default=None,
@@ -50,7 +53,8 @@ def load_for_server(model_path, threads, no_mmap, loras, loras_scaled, lora_base
 @click.option("--metrics", is_flag=True, help="serve Prometheus metrics at GET /metrics")
 @click.option("--slots/--no-slots", default=True, show_default=True, help="show the slots' state at GET /slots")
 def server_command(model_path, threads, no_mmap, loras, loras_scaled, lora_base, lora_mode, verbose, ctx_size,
-                   batch_size, host, port, static_path, embedding, timeout, alias, api_key, parallel, max_body,
+                   batch_size, ubatch_size, host, port, static_path, embedding, timeout, alias, api_key, parallel,
+                   max_body,
                    lora_admin, metrics, slots):
     """HTTP server with llama.cpp's API, OpenAI-compatible /v1 routes, a web page and LoRA scales per request.
     Adapters are named with --lora NAME=PATH (a bare PATH is named after its folder or file) and chosen by
@@ -59,7 +63,8 @@ def server_command(model_path, threads, no_mmap, loras, loras_scaled, lora_base,
 
     from .app import ServerOptions, create_app
 
-    for name, value, low in (("-c", ctx_size, 0), ("-b", batch_size, 1), ("-np", parallel, 1), ("--port", port, 0),
+    for name, value, low in (("-c", ctx_size, 0), ("-b", batch_size, 1), ("-ub", ubatch_size, 1), ("-np", parallel, 1),
+                             ("--port", port, 0),
                              ("-to", timeout, 0), ("--max-body", max_body, 1)):
         if value < low:
             raise InputError(f"{name} must be at least {low}, got {value}")
@@ -71,7 +76,8 @@ def server_command(model_path, threads, no_mmap, loras, loras_scaled, lora_base,
     n_ctx = ctx_size or loaded.model.config.n_ctx_train
     if n_ctx // parallel < 16:
         raise InputError(f"-c {n_ctx} leaves {n_ctx // parallel} tokens per slot for -np {parallel}; raise -c")
-    options = ServerOptions(n_ctx=n_ctx, n_batch=batch_size, n_parallel=parallel, embedding=embedding, alias=alias,
+    options = ServerOptions(n_ctx=n_ctx, n_batch=batch_size, n_ubatch=ubatch_size, n_parallel=parallel,
+                            embedding=embedding, alias=alias,
                             api_key=api_key, static_dir=static_path, timeout=timeout, adapter_paths=paths,
                             scales=scales, adapters_merged=merged, adapter_names=names, lora_admin=lora_admin,
                             metrics=metrics, slots=slots, max_body=max_body)

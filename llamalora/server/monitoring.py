@@ -121,6 +121,7 @@ def slot_state(state, slot) -> dict:
                        "n_decoded": n_decoded},
         "n_cached": len(slot.ctx.tokens) if slot.ctx is not None else 0, "n_served": slot.n_served,
         "adapters": job.label if job is not None else "",
+        **state.pool.slot_state(slot),  # its place in the batched steps: phase, prompt progress
     }
 
 

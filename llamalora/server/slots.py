@@ -1,11 +1,13 @@
 """The -np slots: each holds a Context (its own KV cache) and runs one generation at a time in a worker thread.
 
-Requests beyond the free slots wait in arrival order. The event loop never touches a model: a worker thread
-runs `generate()` and hands each token to the request's asyncio queue; the numba kernels release the GIL, so
-the loop keeps answering (/health) while tokens are computed. Forward passes of different slots take turns
-under one lock (numba's default threading layer must not run two parallel kernels at once, and the kernels
-already use every core). A request may carry its own adapter scales: they become run-time deltas of its
-Context alone, so concurrent requests with different adapters never see each other's.
+Requests beyond the free slots wait in arrival order. The event loop never touches a model: a worker thread runs
+`generate()` and hands each token to the request's asyncio queue; the numba kernels release the GIL, so the loop
+keeps answering (/health) while tokens are computed. The slots' forward passes go through one
+scheduler.Scheduler (continuous batching): every step evaluates each generating slot's next token, reading the
+weights once for all of them, beside a chunk of any prompt that is being read (--ubatch-size tokens a step). A
+request joins the running batch at the next step and leaves it when it ends or its client hangs up. A request may
+carry its own adapter scales: they become run-time deltas of its Context alone, applied to its own column of the
+step, so concurrent requests with different adapters share the step and never see each other's.
 """
 
 import asyncio
@@ -22,22 +24,19 @@ from gguf import GGMLQuantizationType as GGMLType
 
 from .. import kernels
 from ..errors import LlamaLoraError
-from ..generate import Context, Timings, generate
+from ..generate import Timings, generate
 from ..sampling import ProbsReport
+from ..scheduler import Aborted, ScheduledContext, Scheduler
 from ..tensor import Tensor
 from .extra_sampling import RequestSampler
 from .schemas import ApiError
 
-MODEL_LOCK = threading.Lock()
+MODEL_LOCK = threading.Lock()  # held by each batched step, and by anything else that runs the model (embeddings)
+DEFAULT_UBATCH = 128  # prompt tokens a step evaluates beside the others' next tokens
 TASK_IDS = itertools.count()
 
 
-class SlotContext(Context):
-    """A Context whose forward passes take turns with the other slots'."""
-
-    def eval(self, ids, generating: bool = False, all_logits: bool = False):
-        with MODEL_LOCK:
-            return super().eval(ids, generating=generating, all_logits=all_logits)
+SlotContext = ScheduledContext  # a slot's Context: its forward passes are its part of the slots' batched steps
 
 
 @dataclass
@@ -76,7 +75,7 @@ def common_prefix(a: list, b: list) -> int:
 
 class SlotPool:
     def __init__(self, loaded, n_parallel: int, n_ctx: int, n_batch: int, adapters: list, scales: list,
-                 queue_timeout: float = 600.0):
+                 queue_timeout: float = 600.0, n_ubatch: int = DEFAULT_UBATCH):
         self.loaded = loaded
         self.model, self.vocab = loaded.model, loaded.vocab
         self.slots = [Slot(i) for i in range(n_parallel)]
@@ -91,6 +90,7 @@ class SlotPool:
         self.deltas: dict = {}  # run-time deltas by scales: requests mostly repeat a few settings
         self.deltas_lock = threading.Lock()
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.scheduler = Scheduler(self.model, ubatch=n_ubatch, lock=MODEL_LOCK)
 
     # scheduling (event loop thread only)
 
@@ -98,11 +98,13 @@ class SlotPool:
         return sum(s.busy for s in self.slots)
 
     def pick_free(self, job: Job) -> Slot | None:
-        """A free slot for the job: the one asked for, else the longest cached prefix, else the least recently used."""
+        """A free slot for the job: the one asked for, else the longest cached prefix computed with the job's
+        adapter scales, else the least recently used."""
         free = [s for s in self.slots if not s.busy and job.req.id_slot in (-1, s.id)]
         if not free:
             return None
-        return max(free, key=lambda s: (common_prefix(s.ctx.tokens, job.ids) if s.ctx else 0, -s.last_used))
+        return max(free, key=lambda s: (common_prefix(s.ctx.tokens, job.ids) if s.ctx and s.lora_key == job.scales
+                                        else 0, -s.last_used))
 
     async def acquire(self, job: Job) -> Slot:
         if job.req.id_slot >= len(self.slots):
@@ -158,7 +160,15 @@ class SlotPool:
     def context_for(self, slot: Slot) -> SlotContext:
         if slot.ctx is None:
             slot.ctx = SlotContext(self.model, n_ctx=self.n_ctx, n_batch=self.n_batch)
+            slot.ctx.scheduler = self.scheduler
         return slot.ctx
+
+    def slot_state(self, slot: Slot) -> dict:
+        """A slot's place in the batched steps, for /slots: its phase ("idle", "prompt": its prompt is being read,
+        "decoding": its next token waits for a step, "sampling": its worker has the logits), its prompt's progress
+        (n_prompt_tokens, n_prompt_tokens_processed) and the tokens its cache holds (n_past)."""
+        phase = self.scheduler.state(slot.ctx) if slot.ctx is not None else self.scheduler.state(None)
+        return {**phase, "n_past": len(slot.ctx.tokens) if slot.ctx is not None else 0}
 
     def deltas_for(self, key: tuple, adapters: tuple = ()) -> dict:
         """Run-time deltas for adapters at the scales in key ((id, scale), ...); ids are never reused, so a
@@ -182,6 +192,8 @@ class SlotPool:
         slot = job.slot
         try:
             self.generate_into(job, slot)
+        except Aborted:  # the client hung up while its tokens waited for a step: nobody to tell
+            pass
         except ApiError as e:
             self.emit(job, "error", e)
         except LlamaLoraError as e:  # e.g. a grammar that allows no token of this vocabulary at some point
@@ -215,6 +227,7 @@ class SlotPool:
         text, sent, n_tokens = "", 0, 0
         started = time.perf_counter()
         reason = "limit"
+        self.scheduler.join(ctx, job.cancel.is_set)
         try:
             while True:
                 token, piece = next(gen)
@@ -228,6 +241,8 @@ class SlotPool:
                 sent = ready
         except StopIteration as stop:
             reason = stop.value or "limit"
+        finally:
+            self.scheduler.leave(ctx)
         stopping_word = ""
         if reason == "stop":
             cut, stopping_word = first_stop(text, stops)

@@ -118,8 +118,12 @@ async function streamReply(body, element, signal, apiKey, onStats) {
       if (piece) {
         content += piece;
         n += 1;
+        // Only the conversation's own box follows the reply: scrolling the page would move the Stop button
+        // away from under the pointer at every token. A user who scrolled up to read stays where they are.
+        const box = element.closest(".messages");
+        const following = box && box.scrollHeight - box.scrollTop - box.clientHeight < 40;
         setContent(element, content);
-        element.scrollIntoView({ block: "end" });
+        if (following) box.scrollTop = box.scrollHeight;
       }
       if (choice.finish_reason) {
         onStats && onStats(`${choice.finish_reason} · ${n} chunks · ${((performance.now() - started) / 1000).toFixed(1)} s`);
