@@ -106,7 +106,7 @@ def run(threads: int, model_path: str, quick: bool, matmul: bool) -> None:
     rng = np.random.default_rng(1)
 
     print("\n### matvec (W·x): µs per call, GB/s of quantized weights")
-    has_vnni = vnni.host_has_vnni()
+    has_vnni = vnni.target_has_vnni()
     print(f"{'matrix':34} {'rows×cols':>12} {'MB':>6} | {'vector':>17} | " + (f"{'vnni':>17} | " if has_vnni else "")
           + f"{'plain loop':>17} | {'numpy f32':>17}")
     for label, qtype, data in matrices(np, model_path, quick):

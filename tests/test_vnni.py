@@ -21,7 +21,7 @@ from gguf import quants
 
 from llamalora.kernels import q4_0, q4_1, q5_0, q8_0, simd, vnni
 
-pytestmark = pytest.mark.skipif(not vnni.host_has_vnni(), reason="the host has no AVX-512 VNNI")
+pytestmark = pytest.mark.skipif(not vnni.target_has_vnni(), reason="the compile target has no AVX-512 VNNI")
 
 KERNELS = {qtype: partial(vnni.matvec_without_delta, driver)
            for qtype, driver in ((T.Q4_0, vnni.Q4_0), (T.Q4_1, vnni.Q4_1), (T.Q8_0, vnni.Q8_0), (T.Q5_0, vnni.Q5_0))}

@@ -22,7 +22,7 @@ from llamalora import kernels
 from llamalora.kernels import dispatch, low_rank, q4_k, q6_k, vnni
 from test_vnni import extreme_activations, raw_blocks as block_rows, strided_view
 
-pytestmark = pytest.mark.skipif(not vnni.host_has_vnni(), reason="the host has no AVX-512 VNNI")
+pytestmark = pytest.mark.skipif(not vnni.target_has_vnni(), reason="the compile target has no AVX-512 VNNI")
 
 KERNELS = {T.Q4_K: partial(vnni.matvec_without_delta, vnni.Q4_K), T.Q6_K: partial(vnni.matvec_without_delta, vnni.Q6_K)}
 MODULES = {T.Q4_K: q4_k, T.Q6_K: q6_k}

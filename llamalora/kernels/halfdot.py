@@ -23,11 +23,10 @@ kernel per token.
 import numpy as np
 from llvmlite import ir
 from numba import literally, njit, prange, types
-from numba.core import cgutils, config
-from numba.core.codegen import get_host_cpu_features
+from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import simd
+from . import simd, target
 
 F16, F16_PORTABLE, BF16 = 0, 1, 2
 KINDS = (F16, F16_PORTABLE, BF16)
@@ -49,8 +48,7 @@ def hardware_f16() -> bool:
         return True
     if not triple.startswith(("x86_64", "i386", "i686")):
         return False
-    features = config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features()
-    return "+f16c" in features.split(",")
+    return target.has("f16c")
 
 
 F16_KIND = F16 if hardware_f16() else F16_PORTABLE

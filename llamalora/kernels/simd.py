@@ -29,9 +29,10 @@ Q8_0 with 16 lanes (1.25× the 8-lane loop there), vnni.py 15 and 21 GB/s.
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils, config
-from numba.core.codegen import get_host_cpu_features
+from numba.core import cgutils
 from numba.extending import intrinsic
+
+from . import target
 
 LANES = 8          # float lanes per vector in the matmul tiles: AVX2's width (LLVM splits or widens elsewhere)
 ROW_LANES = 16     # float lanes of the matvec row loop: a block's 32 weights in two vectors (AVX-512 runs them
@@ -319,8 +320,7 @@ def make_tile_times_batch(lanes, tile_rows, tile_tokens):
 
 def wide_registers() -> bool:
     """Whether the target numba compiles for has 32 vector registers of 16 floats (AVX-512)."""
-    features = config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features()
-    return "+avx512f" in features.split(",")
+    return target.has("avx512f")
 
 
 WIDE_TILES = wide_registers()

@@ -44,19 +44,18 @@ A block whose largest |x| is not finite or outside [TINY, HUGE] makes the kernel
 writing anything; the caller then takes the portable kernel, so NaN, inf and extreme activations behave
 exactly as there.
 
-Selection: ENABLED when LLVM reports AVX-512 F, BW and VNNI on the host, unless LLAMALORA_KERNELS=portable.
-The type modules (and dispatch.matvec) call these kernels when ENABLED and fall back to the portable ones
+Selection: ENABLED when the compile target (target.py) has AVX-512 F, BW and VNNI, unless
+LLAMALORA_KERNELS=portable. The type modules (and dispatch.matvec) call these kernels when ENABLED and fall back to the portable ones
 otherwise; the drivers share one compiled `matvec(kind, ...)`, branching per step on the kind.
 """
 
 import os
 
 import numpy as np
-from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import njit, prange
 
-from . import low_rank, simd
+from . import low_rank, simd, target
 from .vnni_rows import (CORRECTIONS_AT, LAYOUT_K, LAYOUT_Q4, LAYOUT_Q8, N_LIMBS, ROWS_PER_STEP, SCALES_AT, SUMS_AT,
                         RowStep, block_heads, chained_limbs, dpbusd, lane_blocks, lanes_of, load_at, make_rows_dot,
                         prefetch_ahead, quantize_activation, record_part, splat_i32, times_256)
@@ -70,15 +69,12 @@ _f32, _i8, _i32 = ir.FloatType(), ir.IntType(8), ir.IntType(32)
 _v16f, _v16i, _v64b = ir.VectorType(_f32, 16), ir.VectorType(_i32, 16), ir.VectorType(_i8, 64)
 
 
-def host_has_vnni() -> bool:
-    try:
-        features = llvm_binding.get_host_cpu_features()
-    except RuntimeError:  # LLVM cannot tell on some hosts: take the portable kernels
-        return False
-    return all(features.get(name, False) for name in ("avx512f", "avx512bw", "avx512vnni"))
+def target_has_vnni() -> bool:
+    """Whether the target numba compiles for has AVX-512 F, BW and VNNI (target.py)."""
+    return target.has("avx512f", "avx512bw", "avx512vnni")
 
 
-ENABLED = os.environ.get("LLAMALORA_KERNELS", "auto") != "portable" and host_has_vnni()
+ENABLED = os.environ.get("LLAMALORA_KERNELS", "auto") != "portable" and target_has_vnni()
 
 
 def _fifth_bits(builder, row, start0, start1):
