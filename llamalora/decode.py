@@ -16,7 +16,7 @@ import numba
 import numpy as np
 from numba import njit
 
-from .kernels import dispatch
+from .kernels import cache, dispatch
 from .ops import attention, rms_norm, rope_inplace, swiglu
 
 SLOTS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -135,4 +135,4 @@ def forward_layers(x, weights, norms, biases, lora, k_all, v_all, n_past, cos, s
 
 
 for _function in (linear, forward_layers):
-    dispatch.cache_follows(_function, dispatch.KERNEL_SOURCES + [__file__, os.path.join(os.path.dirname(__file__), "ops.py")])
+    cache.follows(_function, cache.KERNEL_SOURCES + [__file__, os.path.join(os.path.dirname(__file__), "ops.py")])

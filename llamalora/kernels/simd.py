@@ -6,7 +6,7 @@ split into nibbles, converted to <16 x float> and multiplied with the float32 ac
 accumulator runs across a row's blocks. LLVM lowers the vectors to what the host has (AVX-512 whole;
 AVX2, SSE and NEON in pieces), so one source serves every machine. Activations stay float32: nothing is
 quantized on the fly, and results are those of the dequantized weights up to float32 rounding.
-On hosts with AVX-512 VNNI the type modules use vnni.py's integer matvec instead (these kernels remain
+On AVX-512 VNNI and AVX2 targets the type modules use intmatvec.py's integer matvec instead (these kernels remain
 its fallback, the matmul path, and the whole path under LLAMALORA_KERNELS=portable).
 
 Rows keep the file's bytes: data is uint8[n_rows, row_nbytes] (each row contiguous, any row stride).
