@@ -1,4 +1,5 @@
-"""The integer matvec kernels (intmatvec.py: AVX-512 VNNI where the compile target has it): W·x within float32 rounding of float64 products of
+"""The integer matvec kernels (intmatvec.py: AVX-512 VNNI or AVX2, whichever the compile target has; tests/
+test_avx2_target.py runs this file for an AVX2 target too): W·x within float32 rounding of float64 products of
 the dequantized weights, on real, random and adversarial blocks; extreme activations fall back to the portable
 kernels.
 

@@ -1,5 +1,5 @@
-"""The integer matvec kernels for Q4_K and Q6_K (intmatvec.py: AVX-512 VNNI where the compile target
-has it): W·x within float32 rounding of float64 products of the dequantized
+"""The integer matvec kernels for Q4_K and Q6_K (intmatvec.py: AVX-512 VNNI or AVX2; tests/test_avx2_target.py
+runs this file for an AVX2 target too): W·x within float32 rounding of float64 products of the dequantized
 weights, on quantized, random and adversarial super-blocks; extreme activations fall back to the portable kernels.
 
 The bound (llamalora/kernels/vnni.py, avx2.py), as for the 32-value types: a weight is D·q'_j + m_j with D the

@@ -1,13 +1,14 @@
-"""Matrix × vector by integer dot products, exact to float32 rounding: the driver of vnni.py (AVX-512 VNNI), for
-the instruction sets whose kernels are built on int_rows.py.
+"""Matrix × vector by integer dot products, exact to float32 rounding: the driver of vnni.py (AVX-512 VNNI) and
+avx2.py (AVX2), whichever the compile target has.
 
-The kernels turn the activation into integers once per call (int_rows.block_scales: X = round(x / s) per block of
-32, s = max|x| / X_MAX, so |x - s·X| ≤ s/2, the float32 rounding of the block's largest value) and multiply them
-with the weights' codes as the file holds them (VNNI: X as three bytes into vpdpbusd). Q4_0, Q4_1, Q5_0, Q8_0,
-Q4_K and Q6_K rows are read in place, block scales and all, so a weight needs no widened scale arrays beside it.
+Both turn the activation into integers once per call (int_rows.block_scales: X = round(x / s) per block of 32, s =
+max|x| / X_MAX, so |x - s·X| ≤ s/2, the float32 rounding of the block's largest value) and multiply them with the
+weights' codes as the file holds them; they differ in how X is split into limbs their multiply-adds take (VNNI:
+three bytes into vpdpbusd; AVX2: two 16-bit halves into vpmaddwd). Q4_0, Q4_1, Q5_0, Q8_0, Q4_K and Q6_K rows are
+read in place, block scales and all, so a weight needs no widened scale arrays beside it.
 
-ISA is the instruction set taken: VNNI when the target has AVX-512 F, BW and VNNI (target.py), none otherwise or
-under LLAMALORA_KERNELS=portable; ENABLED when one is. The type modules and
+ISA is the instruction set taken: VNNI when the target has AVX-512 F, BW and VNNI, AVX2 when it has AVX2, FMA and
+F16C (target.py), none otherwise or under LLAMALORA_KERNELS=portable; ENABLED when one is. The type modules and
 dispatch.matvec call `matvec` when ENABLED and take the portable kernels for what it declines (an extreme
 activation) and everywhere else.
 """
@@ -17,23 +18,25 @@ import os
 import numpy as np
 from numba import njit, prange
 
-from . import cache, low_rank, target, vnni
+from . import avx2, cache, low_rank, target, vnni
 from .int_rows import BLOCK_BYTES, BLOCK_VALUES, Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0  # noqa: F401
 
-NONE, VNNI = "none", "avx512vnni"
+NONE, VNNI, AVX2 = "none", "avx512vnni", "avx2"
 
 
 def target_isa() -> str:
     """The integer kernels' instruction set on the compile target (NONE without one)."""
     if target.has("avx512f", "avx512bw", "avx512vnni"):
         return VNNI
+    if target.has("avx2", "fma", "f16c"):
+        return AVX2
     return NONE
 
 
 ISA = NONE if os.environ.get("LLAMALORA_KERNELS", "auto") == "portable" else target_isa()
 ENABLED = ISA != NONE
 # The chosen set's kernels and its activation records (numba compiles only the set its callers reach)
-_KERNELS = vnni
+_KERNELS = avx2 if ISA == AVX2 else vnni
 _rows_dot, _row_dot = _KERNELS.rows_dot, _KERNELS.row_dot
 _quantize_activation = _KERNELS.quantize_activation
 ROWS_PER_STEP = _KERNELS.ROWS_PER_STEP
