@@ -53,7 +53,7 @@ LAYOUT_Q4, LAYOUT_Q5, LAYOUT_Q8, LAYOUT_K = 0, 1, 2, 3
 # the whole bytes z_j = lo_j + 16·hi_j (no mask), and Σ z_j·X_j + Σ hi_j·X'_j = Σ lo_j·X_j + Σ hi_j·X_(16+j)
 # (|X'| ≤ 17·X_MAX: its H stays within ±2168). Q4 layout: corrections -8·Σ of the lane's four X (Q4_0's offset),
 # sums the lane's Σx (Q4_1's minima); Q5 layout (Q5_0): the corrections; Q8 layout: neither; K layout: the sums
-# part of a super-block's first record holds its eight block sums of x (Q4_K's minima), zero elsewhere.
+# part of a super-block's first record holds its eight block sums of x (Q4_K's minima), the others none.
 HIGH_AT, LOW_AT, SCALES_AT, CORRECTIONS_AT, SUMS_AT = 0, 64, 128, 160, 192
 RECORD_BYTES = 224
 LANE_WEIGHTS = [[2 * i, 2 * i + 1, 16 + 2 * i, 17 + 2 * i] for i in range(8)]
@@ -67,15 +67,16 @@ def _lane_sums(builder, v):
 
 
 def _make_quantize_block(layout):
-    """Intrinsic (x_addr, inv, s, record_addr) -> None: the record of the 32 float32 at x_addr (inv = 1/s; inv = 0
-    makes the block zero); the K layout's sums are written apart (_put_block_sums)."""
+    """Intrinsic (x_addr, inv, s, record_addr, sum_addr) -> None: the record of the 32 float32 at x_addr (inv =
+    1/s; inv = 0 makes the block zero); the K layout also writes the block's sum of x (summed in float64 in a fixed
+    order, rounded once) to sum_addr, a lane of its super-block's first record."""
 
     @intrinsic
-    def quantize_block(typingctx, x_addr, inv, s, record_addr):
-        sig = types.none(types.intp, types.float64, types.float32, types.intp)
+    def quantize_block(typingctx, x_addr, inv, s, record_addr, sum_addr):
+        sig = types.none(types.intp, types.float64, types.float32, types.intp, types.intp)
 
         def codegen(context, builder, signature, args):
-            x_addr, inv, s, record_addr = args
+            x_addr, inv, s, record_addr, sum_addr = args
             v32f, v32d, v32i, v32s = (ir.VectorType(t, 32) for t in (_f32, ir.DoubleType(), _i32, _i16))
             rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32d, [v32d]), "llvm.rint.v32f64")
             x = builder.load(builder.inttoptr(x_addr, v32f.as_pointer()), align=4)
@@ -103,6 +104,15 @@ def _make_quantize_block(layout):
                 store(builder.mul(_lane_sums(builder, X), ir.Constant(_v8i, [-8] * 8)), CORRECTIONS_AT)
             if layout == LAYOUT_Q4:
                 store(_lane_sums(builder, x), SUMS_AT)
+            if layout == LAYOUT_K:
+                total = builder.fpext(x, v32d)
+                for width in (16, 8, 4, 2, 1):
+                    halves = [builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(_i32, width),
+                                                                                list(range(k, k + width))))
+                              for k in (0, width)]
+                    total = builder.fadd(*halves)
+                block_sum = builder.fptrunc(builder.extract_element(total, ir.Constant(_i32, 0)), _f32)
+                builder.store(block_sum, builder.inttoptr(sum_addr, _f32.as_pointer()), align=4)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -133,31 +143,15 @@ def quantize_activation(x, layout):
         inv = 1.0 / np.float64(s) if s != 0 else 0.0
         record = buf.ctypes.data + start + b * RECORD_BYTES
         if layout == LAYOUT_Q4:
-            _quantize_block_q4(x.ctypes.data + 128 * b, inv, s, record)
+            _quantize_block_q4(x.ctypes.data + 128 * b, inv, s, record, 0)
         elif layout == LAYOUT_Q5:
-            _quantize_block_q5(x.ctypes.data + 128 * b, inv, s, record)
+            _quantize_block_q5(x.ctypes.data + 128 * b, inv, s, record, 0)
         elif layout == LAYOUT_Q8:
-            _quantize_block_q8(x.ctypes.data + 128 * b, inv, s, record)
-        else:
-            _quantize_block_k(x.ctypes.data + 128 * b, inv, s, record)
-    if layout == LAYOUT_K:
-        _put_block_sums(x, buf[start:end])
+            _quantize_block_q8(x.ctypes.data + 128 * b, inv, s, record, 0)
+        else:   # the block's sum in lane b mod 8 of its super-block's first record
+            first = buf.ctypes.data + start + (b - b % 8) * RECORD_BYTES
+            _quantize_block_k(x.ctypes.data + 128 * b, inv, s, record, first + SUMS_AT + 4 * (b % 8))
     return buf, buf.ctypes.data + start, True
-
-
-@njit(nogil=True, cache=True)
-def _put_block_sums(x, records):
-    """The K layout's sums: record 8k's sums part holds the sums of x of blocks 8k … 8k + 7 (each rounded once,
-    from float64), every other record's is zero."""
-    nb = x.shape[0] // 32
-    for b in range(nb):
-        sums = records[b * RECORD_BYTES + SUMS_AT:(b + 1) * RECORD_BYTES].view(np.float32)
-        sums[:] = 0
-        total = 0.0
-        for j in range(32 * b, 32 * b + 32):
-            total += np.float64(x[j])
-        records[(b - b % 8) * RECORD_BYTES + SUMS_AT + 4 * (b % 8):
-                (b - b % 8) * RECORD_BYTES + SUMS_AT + 4 * (b % 8) + 4].view(np.float32)[0] = np.float32(total)
 
 
 # --- IR helpers -------------------------------------------------------------------------------------
