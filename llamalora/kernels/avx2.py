@@ -37,7 +37,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import simd
-from .int_rows import (Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, RowStep, block_scales, lanes_of, load_at,
+from .int_rows import (PREFETCH_BYTES, Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, ROWS_PER_STEP, RowStep, block_scales, lanes_of, load_at,
                        make_rows_dot, minus_minima, prefetch_ahead, q4_k_scales_and_minima, q6_k_scales)
 
 _f32, _i8, _i16, _i32 = ir.FloatType(), ir.IntType(8), ir.IntType(16), ir.IntType(32)
@@ -360,13 +360,6 @@ STEPS = {Q4_0: _block_step("q4_0"), Q4_1: _block_step("q4_1"), Q8_0: _block_step
          Q4_K: RowStep(2, _super_blocks, _q4_k_unit, finish=minus_minima), Q6_K: RowStep(1, _super_blocks, _q6_k_unit)}
 # FMAs into an accumulator lane per block of 32, by kernel id (the error bound counts a rounding for each)
 LANE_FMAS_PER_BLOCK = (1, 1, 1, 1, 2, 1)
-# Rows one at a time, no software prefetch: on an AMD EPYC (Zen 4, the kernels compiled for Haswell) the hardware
-# prefetchers follow one row's stream, which runs on into the next row, best. Against two rows a step 8 KB ahead
-# (vnni.py's choice on a Xeon), SmolLM2's Q8_0 token embedding read 17.0 GB/s against 9.4 on one core, its Q4_0
-# layers and embedding 10.7 against 8.6 (CPU time, alternated in one process); two rows without the prefetch fell
-# to 6.0 GB/s, one row 2 KB or 8 KB ahead gave 0.98-1.0 and 0.8-0.95 of the plain stream.
-PREFETCH_BYTES = 0
-ROWS_PER_STEP = 1
 
 rows_dot = make_rows_dot(ROWS_PER_STEP, [STEPS[kind] for kind in range(len(STEPS))], 8, PREFETCH_BYTES)
 row_dot = rows_dot if ROWS_PER_STEP == 1 else make_rows_dot(1, [STEPS[kind] for kind in range(len(STEPS))], 8,

@@ -5,12 +5,15 @@ import os
 
 from numba.core.caching import NullCache
 
+from . import target
+
 KERNEL_SOURCES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "*.py")))
 
 
 def follows(dispatcher, source_files) -> None:
     """Make a cached compiled function stale whenever one of source_files changes, or the kernel choice
-    (LLAMALORA_KERNELS; the compile target's features already key numba's cache).
+    (LLAMALORA_KERNELS, and the host's way of streaming rows; the compile target's name and features already key
+    numba's cache).
 
     numba checks a cached function against its own file only, and the machine code of the functions it calls is
     saved with it: a compiled caller of kernels in other files would go on running their old code after they
@@ -21,5 +24,6 @@ def follows(dispatcher, source_files) -> None:
         dispatcher._cache = NullCache()
         return
     stamps = tuple((st.st_mtime, st.st_size) for st in map(os.stat, source_files))
-    stamps += (("LLAMALORA_KERNELS", os.environ.get("LLAMALORA_KERNELS", "auto")),)
+    stamps += (("LLAMALORA_KERNELS", os.environ.get("LLAMALORA_KERNELS", "auto")),
+               ("one row", target.host_streams_one_row()))
     cache_file._source_stamp = (cache_file._source_stamp, stamps)

@@ -1,4 +1,5 @@
-"""The instruction set numba compiles for, which every kernel choice follows.
+"""The instruction set numba compiles for, which every kernel choice follows; and how the host's memory system
+likes rows streamed, which only tunes them.
 
 numba's JIT hands LLVM a CPU name and a feature list: NUMBA_CPU_NAME / NUMBA_CPU_FEATURES when set, otherwise
 the host's. The explicit features override whatever the CPU name implies, and without NUMBA_CPU_FEATURES the
@@ -8,6 +9,7 @@ for this host). A kernel that uses an instruction the target lacks makes LLVM ab
 features named with a "+" in that list count as present.
 """
 
+import llvmlite.binding as llvm
 from numba.core import config
 from numba.core.codegen import get_host_cpu_features
 
@@ -22,3 +24,14 @@ def has(*names: str) -> bool:
     """Whether the compile target has every one of the named features."""
     present = features()
     return all(name in present for name in names)
+
+
+AMD_CPU_NAMES = ("znver", "bdver", "btver", "amdfam", "barcelona", "opteron", "athlon", "k8")
+
+
+def host_streams_one_row() -> bool:
+    """Whether the host's hardware prefetchers follow a matrix best one row at a time (AMD's, measured on an EPYC
+    Zen 4 for the integer and F16 decode kernels, AVX2 and AVX-512 code alike), against interleaved rows with a
+    software prefetch ahead (Intel's, measured on an AVX-512 Xeon). A property of the host, not of the compile
+    target: it decides how the kernels walk the rows, never which instructions they use."""
+    return llvm.get_host_cpu_name().startswith(AMD_CPU_NAMES)

@@ -32,12 +32,12 @@ for Q4_1 the lane sums of x and their FMA, for Q4_K the block sums and theirs) a
 and tests/test_int_kernels_k.py state the bound, 2^-24·((nb/2 + 10)·Σ_b Σ_j (|d q'_j| + |m_j|)·|x_j| + 1.02·Σ_b max_b|x|·
 Σ_j |d q'_j|) over the blocks b of 32 (d the weight's scale: Q4_K's and Q6_K's d·sc of its sub-block).
 
-Streaming: decode reads every weight from memory once per token, and the hardware prefetchers alone left
-the loop waiting on loads at half its in-cache speed. Each row's stream is prefetched 8 KB ahead (past a
-row's end that is the rows after it) and two rows go through a step together, sharing the record loads.
-On the one-token path of a random 1B-shaped Q4_0 llama (560 MB of weights, one core of an AVX-512 Xeon)
-that took the matrix × vector from 5.6 to 10.5 GB/s; SmolLM2's Q4_1 from 7 to 14, its Q8_0 from 8.4 to 18.5
-(benchmarks/bench_kernels.py --stream). The same machinery (int_rows.py: make_rows_dot, shared with the AVX2
+Streaming: decode reads every weight from memory once per token, and on an Intel Xeon the hardware prefetchers
+alone left the loop waiting on loads at half its in-cache speed. There each row's stream is prefetched 8 KB ahead
+(past a row's end that is the rows after it) and two rows go through a step together, sharing the record loads:
+on the one-token path of a random 1B-shaped Q4_0 llama (560 MB of weights, one core of an AVX-512 Xeon) that
+took the matrix × vector from 5.6 to 10.5 GB/s; SmolLM2's Q4_1 from 7 to 14, its Q8_0 from 8.4 to 18.5
+(benchmarks/bench_kernels.py --stream). AMD's prefetchers follow one row at a time best (int_rows.py). The same machinery (int_rows.py: make_rows_dot, shared with the AVX2
 kernels) serves every type: a step is a block pair for the 32-value types, a super-block for the K-quants.
 
 A block whose largest |x| is not finite or outside [TINY, HUGE] makes the kernels return False without
@@ -55,7 +55,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import simd
-from .int_rows import (Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, RowStep, block_heads, block_scales,
+from .int_rows import (PREFETCH_BYTES, Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, ROWS_PER_STEP, RowStep, block_heads, block_scales,
                        lanes_of, load_at, make_rows_dot, minus_minima, prefetch_ahead, q4_k_scales_and_minima,
                        q6_k_scales, splat_i32)
 
@@ -420,12 +420,6 @@ STEPS = {Q4_0: _block_pair_step("q4_0"), Q4_1: _block_pair_step("q4_1"), Q8_0: _
          Q6_K: RowStep(1, _super_blocks, _q6_k_unit)}
 # FMAs into an accumulator lane per block of 32, by kernel id (the error bound counts a rounding for each)
 LANE_FMAS_PER_BLOCK = (0.5,) * 6
-# Decode streams the weights from memory once per token. On an AVX-512 Xeon the hardware prefetchers alone left the
-# loop waiting on loads (half its in-cache speed); a software prefetch 8 KB ahead in each row and two rows per step
-# (sharing each record load) doubled the streaming GB/s on one core. 1-8 KB ahead and 1, 2, 4 rows per step were
-# measured; 2 rows 8 KB ahead was best.
-PREFETCH_BYTES = 8192
-ROWS_PER_STEP = 2
 
 
 def _load_mask(builder, c, records, nb):
@@ -436,4 +430,5 @@ def _load_mask(builder, c, records, nb):
 
 rows_dot = make_rows_dot(ROWS_PER_STEP, [STEPS[kind] for kind in range(len(STEPS))], 16, PREFETCH_BYTES,
                          _load_mask)
-row_dot = make_rows_dot(1, [STEPS[kind] for kind in range(len(STEPS))], 16, PREFETCH_BYTES, _load_mask)
+row_dot = rows_dot if ROWS_PER_STEP == 1 else make_rows_dot(1, [STEPS[kind] for kind in range(len(STEPS))], 16,
+                                                            PREFETCH_BYTES, _load_mask)
