@@ -4,7 +4,7 @@
     python benchmarks/bench_generate.py -m smollm2:q4_1 -t 2 --no-adapter --pp 128 --tg 32   # one row, quickly
 
 Models are named as benchmarks/models.py makes them (`smollm2:q4_1` is the shipped file; `smollm2:q4_0`, `:q8_0`,
-`:f16`, `:q4_k_m`, `:q6_k`, `1b:q4_0`, `1b:f16`) or given as paths. With the adapter, each model also runs with
+`:f16`, `:q4_k_m`, `:q6_k`, `1b:q4_0`, `1b:f16`, `1b:q4_k_m`) or given as paths. With the adapter, each model also runs with
 a random all-linear r=16 adapter (benchmarks/bench_lora.py makes it): run-time mode for us (W stays quantized),
 the same adapter as GGUF through `lora_path` for llama.cpp, which also applies it unmerged.
 
@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the checkout's llamalora, not an installed one
 sys.path.insert(0, HERE)
 MODEL_NAMES = ("smollm2:q4_1", "smollm2:q4_0", "smollm2:q8_0", "smollm2:f16", "smollm2:q4_k_m", "smollm2:q6_k",
-               "1b:q4_0", "1b:f16")
+               "1b:q4_0", "1b:f16", "1b:q4_k_m")
 
 
 def bandwidth_gbs() -> float:

@@ -246,22 +246,24 @@ def test_bad_shapes_are_refused():
 @pytest.mark.parametrize("rank", [16, 5])
 def test_delta_inside_the_row_loop_equals_the_delta_after_it(rank):
     """dispatch.matvec with a run-time LoRA delta (added chunk by chunk inside the integer kernels' row loop) gives
-    bit for bit W·x followed by low_rank.add_low_rank_matvec, for every integer-kernel type, with a last chunk of 37 rows
-    that is partial and odd."""
+    bit for bit W·x followed by low_rank.add_low_rank_matvec, for every integer-kernel type: 37 rows (a last chunk
+    partial and odd) and 149 (with int_rows.SPREAD_ROWS, two groups of four spread chunks and then a whole and a
+    partial chunk on their own)."""
     rng = np.random.default_rng(rank)
     for qtype in (T.Q4_0, T.Q4_1, T.Q8_0, T.Q5_0, T.Q4_K, T.Q6_K):
-        data = raw_blocks(rng, qtype, 37, 2) if qtype in MODULES else block_rows(rng, qtype, 37, 16)
-        prepared = kernels.type_module(qtype).prepare(data, 512)
-        arrays = dispatch.uniform_arrays(kernels.Weight(qtype, 37, 512, prepared))
-        x = rng.standard_normal(512).astype(np.float32)
-        a = rng.standard_normal((rank, 512)).astype(np.float32)
-        packed_b = kernels.pack_scaled_b(rng.standard_normal((37, rank)))
-        after = np.empty(37, np.float32)
-        dispatch.matvec(*arrays, x, after, *NO_DELTA, intmatvec.NO_FACTORS, False)
-        without = after.copy()
-        low_rank.add_low_rank_matvec(a, packed_b, x, after)
-        for one_thread in (False, True):
-            fused = np.empty(37, np.float32)
-            dispatch.matvec(*arrays, x, fused, a, packed_b, a, one_thread)  # (a as the next weight's A)
-            assert np.array_equal(fused, after), (qtype.name, one_thread)
-        assert np.abs(fused - without).min() > 0  # the delta is there in every row
+        for n_rows in (37, 149):
+            data = raw_blocks(rng, qtype, n_rows, 2) if qtype in MODULES else block_rows(rng, qtype, n_rows, 16)
+            prepared = kernels.type_module(qtype).prepare(data, 512)
+            arrays = dispatch.uniform_arrays(kernels.Weight(qtype, n_rows, 512, prepared))
+            x = rng.standard_normal(512).astype(np.float32)
+            a = rng.standard_normal((rank, 512)).astype(np.float32)
+            packed_b = kernels.pack_scaled_b(rng.standard_normal((n_rows, rank)))
+            after = np.empty(n_rows, np.float32)
+            dispatch.matvec(*arrays, x, after, *NO_DELTA, intmatvec.NO_FACTORS, False)
+            without = after.copy()
+            low_rank.add_low_rank_matvec(a, packed_b, x, after)
+            for one_thread in (False, True):
+                fused = np.empty(n_rows, np.float32)
+                dispatch.matvec(*arrays, x, fused, a, packed_b, a, one_thread)  # (a as the next weight's A)
+                assert np.array_equal(fused, after), (qtype.name, n_rows, one_thread)
+            assert np.abs(fused - without).min() > 0  # the delta is there in every row

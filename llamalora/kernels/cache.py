@@ -25,5 +25,5 @@ def follows(dispatcher, source_files) -> None:
         return
     stamps = tuple((st.st_mtime, st.st_size) for st in map(os.stat, source_files))
     stamps += (("LLAMALORA_KERNELS", os.environ.get("LLAMALORA_KERNELS", "auto")),
-               ("one row", target.host_streams_one_row()))
+               ("one row", target.host_spreads_rows()))
     cache_file._source_stamp = (cache_file._source_stamp, stamps)

@@ -33,9 +33,9 @@ KINDS = (F16, F16_PORTABLE, BF16)
 LANES = 16   # values widened and multiplied per step: one AVX-512 register, two AVX2 / four NEON ones
 # Rows per matvec step. On an AMD EPYC (Zen 4) one row at a time streams best: SmolLM2's F16 weights read 20.7 GB/s
 # on one core against 8.8 four rows a step (2 rows: 8.7), compiled for Haswell or for the host's AVX-512 alike
-# (target.host_streams_one_row). Elsewhere 4 rows share each load of x (4 accumulators + x + widened weights fit
+# (target.host_spreads_rows). Elsewhere 4 rows share each load of x (4 accumulators + x + widened weights fit
 # any target's registers).
-ROWS = 1 if target.host_streams_one_row() else 4
+ROWS = 1 if target.host_spreads_rows() else 4
 
 _f32 = ir.FloatType()
 _i16 = ir.IntType(16)

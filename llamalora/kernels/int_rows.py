@@ -132,15 +132,18 @@ def block_scales(x, scale, top):
 # --- the row kernels -----------------------------------------------------------------------------------
 
 # Decode streams the weights from memory once per token, and how best depends on the host's memory system
-# (target.host_streams_one_row). On an AVX-512 Xeon the hardware prefetchers alone left the VNNI loop waiting on
-# loads (half its in-cache speed); a software prefetch 8 KB ahead in each row and two rows per step (sharing each
+# (target.host_spreads_rows). On an AVX-512 Xeon the hardware prefetchers alone left the VNNI loop waiting on loads
+# (half its in-cache speed); a software prefetch 8 KB ahead in each row and two adjacent rows per step (sharing each
 # record load) doubled the streaming GB/s on one core (1-8 KB ahead and 1, 2, 4 rows per step were measured). On an
-# AMD EPYC (Zen 4) the prefetchers follow one row's stream, which runs on into the next row, best, and a software
-# prefetch only gets in their way: SmolLM2's Q8_0 token embedding read 17.0 GB/s on one core one row at a time
-# against 9.4 two rows 8 KB ahead and 6.0 two rows without it (the AVX2 kernels; CPU time, alternated in one
-# process), its Q4_0 weights 10.7 against 8.6 GB/s (VNNI kernels: 11.7 against 8.9); one row 2 KB or 8 KB ahead
-# gave 0.98-1.0 and 0.8-0.95 of the plain stream. Intel hosts keep the Xeon's choice for both instruction sets.
-ROWS_PER_STEP, PREFETCH_BYTES = (1, 0) if target.host_streams_one_row() else (2, 8192)
+# AMD EPYC (Zen 4) adjacent rows confuse the prefetchers (each stream skips every other row): SmolLM2's Q8_0 token
+# embedding read 9.4 GB/s on one core two adjacent rows a step 8 KB ahead, 6.0 without the prefetch, 14.4 one row
+# at a time. There a step takes four rows spread over the matrix (rows g, g + n/4, g + n/2, g + 3n/4: four streams,
+# each running on through its quarter), 1 KB ahead: 19.3 GB/s for that embedding, and rows too long for their
+# records to stay in L1 gain most (the 1B-shaped Q4_0's 2048 × 5632 ffn_down: 4.4 GB/s one row at a time, 9.9
+# spread; its 2048 × 2048 and 5632 × 2048 weights 10.1-10.4 either way; AVX2 kernels, random blocks, CPU time,
+# alternated in one process; the VNNI kernels there: 6.4 and 11.4 GB/s for ffn_down). Intel hosts keep the Xeon's
+# choice for both instruction sets.
+ROWS_PER_STEP, PREFETCH_BYTES, SPREAD_ROWS = (4, 1024, True) if target.host_spreads_rows() else (2, 8192, False)
 
 
 def prefetch_ahead(env, row, start, n_bytes):
@@ -166,26 +169,26 @@ class RowStep(NamedTuple):
 
 
 def make_rows_dot(n_rows, steps, lanes, prefetch_bytes, prologue=None):
-    """Intrinsic (kind, row_addr, row_stride, records_addr, nb, out_addr) -> None: out[k] = row k · x for n_rows
-    rows (row k at row_addr + k·row_stride) of nb blocks of 32 values, x as the instruction set's records, by
+    """Intrinsic (kind, row_addr, row_stride, records_addr, nb, out_addr, out_stride) -> None: float32 at out_addr
+    + k·out_stride = row k · x for n_rows rows (row k at row_addr + k·row_stride, strides in bytes) of nb blocks of
+    32 values, x as the instruction set's records, by
     the RowStep steps[kind] (a switch on kind around the types' loops; another kind does nothing), in float
     accumulators of `lanes` lanes, each row's stream prefetched prefetch_bytes ahead (0: not at all).
     prologue(builder, c, records, nb) -> dict: entries added to every step's env (constants the steps load
     once)."""
 
     @intrinsic
-    def rows_dot(typingctx, kind, row_addr, row_stride, records_addr, nb, out_addr):
-        sig = types.none(types.intp, types.intp, types.intp, types.intp, types.intp, types.intp)
+    def rows_dot(typingctx, kind, row_addr, row_stride, records_addr, nb, out_addr, out_stride):
+        sig = types.none(*([types.intp] * 7))
 
         def codegen(context, builder, signature, args):
-            kind, row_addr, row_stride, records_addr, nb, out_addr = args
+            kind, row_addr, row_stride, records_addr, nb, out_addr, out_stride = args
             intp = nb.type
             c = lambda v: ir.Constant(intp, v)  # noqa: E731
             rows = [builder.inttoptr(builder.add(row_addr, builder.mul(row_stride, c(k))), _i8.as_pointer())
                     for k in range(n_rows)]
             records = builder.inttoptr(records_addr, _i8.as_pointer())
             shared = prologue(builder, c, records, nb) if prologue is not None else {}
-            out = builder.inttoptr(out_addr, _f32.as_pointer())
             done = builder.append_basic_block("rows_dot.done")
             switch = builder.switch(kind, done)
             for k_index, step in enumerate(steps):
@@ -209,7 +212,8 @@ def make_rows_dot(n_rows, steps, lanes, prefetch_bytes, prologue=None):
                         total = accs[0]
                         for a in accs[1:]:
                             total = builder.fadd(total, a)
-                    builder.store(simd._reduce(builder, total), builder.gep(out, [c(k)]))
+                    out = builder.inttoptr(builder.add(out_addr, builder.mul(out_stride, c(k))), _f32.as_pointer())
+                    builder.store(simd._reduce(builder, total), out)
                 builder.branch(done)
             builder.position_at_end(done)
             return context.get_dummy_value()

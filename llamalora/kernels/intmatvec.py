@@ -19,7 +19,8 @@ import numpy as np
 from numba import njit, prange
 
 from . import avx2, cache, low_rank, target, vnni
-from .int_rows import BLOCK_BYTES, BLOCK_VALUES, Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0  # noqa: F401
+from .int_rows import (BLOCK_BYTES, BLOCK_VALUES, Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0,  # noqa: F401
+                       ROWS_PER_STEP, SPREAD_ROWS)
 
 NONE, VNNI, AVX2 = "none", "avx512vnni", "avx2"
 
@@ -39,7 +40,6 @@ ENABLED = ISA != NONE
 _KERNELS = avx2 if ISA == AVX2 else vnni
 _rows_dot, _row_dot = _KERNELS.rows_dot, _KERNELS.row_dot
 _quantize_activation = _KERNELS.quantize_activation
-ROWS_PER_STEP = _KERNELS.ROWS_PER_STEP
 LAYOUTS = np.array(_KERNELS.LAYOUTS, dtype=np.int64)
 # FMAs into an accumulator lane per block of 32, by kernel id: the error bound counts a rounding for each
 LANE_FMAS_PER_BLOCK = _KERNELS.LANE_FMAS_PER_BLOCK
@@ -49,19 +49,59 @@ NO_PACKED_B = np.zeros((0, low_rank.LANES), dtype=np.float32)
 CHUNK_ROWS = low_rank.LANES  # rows of W per iteration of the parallel loop when a LoRA delta rides along
 
 @njit(nogil=True, cache=True, inline="always")
-def _rows_with_delta(kind, row_addr, row_stride, records, nb, out_addr, n_rows, chunk, t_addr, rank, b_addr,
-                     chunk_bytes, next_addr, next_lines, lines_per_chunk):
-    """Rows chunk·CHUNK_ROWS … of W·x, then their outputs' s·B·t, and the chunk's share of next A's lines."""
+def _step(kind, g, part, row_addr, row_stride, records, nb, out_addr):
+    """Step g of the ROWS_PER_STEP-row kernel over the first ROWS_PER_STEP·part rows: rows g, g + part, g + 2·part
+    ... where int_rows.SPREAD_ROWS (each row stream of the step runs on through the matrix), else the adjacent
+    rows g·ROWS_PER_STEP ... ."""
+    if SPREAD_ROWS:
+        _rows_dot(kind, row_addr + g * row_stride, part * row_stride, records, nb, out_addr + 4 * g, 4 * part)
+    else:
+        r = g * ROWS_PER_STEP
+        _rows_dot(kind, row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r, 4)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _chunk_delta(chunk, n_rows, t_addr, rank, b_addr, chunk_bytes, out_addr, next_addr, next_lines, lines_per_chunk):
+    """The s·B·t of chunk's outputs (rows chunk·CHUNK_ROWS …), and the chunk's share of next A's lines."""
     if next_lines:
         low_rank.prefetch_lines(next_addr, chunk * lines_per_chunk, min((chunk + 1) * lines_per_chunk, next_lines))
     first = chunk * CHUNK_ROWS
+    low_rank.add_rank_columns(t_addr, rank, b_addr + chunk * chunk_bytes, min(CHUNK_ROWS, n_rows - first),
+                              out_addr + 4 * first)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _chunks_with_delta(kind, group, n_groups, row_addr, row_stride, records, nb, out_addr, n_rows, t_addr, rank,
+                       b_addr, chunk_bytes, next_addr, next_lines, lines_per_chunk):
+    """Chunk group `group` of CHUNK_ROWS-row chunks, W·x and then each chunk's delta: with SPREAD_ROWS, chunks
+    group, group + n_groups … (one row of each per step: every stream runs through a chunk's rows in turn), else
+    chunk `group` alone (its rows ROWS_PER_STEP at a time)."""
+    if SPREAD_ROWS:
+        for i in range(CHUNK_ROWS):
+            r = group * CHUNK_ROWS + i
+            _rows_dot(kind, row_addr + r * row_stride, n_groups * CHUNK_ROWS * row_stride, records, nb,
+                      out_addr + 4 * r, 4 * n_groups * CHUNK_ROWS)
+        for k in range(ROWS_PER_STEP):
+            _chunk_delta(group + k * n_groups, n_rows, t_addr, rank, b_addr, chunk_bytes, out_addr, next_addr,
+                         next_lines, lines_per_chunk)
+        return
+    first = group * CHUNK_ROWS
     end = min(first + CHUNK_ROWS, n_rows)
     whole = first + (end - first) // ROWS_PER_STEP * ROWS_PER_STEP
     for r in range(first, whole, ROWS_PER_STEP):
-        _rows_dot(kind, row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
+        _rows_dot(kind, row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r, 4)
     for r in range(whole, end):
-        _row_dot(kind, row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
-    low_rank.add_rank_columns(t_addr, rank, b_addr + chunk * chunk_bytes, end - first, out_addr + 4 * first)
+        _row_dot(kind, row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r, 4)
+    _chunk_delta(group, n_rows, t_addr, rank, b_addr, chunk_bytes, out_addr, next_addr, next_lines, lines_per_chunk)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _lone_chunk_with_delta(kind, chunk, row_addr, row_stride, records, nb, out_addr, n_rows, t_addr, rank, b_addr,
+                           chunk_bytes, next_addr, next_lines, lines_per_chunk):
+    """A chunk left over from the spread groups: its rows one at a time, then its delta."""
+    for r in range(chunk * CHUNK_ROWS, min((chunk + 1) * CHUNK_ROWS, n_rows)):
+        _row_dot(kind, row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r, 4)
+    _chunk_delta(chunk, n_rows, t_addr, rank, b_addr, chunk_bytes, out_addr, next_addr, next_lines, lines_per_chunk)
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -70,8 +110,9 @@ def matvec(kind, data, x, out, a, packed_b, a_next, one_thread):
     for rows data uint8[n_rows, ≥ n_blocks·BLOCK_BYTES[kind]] of the driver kind (int_rows.Q4_0 ... Q6_K); False
     (out untouched) for an x the integer path does not take.
 
-    With a delta, the parallel loop runs over chunks of 16 rows, and each chunk adds its 16 outputs' s·B·t (t =
-    a·x, formed first) right after its rows: s·B streams beside the weight, on every thread, instead of in a pass
+    Without a delta the parallel loop runs over steps of ROWS_PER_STEP rows (int_rows.py says which). With one, it
+    runs over chunks of 16 rows (with SPREAD_ROWS, groups of ROWS_PER_STEP chunks spread over the matrix), and each
+    chunk adds its 16 outputs' s·B·t (t = a·x, formed first) right after its rows: s·B streams beside the weight, on every thread, instead of in a pass
     of its own after the loop. The sums are those of low_rank.add_low_rank_matvec after W·x. a_next (the A
     factor the caller multiplies next, or an empty array) is prefetched into L2 a share per chunk, so that its
     serial a·x reads it from cache. one_thread: the caller runs on one thread (numba's get_num_threads() == 1,
@@ -92,16 +133,15 @@ def matvec(kind, data, x, out, a, packed_b, a_next, one_thread):
     row_addr, row_stride, out_addr = data.ctypes.data, data.strides[0], out.ctypes.data
     n_rows, rank = data.shape[0], a.shape[0]
     if rank == 0:
-        n_steps = n_rows // ROWS_PER_STEP
+        part = n_rows // ROWS_PER_STEP
         if one_thread:
-            for r in range(0, n_steps * ROWS_PER_STEP, ROWS_PER_STEP):
-                _rows_dot(kind, row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
+            for g in range(part):
+                _step(kind, g, part, row_addr, row_stride, records, nb, out_addr)
         else:
-            for g in prange(n_steps):
-                r = g * ROWS_PER_STEP
-                _rows_dot(kind, row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
-        for r in range(n_steps * ROWS_PER_STEP, n_rows):
-            _row_dot(kind, row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
+            for g in prange(part):
+                _step(kind, g, part, row_addr, row_stride, records, nb, out_addr)
+        for r in range(part * ROWS_PER_STEP, n_rows):
+            _row_dot(kind, row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r, 4)
         return buf.size > 0  # True; buf is used here so that it outlives the loop that reads it by address
     low_rank.check_factors(a, packed_b, x, out)
     t = np.empty(rank, dtype=np.float32)
@@ -111,14 +151,23 @@ def matvec(kind, data, x, out, a, packed_b, a_next, one_thread):
     next_lines = (a_next.size * 4 + 63) // 64
     lines_per_chunk = (next_lines + n_chunks - 1) // n_chunks
     next_addr = a_next.ctypes.data
+    # chunk groups: with SPREAD_ROWS, ROWS_PER_STEP whole chunks each, the rest alone after them
+    n_groups = n_rows // CHUNK_ROWS // ROWS_PER_STEP if SPREAD_ROWS else n_chunks
+    lone = n_groups * ROWS_PER_STEP if SPREAD_ROWS else n_chunks
     if one_thread:  # (an OpenMP loop of one thread here slowed tokens 4-7 times for seconds after loading)
-        for chunk in range(n_chunks):
-            _rows_with_delta(kind, row_addr, row_stride, records, nb, out_addr, n_rows, chunk, t_addr, rank, b_addr,
-                             chunk_bytes, next_addr, next_lines, lines_per_chunk)
+        for group in range(n_groups):
+            _chunks_with_delta(kind, group, n_groups, row_addr, row_stride, records, nb, out_addr, n_rows, t_addr,
+                               rank, b_addr, chunk_bytes, next_addr, next_lines, lines_per_chunk)
+        for chunk in range(lone, n_chunks):
+            _lone_chunk_with_delta(kind, chunk, row_addr, row_stride, records, nb, out_addr, n_rows, t_addr, rank,
+                                   b_addr, chunk_bytes, next_addr, next_lines, lines_per_chunk)
     else:
-        for chunk in prange(n_chunks):
-            _rows_with_delta(kind, row_addr, row_stride, records, nb, out_addr, n_rows, chunk, t_addr, rank, b_addr,
-                             chunk_bytes, next_addr, next_lines, lines_per_chunk)
+        for group in prange(n_groups):
+            _chunks_with_delta(kind, group, n_groups, row_addr, row_stride, records, nb, out_addr, n_rows, t_addr,
+                               rank, b_addr, chunk_bytes, next_addr, next_lines, lines_per_chunk)
+        for chunk in prange(lone, n_chunks):
+            _lone_chunk_with_delta(kind, chunk, row_addr, row_stride, records, nb, out_addr, n_rows, t_addr, rank,
+                                   b_addr, chunk_bytes, next_addr, next_lines, lines_per_chunk)
     return buf.size + t.size > 0  # True; buf and t outlive the loop that reads them by address
 
 

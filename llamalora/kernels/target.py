@@ -29,9 +29,10 @@ def has(*names: str) -> bool:
 AMD_CPU_NAMES = ("znver", "bdver", "btver", "amdfam", "barcelona", "opteron", "athlon", "k8")
 
 
-def host_streams_one_row() -> bool:
-    """Whether the host's hardware prefetchers follow a matrix best one row at a time (AMD's, measured on an EPYC
-    Zen 4 for the integer and F16 decode kernels, AVX2 and AVX-512 code alike), against interleaved rows with a
-    software prefetch ahead (Intel's, measured on an AVX-512 Xeon). A property of the host, not of the compile
-    target: it decides how the kernels walk the rows, never which instructions they use."""
+def host_spreads_rows() -> bool:
+    """Whether the host's hardware prefetchers follow a matrix best in sequential streams of their own (AMD's,
+    measured on an EPYC Zen 4 for the integer and F16 decode kernels, AVX2 and AVX-512 code alike: rows spread over
+    the matrix, or one at a time), against adjacent rows a step with a software prefetch far ahead (Intel's,
+    measured on an AVX-512 Xeon). A property of the host, not of the compile target: it decides how the kernels
+    walk the rows, never which instructions they use."""
     return llvm.get_host_cpu_name().startswith(AMD_CPU_NAMES)
