@@ -31,11 +31,14 @@ from . import simd, target
 F16, F16_PORTABLE, BF16 = 0, 1, 2
 KINDS = (F16, F16_PORTABLE, BF16)
 LANES = 16   # values widened and multiplied per step: one AVX-512 register, two AVX2 / four NEON ones
-# Rows per matvec step. On an AMD EPYC (Zen 4) one row at a time streams best: SmolLM2's F16 weights read 20.7 GB/s
-# on one core against 8.8 four rows a step (2 rows: 8.7), compiled for Haswell or for the host's AVX-512 alike
-# (target.host_spreads_rows). Elsewhere 4 rows share each load of x (4 accumulators + x + widened weights fit
-# any target's registers).
-ROWS = 1 if target.host_spreads_rows() else 4
+# Rows per matvec step: 4 share each load of x (4 accumulators + x + widened weights fit any target's registers).
+# Adjacent, except where the host's prefetchers follow sequential streams of their own best (AMD,
+# target.host_spreads_rows): there a step takes rows g, g + n/4, g + n/2, g + 3n/4. On an EPYC Zen 4, compiled for
+# Haswell, one core read SmolLM2's F16 weights at 22.0 GB/s so, 18.9 one row at a time and 9.8 four adjacent rows
+# a step; the 1B-shaped model's 22.9, 20.1 and 13.0 (the host's AVX-512 code alike; CPU time, alternated in one
+# process).
+ROWS = 4
+SPREAD_ROWS = target.host_spreads_rows()
 
 _f32 = ir.FloatType()
 _i16 = ir.IntType(16)
@@ -144,7 +147,7 @@ def _make_rows_dot(n_rows):
 
 
 _dot_rows = _make_rows_dot(ROWS)
-_dot_row = _dot_rows if ROWS == 1 else _make_rows_dot(1)
+_dot_row = _make_rows_dot(1)
 
 
 @intrinsic
@@ -186,9 +189,16 @@ def check_layout(bits, x, out):
 
 @njit(nogil=True, cache=True)
 def _rows_times_vector(kind, bits, x, out, g):
-    """out[r] = row r · x for the ROWS rows of group g (fewer at the end of the matrix)."""
+    """out[r] = row r · x for the ROWS rows of group g (fewer at the end of the matrix): rows g, g + part, … (part =
+    n_rows // ROWS) with SPREAD_ROWS, the group part the n_rows % ROWS rows after them; else rows g·ROWS …"""
     n_rows, n = bits.shape[0], x.shape[0]
     addr, stride = bits.ctypes.data, bits.strides[0]
+    part = n_rows // ROWS
+    if SPREAD_ROWS and g < part:
+        s = _dot_rows(kind, addr + g * stride, part * stride, x.ctypes.data, n)
+        for i in range(ROWS):
+            out[g + i * part] = s[i]
+        return
     r0 = g * ROWS
     if r0 + ROWS <= n_rows:
         s = _dot_rows(kind, addr + r0 * stride, stride, x.ctypes.data, n)
