@@ -17,10 +17,10 @@ float32 rounding: the AVX2 counterpart of vnni.py, driven by intmatvec.py.
   correction twice) 4·16·X_MAX, Q4_K's (sub-blocks of 32, one register pair each) 4·15·X_MAX, Q6_K's (a
   register per sub-block of 16: two weights a lane) 2·32·X_MAX. Q8_0's lanes reach 4·128·X_MAX > 2^31, so Th
   (|·| ≤ 2^16) and Tl (≤ 2^24) are each exact in float and joined there, Th·65536 + Tl by one FMA.
-- An FMA per block adds t·(d·s) into eight float32 lanes (two accumulators a row, alternate blocks; Q6_K one FMA
-  per sub-block of 16, by d·sc·s); Q4_1 adds m·(the lane's Σx) into accumulators of its own, Q4_K its minima once
-  per super-block, (dmin·m)·(block sums of x, kept in the super-block's first record); the lanes are summed once,
-  at the row's end.
+- An FMA per block adds t·(d·s) into eight float32 lanes (Q6_K one FMA
+  per sub-block of 16, by d·sc·s); Q4_1 adds m·(the lane's Σx) into an accumulator of its own, Q4_K subtracts its
+  minima once per super-block, (dmin·m)·(block sums of x, kept in the super-block's first record); the lanes are
+  summed once, at the row's end.
 
 The work per weight is about that of the float kernels (simd.py, blockdot.py) on AVX2: two 16-bit products a
 weight against a widening to 32 bits, a conversion and an FMA; what the integer kernels save is memory. The rows
@@ -38,7 +38,7 @@ from numba.extending import intrinsic
 
 from . import simd
 from .int_rows import (PREFETCH_BYTES, Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, ROWS_PER_STEP, RowStep, block_scales, lanes_of, load_at,
-                       make_rows_dot, minus_minima, prefetch_ahead, q4_k_scales_and_minima, q6_k_scales)
+                       make_rows_dot, prefetch_ahead, q4_k_scales_and_minima, q6_k_scales)
 
 _f32, _i8, _i16, _i32 = ir.FloatType(), ir.IntType(8), ir.IntType(16), ir.IntType(32)
 _v8f, _v8i, _v16s, _v16b = (ir.VectorType(_f32, 8), ir.VectorType(_i32, 8), ir.VectorType(_i16, 16),
@@ -212,6 +212,21 @@ def fma_into(builder, acc, v, factor):
     builder.store(simd._fmuladd(builder, v, factor, builder.load(acc)), acc)
 
 
+def spilled(builder, v):
+    """A stack copy of the float vector v, whose lanes lane_splat reads back (a lane broadcast from memory is a
+    load, where one from a register is a shuffle with an index vector of its own: with four rows' sixteen scales
+    those indices spilled the registers)."""
+    slot = cgutils.alloca_once(builder, v.type)
+    builder.store(v, slot)
+    return builder.bitcast(slot, _f32.as_pointer())
+
+
+def lane_splat(builder, spilled_vector, lane):
+    """<8 x float> of lane `lane` of a spilled vector."""
+    value = builder.load(builder.gep(spilled_vector, [ir.Constant(_i32, lane)]), align=4)
+    return simd._splat(builder, value, 8)
+
+
 # --- the steps ---------------------------------------------------------------------------------------
 
 # (block bytes, offset of q) per type
@@ -235,7 +250,7 @@ def _block_step(kind):
     follows the loop."""
     block_bytes, qs_offset = GEOMETRY[kind]
 
-    def block(env, b, prefetch, chain=0):
+    def block(env, b, prefetch):
         builder, c, records = env["builder"], env["c"], env["records"]
         start = builder.mul(b, c(block_bytes))
         high, low = limbs(builder, c, records, b)
@@ -264,48 +279,57 @@ def _block_step(kind):
                     if kind == "q5_0":
                         t = builder.add(t, corr)
                 v = builder.sitofp(t, _v8f)
-            fma_into(builder, acc[chain], v, builder.fmul(splat_half(builder, row, start), s))
-            if kind == "q4_1":  # the minima in accumulators of their own
-                fma_into(builder, acc[2 + chain], splat_half(builder, row, builder.add(start, c(2))), sums)
+            fma_into(builder, acc[0], v, builder.fmul(splat_half(builder, row, start), s))
+            if kind == "q4_1":  # the minima in an accumulator of their own
+                fma_into(builder, acc[1], splat_half(builder, row, builder.add(start, c(2))), sums)
 
     def unit(env, p, prefetch):
         builder, c = env["builder"], env["c"]
-        block(env, builder.mul(p, c(2)), prefetch, 0)
-        block(env, builder.add(builder.mul(p, c(2)), c(1)), False, 1)
+        block(env, builder.mul(p, c(2)), prefetch)
+        block(env, builder.add(builder.mul(p, c(2)), c(1)), False)
 
     def tail(env):
         builder, c, nb = env["builder"], env["c"], env["nb"]
         with builder.if_then(builder.icmp_unsigned("!=", builder.and_(nb, c(1)), c(0))):
             block(env, builder.sub(nb, c(1)), False)
 
-    # the two blocks of a step go into accumulators of their own: two FMA chains a row
-    return RowStep(4 if kind == "q4_1" else 2, lambda builder, c, nb: builder.lshr(nb, c(1)), unit, tail)
+    # one FMA chain a row (the rows of a step run side by side; a row's sum must not depend on the kernel that
+    # computes it, for the delta path and thread counts give the same bits)
+    return RowStep(2 if kind == "q4_1" else 1, lambda builder, c, nb: builder.lshr(nb, c(1)), unit, tail)
 
 
 def _q4_k_unit(env, sb, prefetch):
     """One Q4_K super-block: sub-blocks 2p and 2p + 1 (blocks 8·sb + 2p, + 1 of the records) are the low and high
-    nibbles of q bytes 32p … 32p + 31. acc[0] += Σ q·X · (d·sc·s) per sub-block, acc[1] += (dmin·m)·(block sums
-    of x) once per super-block."""
+    nibbles of q bytes 32p … 32p + 31. acc[0] -= (dmin·m)·(block sums of x) once per super-block, then += Σ q·X ·
+    (d·sc·s) per sub-block: one accumulator a row, and one block's limbs live at a time (with four rows a step,
+    a pair's limbs and the accumulators spilled the sixteen registers)."""
     builder, c, records = env["builder"], env["c"], env["records"]
     start = builder.mul(sb, c(144))
     first = builder.mul(sb, c(8))
     scm = []   # per row: d·sc of the eight sub-blocks in lanes 0-7, dmin·m in lanes 8-15
+    sums = record_part(builder, c, records, first, SUMS_AT, _v8f)
     for row, acc in zip(env["rows"], env["acc"]):
         if prefetch:
             prefetch_ahead(env, row, start, 144)
-        scm.append(q4_k_scales_and_minima(builder, row, start))
-        minima = lanes_of(builder, scm[-1], range(8, 16))
-        fma_into(builder, acc[1], minima, record_part(builder, c, records, first, SUMS_AT, _v8f))
+        scales_and_minima = q4_k_scales_and_minima(builder, row, start)
+        scm.append(spilled(builder, scales_and_minima))
+        minima = builder.fneg(lanes_of(builder, scales_and_minima, range(8, 16)))   # exact
+        fma_into(builder, acc[0], minima, sums)
+    mask = ir.Constant(_v8i, [0x000F000F] * 8)
     for p in range(4):
-        blocks = [builder.add(first, c(2 * p + h)) for h in range(2)]
-        block_limbs = [limbs(builder, c, records, b) for b in blocks]
-        s = [record_part(builder, c, records, b, SCALES_AT, _v8f) for b in blocks]
-        for row, acc, scales in zip(env["rows"], env["acc"], scm):
-            parts = [nibbles(builder, row, builder.add(start, c(16 + 32 * p + 16 * h))) for h in range(2)]
-            for sub in range(2):   # low nibbles: sub-block 2p, high: 2p + 1
-                t = joined(builder, *limb_products(builder, [parts[0][sub], parts[1][sub]], *block_limbs[sub]))
-                d_sc = lanes_of(builder, scales, [2 * p + sub] * 8)
-                fma_into(builder, acc[0], builder.sitofp(t, _v8f), builder.fmul(d_sc, s[sub]))
+        for sub in range(2):   # low nibbles: sub-block 2p, high: 2p + 1
+            block = builder.add(first, c(2 * p + sub))
+            high, low = limbs(builder, c, records, block)
+            s = record_part(builder, c, records, block, SCALES_AT, _v8f)
+            for row, acc, scales in zip(env["rows"], env["acc"], scm):
+                w = []
+                for h in range(2):
+                    z = builder.bitcast(builder.zext(load_at(builder, row, builder.add(start, c(16 + 32 * p + 16 * h)),
+                                                             _v16b, 1), _v16s), _v8i)
+                    w.append(builder.bitcast(builder.and_(_shifted(builder, z, -4 * sub), mask), _v16s))
+                t = joined(builder, *limb_products(builder, w, high, low))
+                d_sc = lane_splat(builder, scales, 2 * p + sub)
+                fma_into(builder, acc[0], builder.sitofp(t, _v8f), builder.fmul(d_sc, s))
 
 
 def _shifted(builder, v, shift):
@@ -327,26 +351,23 @@ def _q6_k_unit(env, sb, prefetch):
     for row in env["rows"]:
         if prefetch:
             prefetch_ahead(env, row, start, 210)
-        dsc.append(q6_k_scales(builder, row, start))
+        dsc.append(spilled(builder, q6_k_scales(builder, row, start)))
     for n in range(2):
-        blocks = [builder.add(builder.mul(sb, c(8)), c(4 * n + i)) for i in range(4)]
-        block_limbs = [limbs(builder, c, records, b) for b in blocks]
-        s = [record_part(builder, c, records, b, SCALES_AT, _v8f) for b in blocks]
-        for row, acc, scales in zip(env["rows"], env["acc"], dsc):
-            ql = [builder.bitcast(builder.zext(load_at(builder, row, builder.add(start, c(64 * n + 16 * k)), _v16b, 1),
-                                               _v16s), _v8i) for k in range(4)]
-            qh = [builder.bitcast(builder.zext(load_at(builder, row, builder.add(start, c(128 + 32 * n + 16 * r)),
-                                                       _v16b, 1), _v16s), _v8i) for r in range(2)]
-            for i in range(4):
-                high_limb, low_limb = block_limbs[i]
+        for i in range(4):   # one block's limbs live at a time (four rows' sixteen scales already take the stack)
+            block = builder.add(builder.mul(sb, c(8)), c(4 * n + i))
+            high_limb, low_limb = limbs(builder, c, records, block)
+            s = record_part(builder, c, records, block, SCALES_AT, _v8f)
+            for row, acc, scales in zip(env["rows"], env["acc"], dsc):
                 for r in range(2):    # weights 16r … 16r + 15 of the block: sub-block 2·(4n + i) + r
-                    low = builder.and_(_shifted(builder, ql[2 * (i % 2) + r], -4 * (i // 2)), mask_low)
-                    high = builder.and_(_shifted(builder, qh[r], 4 - 2 * i), mask_high)
+                    ql = load_at(builder, row, builder.add(start, c(64 * n + 32 * (i % 2) + 16 * r)), _v16b, 1)
+                    qh = load_at(builder, row, builder.add(start, c(128 + 32 * n + 16 * r)), _v16b, 1)
+                    ql, qh = (builder.bitcast(builder.zext(q, _v16s), _v8i) for q in (ql, qh))
+                    low = builder.and_(_shifted(builder, ql, -4 * (i // 2)), mask_low)
+                    high = builder.and_(_shifted(builder, qh, 4 - 2 * i), mask_high)
                     w = builder.sub(builder.bitcast(builder.or_(low, high), _v16s), thirty_two)
                     th, tl = pmaddwd(builder, w, high_limb[r]), pmaddwd(builder, w, low_limb[r])
-                    d_sc = lanes_of(builder, scales, [2 * (4 * n + i) + r] * 8)
-                    fma_into(builder, acc[0], builder.sitofp(joined(builder, th, tl), _v8f),
-                             builder.fmul(d_sc, s[i]))
+                    d_sc = lane_splat(builder, scales, 2 * (4 * n + i) + r)
+                    fma_into(builder, acc[0], builder.sitofp(joined(builder, th, tl), _v8f), builder.fmul(d_sc, s))
 
 
 def _super_blocks(builder, c, nb):
@@ -357,9 +378,9 @@ def _super_blocks(builder, c, nb):
 
 LAYOUTS = (LAYOUT_Q4, LAYOUT_Q4, LAYOUT_Q8, LAYOUT_K, LAYOUT_K, LAYOUT_Q5)   # by kernel id
 STEPS = {Q4_0: _block_step("q4_0"), Q4_1: _block_step("q4_1"), Q8_0: _block_step("q8_0"), Q5_0: _block_step("q5_0"),
-         Q4_K: RowStep(2, _super_blocks, _q4_k_unit, finish=minus_minima), Q6_K: RowStep(1, _super_blocks, _q6_k_unit)}
+         Q4_K: RowStep(1, _super_blocks, _q4_k_unit), Q6_K: RowStep(1, _super_blocks, _q6_k_unit)}
 # FMAs into an accumulator lane per block of 32, by kernel id (the error bound counts a rounding for each)
-LANE_FMAS_PER_BLOCK = (1, 1, 1, 1, 2, 1)
+LANE_FMAS_PER_BLOCK = (1, 1, 1, 1.125, 2, 1)   # Q4_K: its minima, once per eight blocks
 
 rows_dot = make_rows_dot(ROWS_PER_STEP, [STEPS[kind] for kind in range(len(STEPS))], 8, PREFETCH_BYTES)
 row_dot = rows_dot if ROWS_PER_STEP == 1 else make_rows_dot(1, [STEPS[kind] for kind in range(len(STEPS))], 8,
