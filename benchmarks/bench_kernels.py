@@ -1,5 +1,6 @@
-"""Block-kernel speed: vector matvec / matmul (llamalora.kernels.simd), the AVX-512 VNNI matvec
-(llamalora.kernels.vnni, where the host has it) beside a plain numba loop and numpy.
+"""Block-kernel speed: vector matvec / matmul (llamalora.kernels.simd), the integer matvec
+(llamalora.kernels.intmatvec: AVX-512 VNNI or AVX2, where the compile target has one) beside a plain numba loop and
+numpy.
 
     NUMBA_THREADING_LAYER=tbb python benchmarks/bench_kernels.py [-t 1] [-t 2] [--model M.gguf] [--quick] [--no-matmul]
     python benchmarks/bench_kernels.py --stream M.gguf [-t 1] [-t 2]
@@ -96,7 +97,7 @@ def run(threads: int, model_path: str, quick: bool, matmul: bool) -> None:
     import numba
     import numpy as np
 
-    from llamalora.kernels import simd, vnni
+    from llamalora.kernels import intmatvec, simd
 
     numba.set_num_threads(threads)
     tiny = np.zeros((4, 20), np.uint8)
@@ -106,8 +107,8 @@ def run(threads: int, model_path: str, quick: bool, matmul: bool) -> None:
     rng = np.random.default_rng(1)
 
     print("\n### matvec (W·x): µs per call, GB/s of quantized weights")
-    has_vnni = vnni.host_has_vnni()
-    print(f"{'matrix':34} {'rows×cols':>12} {'MB':>6} | {'vector':>17} | " + (f"{'vnni':>17} | " if has_vnni else "")
+    has_int = intmatvec.ENABLED
+    print(f"{'matrix':34} {'rows×cols':>12} {'MB':>6} | {'vector':>17} | " + (f"{intmatvec.ISA:>17} | " if has_int else "")
           + f"{'plain loop':>17} | {'numpy f32':>17}")
     for label, qtype, data in matrices(np, model_path, quick):
         block_bytes, qs_offset = LAYOUT[qtype]
@@ -116,8 +117,8 @@ def run(threads: int, model_path: str, quick: bool, matmul: bool) -> None:
         x = rng.standard_normal(n_cols).astype(np.float32)
         out = np.empty(n_rows, np.float32)
         W = dequantized(np, data, qtype)
-        driver = {"Q4_0": vnni.Q4_0, "Q4_1": vnni.Q4_1, "Q8_0": vnni.Q8_0}[qtype]
-        by_integers = lambda: vnni.matvec_without_delta(driver, data, x, out)  # noqa: E731
+        driver = {"Q4_0": intmatvec.Q4_0, "Q4_1": intmatvec.Q4_1, "Q8_0": intmatvec.Q8_0}[qtype]
+        by_integers = lambda: intmatvec.matvec_without_delta(driver, data, x, out)  # noqa: E731
         if qtype == "Q8_0":
             fast = lambda: simd.q8_matvec(data, d, x, out)  # noqa: E731
             plain = lambda: simd.q8_matvec_loop(data, d, x, out)  # noqa: E731
@@ -129,16 +130,16 @@ def run(threads: int, model_path: str, quick: bool, matmul: bool) -> None:
         fast()
         err = np.max(np.abs(out - ref) / bound)
         fns = (fast, plain, lambda: W @ x)
-        if has_vnni:
+        if has_int:
             by_integers()
-            err_vnni = np.max(np.abs(out - ref) / bound)
+            err_int = np.max(np.abs(out - ref) / bound)
             fns = (fast, by_integers, plain, lambda: W @ x)
         cells = []
         for fn in fns:
             dt = best_time(fn)
             cells.append(f"{dt * 1e6:8.1f} {data.nbytes / dt / 1e9:6.2f}GB/s")
         print(f"{label:34} {f'{n_rows}×{n_cols}':>12} {data.nbytes / 1e6:6.2f} | " + " | ".join(cells)
-              + f"   err/Σ|w||x| {err:.1e}" + (f" (vnni {err_vnni:.1e})" if has_vnni else ""))
+              + f"   err/Σ|w||x| {err:.1e}" + (f" ({intmatvec.ISA} {err_int:.1e})" if has_int else ""))
     if not matmul:
         return
 
@@ -178,7 +179,7 @@ def stream(threads: int, model_path: str) -> None:
     """GB/s of every layer weight's matvec in order, through kernels.dispatch as the one-token step calls it."""
     import numpy as np
 
-    from llamalora.kernels import dispatch
+    from llamalora.kernels import dispatch, intmatvec
     from llamalora.loader import load_model, set_threads
 
     set_threads(threads)
@@ -194,7 +195,8 @@ def stream(threads: int, model_path: str) -> None:
     for _ in range(8):  # the first pass compiles
         t = time.perf_counter()
         for i in range(len(weights)):
-            dispatch.matvec_entry(table, i, xs[i], outs[i])
+            dispatch.matvec_entry(table, i, xs[i], outs[i], intmatvec.NO_FACTORS, intmatvec.NO_PACKED_B,
+                                  intmatvec.NO_FACTORS, threads == 1)
         best = min(best, time.perf_counter() - t)
     types = sorted({w.type.name for w in weights})
     print(f"stream {os.path.basename(model_path)} ({'/'.join(types)}, {nbytes / 1e6:.0f} MB) t={threads}: "

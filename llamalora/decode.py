@@ -21,7 +21,7 @@ import numba
 import numpy as np
 from numba import njit
 
-from .kernels import columns, dispatch
+from .kernels import cache, columns, dispatch
 from .ops import attention, rms_norm, rope_inplace, swiglu
 
 SLOTS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -188,7 +188,6 @@ def check_cache(cache, config) -> None:
             raise ValueError(f"a KV cache of shape {a.shape} ({a.dtype}) does not fit the model's {shape}")
 
 
-
 @njit(nogil=True, cache=True)
 def _next_a(lora, s):
     """The first column's A of weight s + 1 (what the kernels prefetch while they run weight s), or no rows."""
@@ -260,6 +259,5 @@ def forward_columns(x, weights, norms, biases, lora, caches, positions, cos, sin
         x += proj
 
 
-
 for _function in (linear, forward_layers, _next_a, linear_columns, forward_columns):
-    dispatch.cache_follows(_function, dispatch.KERNEL_SOURCES + [__file__, os.path.join(os.path.dirname(__file__), "ops.py")])
+    cache.follows(_function, cache.KERNEL_SOURCES + [__file__, os.path.join(os.path.dirname(__file__), "ops.py")])

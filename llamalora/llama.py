@@ -412,7 +412,7 @@ class LlamaModel:
     def stacked_a(self, factors: list) -> np.ndarray:
         """The A factors stacked along the rank, float32 C order: the same array for the same factors whatever the
         scales, so that a batched step's sequences of one adapter at different scales share each pass over A
-        (kernels/vnni_columns.py groups them by A's address). Kept while the factors live (the key holds them)."""
+        (kernels/int_columns.py groups them by A's address). Kept while the factors live (the key holds them)."""
         if len(factors) == 1:
             return np.ascontiguousarray(factors[0], dtype=np.float32)  # (the adapter's own array when it can be)
         key = tuple(id(a) for a in factors)

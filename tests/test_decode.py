@@ -7,7 +7,7 @@ from numba import njit
 from tiny_model import make_tiny_llama
 
 from llamalora import kernels
-from llamalora.kernels import dispatch
+from llamalora.kernels import cache, dispatch
 from llamalora.loader import load_model
 from llamalora.llama import LoraDelta, rms_norm, rope_tables
 
@@ -122,11 +122,11 @@ def test_cache_follows_the_files_it_is_told(tmp_path):
     """A compiled caller's cache stamp changes when a file it depends on changes (else it would keep old code)."""
     source = tmp_path / "kernel.py"
     source.write_text("a = 1\n")
-    dispatch.cache_follows(_cached_twice, [str(source)])
+    cache.follows(_cached_twice, [str(source)])
     before = _cached_twice._cache._cache_file._source_stamp
     source.write_text("a = 1  # changed\n")
     _cached_twice.enable_caching()
-    dispatch.cache_follows(_cached_twice, [str(source)])
+    cache.follows(_cached_twice, [str(source)])
     assert _cached_twice._cache._cache_file._source_stamp != before
     assert _cached_twice(3) == 6
 

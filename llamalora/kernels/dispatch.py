@@ -15,20 +15,17 @@ Every weight is described by the same five things (`uniform_arrays`):
 `matvec` branches on kind and calls the type's own kernel, so the kernels stay those of the type modules.
 """
 
-import glob
-import os
-
 import numpy as np
 from gguf import GGMLQuantizationType as GGMLType
 from numba import carray, njit, types
-from numba.core.caching import NullCache
 from numba.extending import intrinsic
 
-from . import bf16, dense, f16, iq4_nl, low_rank, q2_k, q3_k, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0, simd, vnni
+from . import (bf16, cache, dense, f16, intmatvec, iq4_nl, low_rank, q2_k, q3_k, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k,
+               q6_k, q8_0, simd)
 
-# A compile-time constant: numba prunes the untaken branch, so the AVX-512 VNNI kernels are compiled only on
-# hosts that run them (and LLAMALORA_KERNELS=portable takes them out); cache_follows keys the cache on it.
-INTEGER_KERNELS = vnni.ENABLED
+# A compile-time constant: numba prunes the untaken branch, so the integer kernels are compiled only for targets
+# that run them (and LLAMALORA_KERNELS=portable takes them out); cache.follows keys the cache on it.
+INTEGER_KERNELS = intmatvec.ENABLED
 
 F32, F16, BF16 = int(GGMLType.F32), int(GGMLType.F16), int(GGMLType.BF16)
 Q4_0, Q4_1, Q8_0 = int(GGMLType.Q4_0), int(GGMLType.Q4_1), int(GGMLType.Q8_0)
@@ -37,24 +34,6 @@ Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = (int(GGMLType.Q2_K), int(GGMLType.Q3_K), int(GGML
                                 int(GGMLType.Q6_K))
 # Types whose prepared arrays are (data, scale, minimum) read by the type module's compiled `_matvec`
 SCALED_BLOCKS = {Q2_K: q2_k, Q3_K: q3_k, Q4_K: q4_k, Q5_K: q5_k, Q6_K: q6_k, Q5_0: q5_0, Q5_1: q5_1, IQ4_NL: iq4_nl}
-
-KERNEL_SOURCES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "*.py")))
-
-
-def cache_follows(dispatcher, source_files) -> None:
-    """Make a cached compiled function stale whenever one of source_files changes.
-
-    numba checks a cached function against its own file only, and the machine code of the functions it calls is
-    saved with it: a compiled caller of kernels in other files would go on running their old code after they
-    change (with other prepared arrays, wrong results). Its cache stamp gets the files' stamps added; where
-    numba's cache does not look as expected, the function is simply not cached."""
-    cache_file = getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
-    if cache_file is None or not hasattr(cache_file, "_source_stamp"):
-        dispatcher._cache = NullCache()
-        return
-    stamps = tuple((st.st_mtime, st.st_size) for st in map(os.stat, source_files)) + (("vnni", INTEGER_KERNELS),)
-    cache_file._source_stamp = (cache_file._source_stamp, stamps)
-
 
 NO_BYTES = np.empty((0, 0), dtype=np.uint8)
 NO_FLOATS = np.empty((0, 0), dtype=np.float32)
@@ -68,7 +47,7 @@ def uniform_arrays(weight) -> tuple:
         arrays = (NO_BYTES, NO_FLOATS, NO_FLOATS, prepared[0])
     elif kind in (F16, BF16):
         arrays = (prepared[0].view(np.uint8), NO_FLOATS, NO_FLOATS, NO_FLOATS)
-    elif kind in (Q4_0, Q4_1, Q8_0, Q5_0, Q4_K, Q6_K) and len(prepared) == 1:  # scales read in the blocks (VNNI)
+    elif kind in (Q4_0, Q4_1, Q8_0, Q5_0, Q4_K, Q6_K) and len(prepared) == 1:  # scales read in the blocks (intmatvec)
         arrays = (prepared[0], NO_FLOATS, NO_FLOATS, NO_FLOATS)
     elif kind == Q8_0:
         arrays = (prepared[0], prepared[1], NO_FLOATS, NO_FLOATS)
@@ -80,11 +59,11 @@ def uniform_arrays(weight) -> tuple:
     return kind, data, scale, minimum, widened
 
 
-# vnni.matvec's id for each ggml type it runs, -1 for the others (a constant array in compiled code)
-VNNI_DRIVER = np.full(max(t.value for t in GGMLType) + 1, -1, dtype=np.int64)
-for _kind, _driver in ((Q4_0, vnni.Q4_0), (Q4_1, vnni.Q4_1), (Q8_0, vnni.Q8_0), (Q5_0, vnni.Q5_0), (Q4_K, vnni.Q4_K),
-                       (Q6_K, vnni.Q6_K)):
-    VNNI_DRIVER[_kind] = _driver
+# intmatvec.matvec's id for each ggml type it runs, -1 for the others (a constant array in compiled code)
+INT_DRIVER = np.full(max(t.value for t in GGMLType) + 1, -1, dtype=np.int64)
+for _kind, _driver in ((Q4_0, intmatvec.Q4_0), (Q4_1, intmatvec.Q4_1), (Q8_0, intmatvec.Q8_0), (Q5_0, intmatvec.Q5_0),
+                       (Q4_K, intmatvec.Q4_K), (Q6_K, intmatvec.Q6_K)):
+    INT_DRIVER[_kind] = _driver
 
 
 @njit(nogil=True, cache=True)
@@ -108,10 +87,10 @@ def widened_scales(kind, data):
 @njit(nogil=True, cache=True)
 def matvec(kind, data, scale, minimum, widened, x, out, a, packed_b, a_next, one_thread):
     """out float32[n_rows] = W · x (+ s·B·(a·x) when a has rows: a run-time LoRA delta, packed_b =
-    low_rank.pack_scaled_b(s·B)), W given as uniform_arrays gives it; a_next and one_thread as vnni.matvec
+    low_rank.pack_scaled_b(s·B)), W given as uniform_arrays gives it; a_next and one_thread as intmatvec.matvec
     takes them."""
-    if INTEGER_KERNELS and VNNI_DRIVER[kind] >= 0:
-        if vnni.matvec(VNNI_DRIVER[kind], data, x, out, a, packed_b, a_next, one_thread):  # the delta inside the row loop
+    if INTEGER_KERNELS and INT_DRIVER[kind] >= 0:
+        if intmatvec.matvec(INT_DRIVER[kind], data, x, out, a, packed_b, a_next, one_thread):  # the delta inside the row loop
             return
         # the integer kernel declined an extreme activation: the portable kernel needs the block scales, widened
         # here when the weight does not keep them (see the type modules' prepare)
@@ -210,4 +189,4 @@ def matvec_entry(table, i, x, out, a, packed_b, a_next, one_thread):
 
 
 for _function in (widened_scales, matvec, matvec_entry):
-    cache_follows(_function, KERNEL_SOURCES)
+    cache.follows(_function, cache.KERNEL_SOURCES)

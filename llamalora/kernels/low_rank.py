@@ -4,7 +4,7 @@ The factors stay float32: A [r, n_cols] as adapters store it, and s·B packed by
 float32[ceil(n_rows / 16)·r, 16] (`pack_scaled_b`): the r values of 16 consecutive outputs' rows of s·B lie side by
 side in one contiguous KiB (for r = 16), and the chunks follow in output order. So the second half of a delta,
 out[i] += Σ_k t[k]·(s·B)[i, k] with t = A·x, reads its factor front to back in steps of 16 outputs, and the
-VNNI matrix × vector (vnni.py) can add it to each 16-row chunk of W·x inside its own parallel row loop, while
+integer matrix × vector (intmatvec.py) can add it to each 16-row chunk of W·x inside its own parallel row loop, while
 those rows are in registers and on both threads (a decoded token's deltas are bound by memory: an all-linear
 r=16 adapter on SmolLM2 reads 19.5 MB of factors a token beside 94 MB of weights).
 
@@ -253,7 +253,7 @@ def check_factors(a, packed_b, x, out):
 def add_low_rank_matvec(a, packed_b, x, out):
     """out += s·B·(a @ x) for one token x float32[n_cols]: a run-time LoRA delta, a [r, n_cols] and s·B packed
     by pack_scaled_b. One thread: a delta is small (r·(n_rows + n_cols) values) and a parallel launch per delta
-    would cost more than it saves (vnni.matvec adds it inside the weight's own parallel loop instead)."""
+    would cost more than it saves (intmatvec.matvec adds it inside the weight's own parallel loop instead)."""
     check_factors(a, packed_b, x, out)
     r = a.shape[0]
     t = np.empty(r, dtype=np.float32)

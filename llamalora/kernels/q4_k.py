@@ -9,7 +9,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as GGMLType
 from numba import njit, prange
 
-from . import blockdot, kquants_ref, vnni
+from . import blockdot, intmatvec, kquants_ref
 from .blockdot import bits, to_float
 from .f16 import half_to_float
 
@@ -78,10 +78,10 @@ def scales(data):
 
 
 def prepare(data: np.ndarray, n_cols: int) -> tuple:
-    """The raw rows and, for the portable kernels, the sub-blocks' float32 scales and minima (`scales`). The VNNI
+    """The raw rows and, for the portable kernels, the sub-blocks' float32 scales and minima (`scales`). The integer
     kernel decodes them from the blocks, so there the rows alone are kept; prompt batches and the rare declined
     activation widen them per call."""
-    return (data,) if vnni.ENABLED else (data, *scales(data))
+    return (data,) if intmatvec.ENABLED else (data, *scales(data))
 
 
 def dequantize(data: np.ndarray, n_cols: int) -> np.ndarray:
@@ -100,7 +100,7 @@ def quantize(x: np.ndarray) -> np.ndarray:
 def matvec(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
     data = prepared[0]
     # (the integer kernel declines extreme x)
-    if not (vnni.ENABLED and vnni.matvec_without_delta(vnni.Q4_K, data, x, out)):
+    if not (intmatvec.ENABLED and intmatvec.matvec_without_delta(intmatvec.Q4_K, data, x, out)):
         _matvec(data, *(prepared[1:] if len(prepared) > 1 else scales(data)), x, out)
 
 

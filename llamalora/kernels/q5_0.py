@@ -9,7 +9,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as GGMLType
 from numba import njit, prange
 
-from . import blockdot, vnni
+from . import blockdot, intmatvec
 from .blockdot import bits, ivec, to_float
 from .f16 import block_halves, float_to_half_bits
 
@@ -61,10 +61,10 @@ def scales(data):
 
 
 def prepare(data: np.ndarray, n_cols: int) -> tuple:
-    """The raw rows and, for the portable kernels, the widened block scales (`scales`). The VNNI kernel reads the
+    """The raw rows and, for the portable kernels, the widened block scales (`scales`). The integer kernel reads the
     halves in the blocks, so there the rows alone are kept; prompt batches and the rare declined activation widen
     them per call."""
-    return (data,) if vnni.ENABLED else (data, *scales(data))
+    return (data,) if intmatvec.ENABLED else (data, *scales(data))
 
 
 def dequantize(data: np.ndarray, n_cols: int) -> np.ndarray:
@@ -113,7 +113,7 @@ def quantize_rows(x, out):
 def matvec(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
     data = prepared[0]
     # (the integer kernel declines extreme x)
-    if not (vnni.ENABLED and vnni.matvec_without_delta(vnni.Q5_0, data, x, out)):
+    if not (intmatvec.ENABLED and intmatvec.matvec_without_delta(intmatvec.Q5_0, data, x, out)):
         _matvec(data, *(prepared[1:] if len(prepared) > 1 else scales(data)), x, out)
 
 

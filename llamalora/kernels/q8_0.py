@@ -5,7 +5,7 @@ import numpy as np
 from numba import njit, prange
 
 from .f16 import block_halves, float_to_half_bits, half_bits_to_float
-from . import simd, vnni
+from . import intmatvec, simd
 
 BLOCK_SIZE = 32
 TYPE_SIZE = 34
@@ -68,16 +68,16 @@ def scales(data):
 
 def prepare(data: np.ndarray, n_cols: int) -> tuple:
     """The raw rows (still the file's bytes), with the block scales widened to float32 where the portable kernels
-    read them every token. The VNNI kernels read the halves inside the blocks, so there the widened arrays are not
-    kept (they would add 4 to 8 bytes per 18- or 20-byte block to the memory use); prompt batches and the rare
-    declined activation widen them per call (`scales`)."""
-    return (data,) if vnni.ENABLED else (data, *scales(data))
+    read them every token. The integer kernels (intmatvec.py) read the halves inside the blocks, so there the
+    widened arrays are not kept (they would add 4 to 8 bytes per 18- or 20-byte block to the memory use, and to the
+    bytes each token streams); prompt batches and the rare declined activation widen them per call (`scales`)."""
+    return (data,) if intmatvec.ENABLED else (data, *scales(data))
 
 
 def matvec(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
     data = prepared[0]
     # (the integer kernel declines extreme x)
-    if not (vnni.ENABLED and vnni.matvec_without_delta(vnni.Q8_0, data, x, out)):
+    if not (intmatvec.ENABLED and intmatvec.matvec_without_delta(intmatvec.Q8_0, data, x, out)):
         (d,) = prepared[1:] if len(prepared) > 1 else scales(data)
         simd.q8_matvec(data, d, x, out)
 

@@ -6,7 +6,7 @@ split into nibbles, converted to <16 x float> and multiplied with the float32 ac
 accumulator runs across a row's blocks. LLVM lowers the vectors to what the host has (AVX-512 whole;
 AVX2, SSE and NEON in pieces), so one source serves every machine. Activations stay float32: nothing is
 quantized on the fly, and results are those of the dequantized weights up to float32 rounding.
-On hosts with AVX-512 VNNI the type modules use vnni.py's integer matvec instead (these kernels remain
+On AVX-512 VNNI and AVX2 targets the type modules use intmatvec.py's integer matvec instead (these kernels remain
 its fallback, the matmul path, and the whole path under LLAMALORA_KERNELS=portable).
 
 Rows keep the file's bytes: data is uint8[n_rows, row_nbytes] (each row contiguous, any row stride).
@@ -29,9 +29,10 @@ Q8_0 with 16 lanes (1.25× the 8-lane loop there), vnni.py 15 and 21 GB/s.
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils, config
-from numba.core.codegen import get_host_cpu_features
+from numba.core import cgutils
 from numba.extending import intrinsic
+
+from . import target
 
 LANES = 8          # float lanes per vector in the matmul tiles: AVX2's width (LLVM splits or widens elsewhere)
 ROW_LANES = 16     # float lanes of the matvec row loop: a block's 32 weights in two vectors (AVX-512 runs them
@@ -319,8 +320,7 @@ def make_tile_times_batch(lanes, tile_rows, tile_tokens):
 
 def wide_registers() -> bool:
     """Whether the target numba compiles for has 32 vector registers of 16 floats (AVX-512)."""
-    features = config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features()
-    return "+avx512f" in features.split(",")
+    return target.has("avx512f")
 
 
 WIDE_TILES = wide_registers()

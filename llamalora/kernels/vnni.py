@@ -28,57 +28,231 @@ activation becomes integers instead, once per call, finely enough that nothing i
   super-block, (dmin·m)·(block sums of x, kept in the K records) in a second accumulator, subtracted at the end.
 
 Error: besides δ, each output sees a few float32 roundings per block pair (t → float, d·s, the FMA, and
-for Q4_1 the lane sums of x and their FMA, for Q4_K the block sums and theirs) and the final 16-lane reduction: tests/test_vnni.py and
-tests/test_vnni_k.py state the bound, 2^-24·((nb/2 + 10)·Σ_b Σ_j (|d q'_j| + |m_j|)·|x_j| + 1.02·Σ_b max_b|x|·
+for Q4_1 the lane sums of x and their FMA, for Q4_K the block sums and theirs) and the final 16-lane reduction: tests/test_int_kernels.py
+and tests/test_int_kernels_k.py state the bound, 2^-24·((nb/2 + 10)·Σ_b Σ_j (|d q'_j| + |m_j|)·|x_j| + 1.02·Σ_b max_b|x|·
 Σ_j |d q'_j|) over the blocks b of 32 (d the weight's scale: Q4_K's and Q6_K's d·sc of its sub-block).
 
-Streaming: decode reads every weight from memory once per token, and the hardware prefetchers alone left
-the loop waiting on loads at half its in-cache speed. Each row's stream is prefetched 8 KB ahead (past a
-row's end that is the rows after it) and two rows go through a step together, sharing the record loads.
-On the one-token path of a random 1B-shaped Q4_0 llama (560 MB of weights, one core of an AVX-512 Xeon)
-that took the matrix × vector from 5.6 to 10.5 GB/s; SmolLM2's Q4_1 from 7 to 14, its Q8_0 from 8.4 to 18.5
-(benchmarks/bench_kernels.py --stream). The same machinery (vnni_rows.py: the activation records,
-make_rows_dot) serves every type: a step is a block pair for the 32-value types, a super-block for the K-quants.
+Streaming: decode reads every weight from memory once per token, and on an Intel Xeon the hardware prefetchers
+alone left the loop waiting on loads at half its in-cache speed. There each row's stream is prefetched 8 KB ahead
+(past a row's end that is the rows after it) and two rows go through a step together, sharing the record loads:
+on the one-token path of a random 1B-shaped Q4_0 llama (560 MB of weights, one core of an AVX-512 Xeon) that
+took the matrix × vector from 5.6 to 10.5 GB/s; SmolLM2's Q4_1 from 7 to 14, its Q8_0 from 8.4 to 18.5
+(benchmarks/bench_kernels.py --stream). AMD's prefetchers follow one row at a time best (int_rows.py). The same machinery (int_rows.py: make_rows_columns_dot, make_rows_dot, shared with the AVX2
+kernels) serves every type: a step is a block pair for the 32-value types, a super-block for the K-quants.
 
 A block whose largest |x| is not finite or outside [TINY, HUGE] makes the kernels return False without
 writing anything; the caller then takes the portable kernel, so NaN, inf and extreme activations behave
 exactly as there.
 
-Selection: ENABLED when LLVM reports AVX-512 F, BW and VNNI on the host, unless LLAMALORA_KERNELS=portable.
-The type modules (and dispatch.matvec) call these kernels when ENABLED and fall back to the portable ones
-otherwise; the drivers share one compiled `matvec(kind, ...)`, branching per step on the kind.
+Selection: intmatvec.py takes these kernels when the compile target (target.py) has AVX-512 F, BW and VNNI;
+its driver (`intmatvec.matvec(kind, ...)`, branching per step on the kind) serves every type.
 """
 
-import os
-
 import numpy as np
-from llvmlite import binding as llvm_binding
 from llvmlite import ir
-from numba import njit, prange
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
-from . import low_rank, simd
-from .vnni_rows import (CORRECTIONS_AT, LAYOUT_K, LAYOUT_Q4, LAYOUT_Q8, N_LIMBS, ROWS_PER_STEP, SCALES_AT, SUMS_AT,
-                        RowStep, block_heads, chained_limbs, dpbusd, lane_blocks, lanes_of, load_at, make_rows_dot,
-                        prefetch_ahead, quantize_activation, record_part, splat_i32, times_256)
-
-# (block bytes, offset of q, weight offset k, layout) per type
-GEOMETRY = {"q4_0": (18, 2, 8, LAYOUT_Q4), "q4_1": (20, 4, 0, LAYOUT_Q4), "q8_0": (34, 2, 128, LAYOUT_Q8),
-            "q5_0": (22, 6, 16, LAYOUT_Q4)}
-Q5_QH_OFFSET = 2  # Q5_0's 32-bit word of fifth bits (bit j: weight j's)
+from . import simd
+from .int_rows import (PREFETCH_BYTES, Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, ROWS_PER_STEP, RowStep, block_heads, block_scales,
+                       lanes_of, load_at, make_rows_columns_dot, make_rows_dot, minus_minima, prefetch_ahead, q4_k_scales_and_minima,
+                       q6_k_scales, splat_i32)
 
 _f32, _i8, _i32 = ir.FloatType(), ir.IntType(8), ir.IntType(32)
 _v16f, _v16i, _v64b = ir.VectorType(_f32, 16), ir.VectorType(_i32, 16), ir.VectorType(_i8, 64)
 
 
-def host_has_vnni() -> bool:
-    try:
-        features = llvm_binding.get_host_cpu_features()
-    except RuntimeError:  # LLVM cannot tell on some hosts: take the portable kernels
-        return False
-    return all(features.get(name, False) for name in ("avx512f", "avx512bw", "avx512vnni"))
+# --- the activation as limbs: a record per block pair ------------------------------------------------
+
+N_LIMBS = 3
+DIGIT_BIAS = 128 * 65793  # X + DIGIT_BIAS ≥ 0 has base-256 digits u; X's balanced digits are u - 128
+LAYOUT_Q4, LAYOUT_Q8, LAYOUT_K = 0, 1, 2
+Q6_K_OFFSET = 32  # Q6_K's q - 32, taken out by LAYOUT_K's correction
+# A block pair's record: limbs int8[N_LIMBS][64], lane scales float32[16], lane corrections int32[2][16],
+# lane sums of x float32[16]. The corrections take the weight offset k out of the chained limb products: Q4
+# layout (k = 8), one: -8·Σ of the lane's four X; Q8 layout (k = 128), -128·(Σ l0·256 + Σ l1) for the chained
+# top limbs and -128·Σ l2 for the last; K layout (Q6_K's k = 32; Q4_K has none), one: -32·Σ of the lane's X.
+# The K layout's sums part holds block sums instead (_put_block_sums).
+SCALES_AT = 64 * N_LIMBS
+CORRECTIONS_AT = SCALES_AT + 64
+SUMS_AT = CORRECTIONS_AT + 64 * 2
+PAIR_BYTES = SUMS_AT + 64
 
 
-ENABLED = os.environ.get("LLAMALORA_KERNELS", "auto") != "portable" and host_has_vnni()
+def register_order(layout):
+    """For each byte of a pair register, its index among the pair's 64 activations (block 0's 32, then
+    block 1's). Q4: [weights 0-15 of block 0, of block 1, weights 16-31 of block 0, of block 1] (the low
+    nibbles of both blocks' 16 bytes, then the high ones); Q8 and K: block 0's 32 weights, then block 1's."""
+    if layout == LAYOUT_Q4:
+        return [(t // 16) % 2 * 32 + (t // 32) * 16 + t % 16 for t in range(64)]
+    return list(range(64))
+
+
+def lane_blocks(layout):
+    """Which block of the pair each 32-bit lane (four bytes) of a pair register belongs to."""
+    return [register_order(layout)[4 * lane] // 32 for lane in range(16)]
+
+
+def dpbusd(builder, acc, unsigned_bytes, signed_bytes):
+    """acc + Σ of four u8·s8 products per 32-bit lane (vpdpbusd, no saturation)."""
+    fnty = ir.FunctionType(_v16i, [_v16i, _v64b, _v64b])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
+    return builder.call(fn, [acc, unsigned_bytes, signed_bytes])
+
+
+TIMES_256_MASK = [-128 if t % 4 == 0 else t % 16 - 1 for t in range(64)]  # vpshufb: each byte one up in its lane
+
+
+def times_256(builder, t, mask):
+    """t·256 of int32 lanes (no overflow here) as a byte shuffle inside each lane: vpshufb runs on the
+    shuffle port, beside the multiply-adds, where a shift would compete with them. The mask (TIMES_256_MASK)
+    is read from memory, or LLVM turns the shuffle back into a shift."""
+    fnty = ir.FunctionType(_v64b, [_v64b, _v64b])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.pshuf.b.512")
+    return builder.bitcast(builder.call(fn, [builder.bitcast(t, _v64b), mask]), _v16i)
+
+
+def _lane_sums(builder, v):
+    """<16 x T> sums of each four consecutive elements of a <64 x T> vector (lanes of a pair register)."""
+    total = None
+    for k in range(4):
+        part = builder.shuffle_vector(v, v, ir.Constant(_v16i, list(range(k, 64, 4))))
+        total = part if total is None else (builder.fadd(total, part) if isinstance(v.type.element, ir.FloatType)
+                                            else builder.add(total, part))
+    return total
+
+
+
+def _make_quantize_pair(layout):
+    """Intrinsic (x0_addr, x1_addr, inv0, inv1, s0, s1, record_addr) -> None: one pair record from the two
+    blocks of 32 float32 at x0_addr and x1_addr (inv = 1/s; inv = 0 makes a block zero)."""
+    k_offset = {LAYOUT_Q4: 8, LAYOUT_Q8: 128, LAYOUT_K: Q6_K_OFFSET}[layout]
+
+    @intrinsic
+    def quantize_pair(typingctx, x0_addr, x1_addr, inv0, inv1, s0, s1, record_addr):
+        sig = types.none(types.intp, types.intp, types.float64, types.float64, types.float32, types.float32,
+                         types.intp)
+
+        def codegen(context, builder, signature, args):
+            x0_addr, x1_addr, inv0, inv1, s0, s1, record_addr = args
+            v32f, v32d, v32i = ir.VectorType(_f32, 32), ir.VectorType(ir.DoubleType(), 32), ir.VectorType(_i32, 32)
+            v64i = ir.VectorType(_i32, 64)
+            rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32d, [v32d]), "llvm.rint.v32f64")
+            ys, xs = [], []
+            for addr, inv in ((x0_addr, inv0), (x1_addr, inv1)):
+                x = builder.load(builder.inttoptr(addr, v32f.as_pointer()), align=4)
+                zero = builder.fcmp_ordered("==", inv, ir.Constant(inv.type, 0.0))
+                xs.append(builder.select(zero, ir.Constant(v32f, [0.0] * 32), x))
+                q = builder.fptosi(builder.call(rint, [builder.fmul(builder.fpext(x, v32d),
+                                                                    simd._splat(builder, inv, 32))]), v32i)
+                ys.append(builder.add(q, ir.Constant(v32i, [DIGIT_BIAS] * 32)))
+            order = ir.Constant(v64i, register_order(layout))
+            y = builder.shuffle_vector(ys[0], ys[1], order)
+            rec = builder.inttoptr(record_addr, _i8.as_pointer())
+
+            def store(value, offset):
+                ptr = builder.gep(rec, [ir.Constant(_i32, offset)])
+                builder.store(value, builder.bitcast(ptr, value.type.as_pointer()), align=64)
+
+            limb_sums = []
+            for i in range(N_LIMBS):
+                u = builder.and_(builder.lshr(y, ir.Constant(v64i, [8 * (N_LIMBS - 1 - i)] * 64)),
+                                 ir.Constant(v64i, [255] * 64))
+                store(builder.trunc(builder.xor(u, ir.Constant(v64i, [128] * 64)), _v64b), 64 * i)
+                limb_sums.append(_lane_sums(builder, builder.sub(u, ir.Constant(v64i, [128] * 64))))
+            if layout != LAYOUT_Q8:  # Σ of the lane's X, from its limbs
+                corrections = [builder.add(builder.mul(builder.add(builder.mul(limb_sums[0], splat_i32(256)),
+                                                                   limb_sums[1]), splat_i32(256)), limb_sums[2])]
+            else:
+                corrections = [builder.add(builder.mul(limb_sums[0], splat_i32(256)), limb_sums[1]), limb_sums[2]]
+            for i, correction in enumerate(corrections):
+                store(builder.mul(correction, splat_i32(-k_offset)), CORRECTIONS_AT + 64 * i)
+            v2f = ir.VectorType(_f32, 2)
+            ss = builder.insert_element(ir.Constant(v2f, ir.Undefined), s0, ir.Constant(_i32, 0))
+            ss = builder.insert_element(ss, s1, ir.Constant(_i32, 1))
+            store(builder.shuffle_vector(ss, ss, ir.Constant(_v16i, lane_blocks(layout))), SCALES_AT)
+            store(_lane_sums(builder, builder.shuffle_vector(xs[0], xs[1], order)), SUMS_AT)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return quantize_pair
+
+
+MASK_BYTES = np.array(TIMES_256_MASK, dtype=np.int8).view(np.uint8)
+_quantize_pair_q4 = _make_quantize_pair(LAYOUT_Q4)
+_quantize_pair_q8 = _make_quantize_pair(LAYOUT_Q8)
+_quantize_pair_k = _make_quantize_pair(LAYOUT_K)
+
+
+@njit(nogil=True, cache=True)
+def quantize_activation(x, layout):
+    """(buffer, address of the first record, ok): per block pair a record of PAIR_BYTES, 64-byte aligned,
+    in the layout's register order (see the record description above SCALES_AT), then TIMES_256_MASK.
+    A missing last block is zero.
+    ok is False when a block's largest |x| is not finite or outside [TINY, HUGE] (int_rows.block_scales)."""
+    nb = x.shape[0] // 32
+    n_pairs = (nb + 1) // 2
+    buf = np.empty(n_pairs * PAIR_BYTES + 128 + 16 * n_pairs, dtype=np.uint8)
+    start = (-buf.ctypes.data) % 64
+    end = start + n_pairs * PAIR_BYTES
+    buf[end:end + 64] = MASK_BYTES
+    scratch = buf[end + 64:end + 64 + 16 * n_pairs]
+    scale = scratch[:8 * n_pairs].view(np.float32)  # 2 per pair
+    scale[:] = 0
+    if not block_scales(x, scale, scratch[8 * n_pairs:12 * n_pairs].view(np.int32)):
+        return buf, 0, False
+    for p in range(n_pairs):
+        x0 = x.ctypes.data + 256 * p
+        x1 = x0 + 128 if 2 * p + 1 < nb else x0
+        s0, s1 = scale[2 * p], scale[2 * p + 1]
+        inv0 = 1.0 / np.float64(s0) if s0 != 0 else 0.0
+        inv1 = 1.0 / np.float64(s1) if s1 != 0 else 0.0
+        record = buf.ctypes.data + start + p * PAIR_BYTES
+        if layout == LAYOUT_Q4:
+            _quantize_pair_q4(x0, x1, inv0, inv1, s0, s1, record)
+        elif layout == LAYOUT_Q8:
+            _quantize_pair_q8(x0, x1, inv0, inv1, s0, s1, record)
+        else:
+            _quantize_pair_k(x0, x1, inv0, inv1, s0, s1, record)
+            _put_block_sums(x, p, buf[start + p * PAIR_BYTES + SUMS_AT:start + (p + 1) * PAIR_BYTES].view(np.float32))
+    return buf, buf.ctypes.data + start, True
+
+
+@njit(nogil=True, cache=True)
+def _put_block_sums(x, p, sums):
+    """The K layout's sums part of pair p: its two blocks' sums of x (each rounded once, from float64) at lanes
+    8 + 2·(p mod 4) and the next, zero elsewhere: a super-block's four records add up (exactly) to its eight
+    block sums in lanes 8-15, beside Q4_K's minima."""
+    sums[:] = 0
+    for half in range(2):
+        total = 0.0
+        for j in range(64 * p + 32 * half, 64 * p + 32 * half + 32):
+            total += np.float64(x[j])
+        sums[8 + 2 * (p % 4) + half] = np.float32(total)
+
+
+def chained_limbs(builder, w, limb, mask):
+    """Σ w·X per lane from unsigned bytes w and the activation's limbs, ((Σw·l0)·256 + Σw·l1)·256 + Σw·l2:
+    exact modulo 2^32 (every step wraps, so the result is exact whenever the true Σ w·X fits in int32)."""
+    t = dpbusd(builder, splat_i32(0), w, limb[0])
+    for i in range(1, N_LIMBS):
+        t = dpbusd(builder, times_256(builder, t, mask), w, limb[i])
+    return t
+
+
+def record_part(builder, c, records, pair_index, offset, vtype):
+    """A 64-byte part of the pair record pair_index (offset 0, 64, 128: the limbs; SCALES_AT ...)."""
+    return load_at(builder, records, builder.add(builder.mul(pair_index, c(PAIR_BYTES)), c(offset)), vtype, 64)
+
+
+# --- the steps ---------------------------------------------------------------------------------------
+
+# (block bytes, offset of q, weight offset k, layout) per type
+GEOMETRY = {"q4_0": (18, 2, 8, LAYOUT_Q4), "q4_1": (20, 4, 0, LAYOUT_Q4), "q8_0": (34, 2, 128, LAYOUT_Q8),
+            "q5_0": (22, 6, 16, LAYOUT_Q4)}
+Q5_QH_OFFSET = 2  # Q5_0's 32-bit word of fifth bits (bit j: weight j's)
 
 
 def _fifth_bits(builder, row, start0, start1):
@@ -113,7 +287,7 @@ def _block_pair_unit(kind):
         sums = record_part(builder, c, records, p, SUMS_AT, _v16f) if kind == "q4_1" else None
         for row, acc in zip(env["rows"], env["acc"]):
             if prefetch:
-                prefetch_ahead(builder, c, row, start0, 1)  # a line per pair: 36 to 68 bytes
+                prefetch_ahead(env, row, start0, 1)  # a line per pair: 36 to 68 bytes
             if layout == LAYOUT_Q4:
                 v16b = ir.VectorType(_i8, 16)
                 both = builder.shuffle_vector(load_at(builder, row, builder.add(start0, c(qs_offset)), v16b, 1),
@@ -171,36 +345,17 @@ def _block_pair_step(kind):
 
 # --- K-quants: a step is a super-block of 256 values, four block pairs of records -----------------------------
 
-def _q4_k_code_tables():
-    """Lane j < 8: sub-block j's 6-bit scale, lane 8 + j: its minimum, from the super-block's first 16 bytes h (d,
-    dmin, 12 packed bytes; ggml's get_scale_min_k4): code = (h[a] >> shift & low) | (h[b] >> 6 << 4 & high)."""
-    lanes = []
-    for lane in range(16):
-        j, minimum = lane % 8, 4 * (lane >= 8)
-        if j < 4:   # bytes 4-7 scales, 8-11 minima, 6 bits
-            lanes.append((4 + j + minimum, 0, 63, 0, 0))
-        else:       # low 4 bits in the nibbles of bytes 12-15, the top two above the first eight's 6 bits
-            lanes.append((8 + j, minimum, 15, j + minimum, 0x30))
-    return [list(column) for column in zip(*lanes)]
-
-
 def _q4_k_unit(env, sb, prefetch):
     """One Q4_K super-block: pairs of sub-blocks (2p, 2p+1) are q bytes 32p..32p+31 (low nibbles: sub-block 2p,
     high: 2p+1), in the K layout's register order. acc[0] += Σ q·X · (d·sc·s) per pair, acc[1] += (dmin·m)·(block
     sums of x) once per super-block (from the records' sums parts)."""
     builder, c, records, mask = env["builder"], env["c"], env["records"], env["mask"]
     start = builder.mul(sb, c(144))
-    a, shift, low, b, high = (ir.Constant(_v16i, t) for t in _q4_k_code_tables())
     scm = []   # per row: d·sc of the eight sub-blocks in lanes 0-7, dmin·m in lanes 8-15 (exact products)
     for row in env["rows"]:
         if prefetch:
-            prefetch_ahead(builder, c, row, start, 144)
-        head = builder.zext(load_at(builder, row, start, ir.VectorType(_i8, 16), 1), _v16i)
-        code = builder.and_(builder.lshr(builder.shuffle_vector(head, head, a), shift), low)
-        top = builder.shl(builder.lshr(builder.shuffle_vector(head, head, b), splat_i32(6)), splat_i32(4))
-        code = builder.or_(code, builder.and_(top, high))
-        d_dmin = lanes_of(builder, block_heads(builder, row, (start,), 2), [0] * 8 + [1] * 8)
-        scm.append(builder.fmul(builder.uitofp(code, _v16f), d_dmin))
+            prefetch_ahead(env, row, start, 144)
+        scm.append(q4_k_scales_and_minima(builder, row, start))
     pairs = [builder.add(builder.mul(sb, c(4)), c(p)) for p in range(4)]
     sums = record_part(builder, c, records, pairs[0], SUMS_AT, _v16f)
     for pair in pairs[1:]:  # the eight block sums in lanes 8-15 (each lane non-zero in one record: exact)
@@ -227,14 +382,12 @@ def _q6_k_unit(env, sb, prefetch):
     the record's correction takes the 32 out: acc[0] += Σ (q - 32)·X · (d·sc·s)."""
     builder, c, records, mask = env["builder"], env["c"], env["records"], env["mask"]
     start = builder.mul(sb, c(210))
-    v16b, v32b, v64i = ir.VectorType(_i8, 16), ir.VectorType(_i8, 32), ir.VectorType(_i32, 64)
+    v32b, v64i = ir.VectorType(_i8, 32), ir.VectorType(_i32, 64)
     dsc = []   # per row: d·sc of the 16 sub-blocks (exact products)
     for row in env["rows"]:
         if prefetch:
-            prefetch_ahead(builder, c, row, start, 210)
-        sc = builder.sitofp(builder.sext(load_at(builder, row, builder.add(start, c(192)), v16b, 1), _v16i), _v16f)
-        d = lanes_of(builder, block_heads(builder, row, (builder.add(start, c(208)),), 1), [0] * 16)
-        dsc.append(builder.fmul(sc, d))
+            prefetch_ahead(env, row, start, 210)
+        dsc.append(q6_k_scales(builder, row, start))
     for n in range(2):
         pairs = [builder.add(builder.mul(sb, c(4)), c(2 * n + h)) for h in range(2)]
         limbs = [[record_part(builder, c, records, pair, 64 * i, _v64b) for i in range(N_LIMBS)] for pair in pairs]
@@ -259,106 +412,30 @@ def _super_blocks(builder, c, nb):
     return builder.lshr(nb, c(3))
 
 
-def _minus_minima(builder, accs):
-    return builder.fsub(accs[0], accs[1])
+# --- one kernel for steps of ROWS_PER_STEP rows and one for a last single row, each switching on the kind ------
 
-
-# --- matrix × vector ----------------------------------------------------------------------------------
-
-# Kernel ids of the drivers (their order indexes the tables below)
-Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, Q5_0 = range(6)
-BLOCK_BYTES = (18, 20, 34, 144, 210, 22)
-BLOCK_VALUES = (32, 32, 32, 256, 256, 32)
-LAYOUTS = (LAYOUT_Q4, LAYOUT_Q4, LAYOUT_Q8, LAYOUT_K, LAYOUT_K, LAYOUT_Q4)
-
+LAYOUTS = (LAYOUT_Q4, LAYOUT_Q4, LAYOUT_Q8, LAYOUT_K, LAYOUT_K, LAYOUT_Q4)   # by kernel id
 STEPS = {Q4_0: _block_pair_step("q4_0"), Q4_1: _block_pair_step("q4_1"), Q8_0: _block_pair_step("q8_0"),
-         Q5_0: _block_pair_step("q5_0"), Q4_K: RowStep(2, _super_blocks, _q4_k_unit, finish=_minus_minima),
+         Q5_0: _block_pair_step("q5_0"), Q4_K: RowStep(2, _super_blocks, _q4_k_unit, finish=minus_minima),
          Q6_K: RowStep(1, _super_blocks, _q6_k_unit)}
-# One kernel for steps of ROWS_PER_STEP rows and one for a last single row, each switching on the kind
-_rows_dot = make_rows_dot(ROWS_PER_STEP, [STEPS[kind] for kind in range(len(STEPS))])
-_row_dot = make_rows_dot(1, [STEPS[kind] for kind in range(len(STEPS))])
+# FMAs into an accumulator lane per block of 32, by kernel id (the error bound counts a rounding for each)
+LANE_FMAS_PER_BLOCK = (0.5,) * 6
 
 
-NO_FACTORS = np.zeros((0, 0), dtype=np.float32)
-NO_PACKED_B = np.zeros((0, low_rank.LANES), dtype=np.float32)
-CHUNK_ROWS = low_rank.LANES  # rows of W per iteration of the parallel loop when a LoRA delta rides along
+def _load_mask(builder, c, records, nb):
+    """The step's constants: TIMES_256_MASK, stored after the records."""
+    n_pairs = builder.lshr(builder.add(nb, c(1)), c(1))
+    return {"mask": load_at(builder, records, builder.mul(n_pairs, c(PAIR_BYTES)), _v64b, 64)}
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _rows_with_delta(kind, row_addr, row_stride, records, nb, out_addr, n_rows, chunk, t_addr, rank, b_addr,
-                     chunk_bytes, next_addr, next_lines, lines_per_chunk):
-    """Rows chunk·CHUNK_ROWS … of W·x, then their outputs' s·B·t, and the chunk's share of next A's lines."""
-    if next_lines:
-        low_rank.prefetch_lines(next_addr, chunk * lines_per_chunk, min((chunk + 1) * lines_per_chunk, next_lines))
-    first = chunk * CHUNK_ROWS
-    end = min(first + CHUNK_ROWS, n_rows)
-    whole = first + (end - first) // ROWS_PER_STEP * ROWS_PER_STEP
-    for r in range(first, whole, ROWS_PER_STEP):
-        _rows_dot(kind, row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
-    for r in range(whole, end):
-        _row_dot(kind, row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
-    low_rank.add_rank_columns(t_addr, rank, b_addr + chunk * chunk_bytes, end - first, out_addr + 4 * first)
+rows_dot = make_rows_dot(ROWS_PER_STEP, [STEPS[kind] for kind in range(len(STEPS))], 16, PREFETCH_BYTES,
+                         _load_mask)
+row_dot = rows_dot if ROWS_PER_STEP == 1 else make_rows_dot(1, [STEPS[kind] for kind in range(len(STEPS))], 16,
+                                                            PREFETCH_BYTES, _load_mask)
 
 
-@njit(parallel=True, nogil=True, cache=True)
-def matvec(kind, data, x, out, a, packed_b, a_next, one_thread):
-    """out = W·x (+ s·B·(a·x) when a has rows: a run-time LoRA delta, packed_b = low_rank.pack_scaled_b(s·B))
-    for rows data uint8[n_rows, ≥ n_blocks·BLOCK_BYTES[kind]] of the driver kind (Q4_0 ... Q6_K above); False
-    (out untouched) for an x the integer path does not take.
-
-    With a delta, the parallel loop runs over chunks of 16 rows, and each chunk adds its 16 outputs' s·B·t (t =
-    a·x, formed first) right after its rows: s·B streams beside the weight, on every thread, instead of in a pass
-    of its own after the loop. The sums are those of low_rank.add_low_rank_matvec after W·x. a_next (the A
-    factor the caller multiplies next, or an empty array) is prefetched into L2 a share per chunk, so that its
-    serial a·x reads it from cache. one_thread: the caller runs on one thread (numba's get_num_threads() == 1,
-    which compiled code cannot read and still be cached); the rows then go through a plain loop (decode on one
-    thread: +1.2-1.5% tokens/s against a one-thread OpenMP loop, SmolLM2 Q4_1 and the 1B-shaped q4_0). (SmolLM2 Q4_1 with an all-linear r=16 adapter, decode with / without it,
-    one thread: 0.86 with the delta after the loop, 0.88 inside it, 0.89-0.90 with a_next prefetched.)"""
-    if data.strides[1] != 1 or x.strides[0] != 4 or out.strides[0] != 4:
-        raise ValueError("kernel arrays need contiguous rows (data uint8, x float32)")
-    if x.shape[0] % BLOCK_VALUES[kind] != 0 or data.shape[1] < x.shape[0] // BLOCK_VALUES[kind] * BLOCK_BYTES[kind]:
-        raise ValueError("kernel arrays disagree in shape (data rows, x length)")
-    if out.shape[0] != data.shape[0]:
-        raise ValueError("kernel output has the wrong shape")
-    nb = x.shape[0] // 32
-    buf, records, ok = quantize_activation(x, LAYOUTS[kind])
-    if not ok:
-        return False
-    row_addr, row_stride, out_addr = data.ctypes.data, data.strides[0], out.ctypes.data
-    n_rows, rank = data.shape[0], a.shape[0]
-    if rank == 0:
-        n_steps = n_rows // ROWS_PER_STEP
-        if one_thread:
-            for r in range(0, n_steps * ROWS_PER_STEP, ROWS_PER_STEP):
-                _rows_dot(kind, row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
-        else:
-            for g in prange(n_steps):
-                r = g * ROWS_PER_STEP
-                _rows_dot(kind, row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
-        for r in range(n_steps * ROWS_PER_STEP, n_rows):
-            _row_dot(kind, row_addr + r * row_stride, row_stride, records, nb, out_addr + 4 * r)
-        return buf.size > 0  # True; buf is used here so that it outlives the loop that reads it by address
-    low_rank.check_factors(a, packed_b, x, out)
-    t = np.empty(rank, dtype=np.float32)
-    low_rank.rank_dots(a.ctypes.data, rank, x.ctypes.data, x.shape[0], t.ctypes.data)
-    t_addr, b_addr, chunk_bytes = t.ctypes.data, packed_b.ctypes.data, 4 * low_rank.LANES * rank
-    n_chunks = (n_rows + CHUNK_ROWS - 1) // CHUNK_ROWS
-    next_lines = (a_next.size * 4 + 63) // 64
-    lines_per_chunk = (next_lines + n_chunks - 1) // n_chunks
-    next_addr = a_next.ctypes.data
-    if one_thread:  # (an OpenMP loop of one thread here slowed tokens 4-7 times for seconds after loading)
-        for chunk in range(n_chunks):
-            _rows_with_delta(kind, row_addr, row_stride, records, nb, out_addr, n_rows, chunk, t_addr, rank, b_addr,
-                             chunk_bytes, next_addr, next_lines, lines_per_chunk)
-    else:
-        for chunk in prange(n_chunks):
-            _rows_with_delta(kind, row_addr, row_stride, records, nb, out_addr, n_rows, chunk, t_addr, rank, b_addr,
-                             chunk_bytes, next_addr, next_lines, lines_per_chunk)
-    return buf.size + t.size > 0  # True; buf and t outlive the loop that reads them by address
-
-
-@njit(nogil=True, cache=True)
-def matvec_without_delta(kind, data, x, out):
-    """out = W·x for rows data uint8[n_rows, ≥ n_blocks·BLOCK_BYTES[kind]] of the driver kind (the K-quants' n_cols
-    a multiple of 256); False (out untouched) for an x the integer path does not take."""
-    return matvec(kind, data, x, out, NO_FACTORS, NO_PACKED_B, NO_FACTORS, False)
+def rows_columns_dot(n_rows, n_columns):
+    """The kernel of n_rows rows × n_columns activations (int_rows.make_rows_columns_dot, this set's steps): each
+    column's sums are rows_dot's."""
+    return make_rows_columns_dot(n_rows, n_columns, [STEPS[kind] for kind in range(len(STEPS))], 16,
+                                 PREFETCH_BYTES, _load_mask)

@@ -1,14 +1,17 @@
-"""AVX-512 VNNI matvec kernels: W·x within float32 rounding of float64 products of the dequantized weights,
-on real, random and adversarial blocks; extreme activations fall back to the portable kernels.
+"""The integer matvec kernels (intmatvec.py: AVX-512 VNNI or AVX2, whichever the compile target has; tests/
+test_avx2_target.py runs this file for an AVX2 target too): W·x within float32 rounding of float64 products of
+the dequantized weights, on real, random and adversarial blocks; extreme activations fall back to the portable
+kernels.
 
-The bound (llamalora/kernels/vnni.py): a block b of the kernel multiplies integers q'_j (Q4_0: q - 8,
+The bound (llamalora/kernels/vnni.py, avx2.py): a block b of the kernel multiplies integers q'_j (Q4_0: q - 8,
 Q4_1: q, Q8_0: q, Q5_0: q - 16) by X_j = round(x_j / s_b), s_b = max_b|x| / 8355000, so each x_j is used with an error
 |δ_j| ≤ s_b/2 ≤ 1.01·2^-24·max_b|x|, contributing at most 1.01·2^-24·A, A = Σ_b max_b|x|·Σ_j |d_b q'_j|.
-The rest is float32 rounding: per lane, t → float (1), d·s (1), the FMA into the accumulator over nb/2 block
-pairs (nb/2), Q8_0's last limb (2) or Q4_1's lane sums of x (3), the 16-lane reduction (4) and the last add
-(1): k = nb/2 + 10 roundings of at most 2^-24 relative to M = Σ_b Σ_j (|d_b q'_j| + |m_b|)·|x_j| (M = Σ|w||x|
-for Q4_0 and Q8_0). So |error| ≤ 2^-24·((nb/2 + 10)·M + 1.01·A) (plus 2^-24·(nb/2+10)·A for the δ's own
-rounding, which the factor 1.01 → 1.02 covers amply; we use 1.02).
+The rest is float32 rounding: per lane, t → float (1), d·s (1), the FMAs into the accumulator (f·nb of them: f =
+intmatvec.LANE_FMAS_PER_BLOCK, VNNI's 1/2 (one per block pair), AVX2's 1), Q8_0's last limb (2) or Q4_1's lane
+sums of x (3), the lane reduction (at most 4) and the last add (1): k = f·nb + 10 roundings of at most 2^-24
+relative to M = Σ_b Σ_j (|d_b q'_j| + |m_b|)·|x_j| (M = Σ|w||x| for Q4_0 and Q8_0). So |error| ≤ 2^-24·((f·nb +
+10)·M + 1.01·A) (plus 2^-24·(f·nb + 10)·A for the δ's own rounding, which the factor 1.01 → 1.02 covers amply; we
+use 1.02).
 """
 
 from functools import partial
@@ -19,12 +22,12 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import quants
 
-from llamalora.kernels import q4_0, q4_1, q5_0, q8_0, simd, vnni
+from llamalora.kernels import intmatvec, q4_0, q4_1, q5_0, q8_0, simd
 
-pytestmark = pytest.mark.skipif(not vnni.host_has_vnni(), reason="the host has no AVX-512 VNNI")
+pytestmark = pytest.mark.skipif(not intmatvec.ENABLED, reason="no integer kernels for the compile target")
 
-KERNELS = {qtype: partial(vnni.matvec_without_delta, driver)
-           for qtype, driver in ((T.Q4_0, vnni.Q4_0), (T.Q4_1, vnni.Q4_1), (T.Q8_0, vnni.Q8_0), (T.Q5_0, vnni.Q5_0))}
+DRIVERS = {T.Q4_0: intmatvec.Q4_0, T.Q4_1: intmatvec.Q4_1, T.Q8_0: intmatvec.Q8_0, T.Q5_0: intmatvec.Q5_0}
+KERNELS = {qtype: partial(intmatvec.matvec_without_delta, driver) for qtype, driver in DRIVERS.items()}
 MODULES = {T.Q4_0: q4_0, T.Q4_1: q4_1, T.Q8_0: q8_0, T.Q5_0: q5_0}
 BLOCK_BYTES = {T.Q4_0: 18, T.Q4_1: 20, T.Q8_0: 34, T.Q5_0: 22}
 ALL_TYPES = [T.Q4_0, T.Q4_1, T.Q8_0, T.Q5_0]
@@ -61,7 +64,8 @@ def error_bound(data, qtype, x):
     dq = np.abs(d[:, :, None] * q)                                  # |d q'| [rows, nb, 32]
     M = np.einsum("rbj,bj->r", dq + np.abs(m)[:, :, None], ax)
     A = np.einsum("rbj,b->r", dq, ax.max(axis=1))
-    return 2.0 ** -24 * ((nb / 2 + 10) * M + 1.02 * A), M
+    k = intmatvec.LANE_FMAS_PER_BLOCK[DRIVERS[qtype]] * nb + 10
+    return 2.0 ** -24 * (k * M + 1.02 * A), M
 
 
 def reference(data, qtype, x):
@@ -227,7 +231,7 @@ def test_type_modules_use_the_integer_kernel_when_enabled():
         kernel(data, x, direct)
         prepared = MODULES[qtype].prepare(data, 6 * 32)
         MODULES[qtype].matvec(prepared, x, via_module)
-        assert np.array_equal(via_module, direct if vnni.ENABLED else portable(qtype, data, x))
+        assert np.array_equal(via_module, direct if intmatvec.ENABLED else portable(qtype, data, x))
 
 
 def test_bad_layout_is_refused():
@@ -242,13 +246,13 @@ def test_bad_layout_is_refused():
 
 
 def test_prepared_rows_keep_no_widened_scales_with_the_integer_kernels():
-    """With the VNNI kernels a weight is its file bytes alone (no float32 scale arrays beside them); prompt batches
+    """With the integer kernels a weight is its file bytes alone (no float32 scale arrays beside them); prompt batches
     widen the scales per call and give what the scales widened at load give."""
     rng = np.random.default_rng(9)
     for qtype in KERNELS:
         data = raw_blocks(rng, qtype, 37, 5)
         prepared = MODULES[qtype].prepare(data, 5 * 32)
-        assert (len(prepared) == 1) == vnni.ENABLED
+        assert (len(prepared) == 1) == intmatvec.ENABLED
         assert np.shares_memory(prepared[0], data)
         X = rng.standard_normal((9, 5 * 32)).astype(np.float32)
         batch, widened = np.empty((9, 37), np.float32), np.empty((9, 37), np.float32)

@@ -1,15 +1,16 @@
-"""AVX-512 VNNI matvec kernels for Q4_K and Q6_K: W·x within float32 rounding of float64 products of the
-dequantized weights, on quantized, random and adversarial super-blocks; extreme activations fall back to the
-portable kernels.
+"""The integer matvec kernels for Q4_K and Q6_K (intmatvec.py: AVX-512 VNNI or AVX2; tests/test_avx2_target.py
+runs this file for an AVX2 target too): W·x within float32 rounding of float64 products of the dequantized
+weights, on quantized, random and adversarial super-blocks; extreme activations fall back to the portable kernels.
 
-The bound (llamalora/kernels/vnni.py), as for the 32-value types: a weight is D·q'_j + m_j with D the sub-block's
-exact float32 scale (Q4_K: d·sc, q' = q, m = −dmin·m_code; Q6_K: d·sc, q' = q − 32, m = 0). The activation's
-blocks of 32 (four per Q4_K sub-block pair, two per Q6_K sub-block of 16 ... a sub-block never straddles one)
-are used as s_b·X_j with |x_j − s_b·X_j| ≤ 1.01·2^-24·max_b|x|, so with A = Σ_b max_b|x|·Σ_j |D q'_j| and
-M = Σ_b Σ_j (|D q'_j| + |m_j|)·|x_j|: |error| ≤ 2^-24·((nb/2 + 10)·M + 1.02·A), nb the number of 32-blocks.
-The roundings per lane: t → float, D·s, the FMA over nb/2 block pairs, Q4_K's block sums of x (1, from float64)
-with their own FMA chain (one per super-block) and the final subtraction, the 16-lane reduction (4). K-quant rows are whole super-blocks of 256, so
-nb is always even (no odd last block here).
+The bound (llamalora/kernels/vnni.py, avx2.py), as for the 32-value types: a weight is D·q'_j + m_j with D the
+sub-block's exact float32 scale (Q4_K: d·sc, q' = q, m = −dmin·m_code; Q6_K: d·sc, q' = q − 32, m = 0). The
+activation's blocks of 32 (one per Q4_K sub-block, two per Q6_K pair of sub-blocks of 16: a sub-block never
+straddles one) are used as s_b·X_j with |x_j − s_b·X_j| ≤ 1.01·2^-24·max_b|x|, so with A = Σ_b max_b|x|·Σ_j
+|D q'_j| and M = Σ_b Σ_j (|D q'_j| + |m_j|)·|x_j|: |error| ≤ 2^-24·((f·nb + 10)·M + 1.02·A), nb the number of
+32-blocks, f·nb the FMAs into an accumulator lane (f = intmatvec.LANE_FMAS_PER_BLOCK: VNNI 1/2; AVX2 1, Q6_K 2).
+The other roundings per lane: t → float, D·s, Q4_K's block sums of x (1, from float64) with their own FMA chain
+(one per super-block) and the final subtraction, the lane reduction (at most 4). K-quant rows are whole
+super-blocks of 256, so nb is always even (no odd last block here).
 """
 
 from functools import partial
@@ -19,14 +20,15 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from llamalora import kernels
-from llamalora.kernels import dispatch, low_rank, q4_k, q6_k, vnni
-from test_vnni import extreme_activations, raw_blocks as block_rows, strided_view
+from llamalora.kernels import dispatch, intmatvec, low_rank, q4_k, q6_k
+from test_int_kernels import extreme_activations, raw_blocks as block_rows, strided_view
 
-pytestmark = pytest.mark.skipif(not vnni.host_has_vnni(), reason="the host has no AVX-512 VNNI")
+pytestmark = pytest.mark.skipif(not intmatvec.ENABLED, reason="no integer kernels for the compile target")
 
-KERNELS = {T.Q4_K: partial(vnni.matvec_without_delta, vnni.Q4_K), T.Q6_K: partial(vnni.matvec_without_delta, vnni.Q6_K)}
+DRIVERS = {T.Q4_K: intmatvec.Q4_K, T.Q6_K: intmatvec.Q6_K}
+KERNELS = {qtype: partial(intmatvec.matvec_without_delta, driver) for qtype, driver in DRIVERS.items()}
 MODULES = {T.Q4_K: q4_k, T.Q6_K: q6_k}
-NO_DELTA = (vnni.NO_FACTORS, vnni.NO_PACKED_B)
+NO_DELTA = (intmatvec.NO_FACTORS, intmatvec.NO_PACKED_B)
 BLOCK_BYTES = {T.Q4_K: 144, T.Q6_K: 210}
 
 
@@ -61,7 +63,8 @@ def reference_and_bound(data, qtype, x):
     dq = np.abs(D * q)
     M = (dq + np.abs(m)) @ ax
     A = dq @ top
-    return ref, 2.0 ** -24 * ((nb / 2 + 10) * M + 1.02 * A), M
+    k = intmatvec.LANE_FMAS_PER_BLOCK[DRIVERS[qtype]] * nb + 10
+    return ref, 2.0 ** -24 * (k * M + 1.02 * A), M
 
 
 def check(data, qtype, x):
@@ -193,7 +196,7 @@ def test_extreme_activations_fall_back_to_the_portable_kernel(qtype):
         MODULES[qtype].matvec(prepared, x, out)
         assert np.array_equal(out, expected, equal_nan=True)
         compiled = np.full(16, 7.0, np.float32)
-        dispatch.matvec(kind, *arrays[1:], x, compiled, *NO_DELTA, vnni.NO_FACTORS, False)
+        dispatch.matvec(kind, *arrays[1:], x, compiled, *NO_DELTA, intmatvec.NO_FACTORS, False)
         assert np.array_equal(compiled, expected, equal_nan=True)
 
 
@@ -207,20 +210,20 @@ def test_type_modules_and_dispatch_use_the_integer_kernel_when_enabled():
         prepared = MODULES[qtype].prepare(data, 768)
         MODULES[qtype].matvec(prepared, x, via_module)
         arrays = dispatch.uniform_arrays(kernels.Weight(qtype, 16, 512, prepared))
-        dispatch.matvec(*arrays, x, compiled, *NO_DELTA, vnni.NO_FACTORS, False)
-        expected = direct if vnni.ENABLED else portable(qtype, data, x)
+        dispatch.matvec(*arrays, x, compiled, *NO_DELTA, intmatvec.NO_FACTORS, False)
+        expected = direct if intmatvec.ENABLED else portable(qtype, data, x)
         assert np.array_equal(via_module, expected)
         assert np.array_equal(compiled, expected)
 
 
 def test_prepared_rows_keep_no_widened_scales_with_the_integer_kernels():
-    """With the VNNI kernels a K-quant weight is its file bytes alone; prompt batches widen the scales per call and
+    """With the integer kernels a K-quant weight is its file bytes alone; prompt batches widen the scales per call and
     give what the scales widened at load give."""
     rng = np.random.default_rng(9)
     for qtype, module in MODULES.items():
         data = raw_blocks(rng, qtype, 37, 2)
         prepared = module.prepare(data, 512)
-        assert (len(prepared) == 1) == vnni.ENABLED
+        assert (len(prepared) == 1) == intmatvec.ENABLED
         assert np.shares_memory(prepared[0], data)
         X = rng.standard_normal((9, 512)).astype(np.float32)
         batch, widened = np.empty((9, 37), np.float32), np.empty((9, 37), np.float32)
@@ -242,23 +245,25 @@ def test_bad_shapes_are_refused():
 
 @pytest.mark.parametrize("rank", [16, 5])
 def test_delta_inside_the_row_loop_equals_the_delta_after_it(rank):
-    """dispatch.matvec with a run-time LoRA delta (added chunk by chunk inside the VNNI kernels' row loop) gives
-    bit for bit W·x followed by low_rank.add_low_rank_matvec, for every VNNI type, with a last chunk of 37 rows
-    that is partial and odd."""
+    """dispatch.matvec with a run-time LoRA delta (added chunk by chunk inside the integer kernels' row loop) gives
+    bit for bit W·x followed by low_rank.add_low_rank_matvec, for every integer-kernel type: 37 rows (a last chunk
+    partial and odd) and 149 (with int_rows.SPREAD_ROWS, two groups of four spread chunks and then a whole and a
+    partial chunk on their own)."""
     rng = np.random.default_rng(rank)
     for qtype in (T.Q4_0, T.Q4_1, T.Q8_0, T.Q5_0, T.Q4_K, T.Q6_K):
-        data = raw_blocks(rng, qtype, 37, 2) if qtype in MODULES else block_rows(rng, qtype, 37, 16)
-        prepared = kernels.type_module(qtype).prepare(data, 512)
-        arrays = dispatch.uniform_arrays(kernels.Weight(qtype, 37, 512, prepared))
-        x = rng.standard_normal(512).astype(np.float32)
-        a = rng.standard_normal((rank, 512)).astype(np.float32)
-        packed_b = kernels.pack_scaled_b(rng.standard_normal((37, rank)))
-        after = np.empty(37, np.float32)
-        dispatch.matvec(*arrays, x, after, *NO_DELTA, vnni.NO_FACTORS, False)
-        without = after.copy()
-        low_rank.add_low_rank_matvec(a, packed_b, x, after)
-        for one_thread in (False, True):
-            fused = np.empty(37, np.float32)
-            dispatch.matvec(*arrays, x, fused, a, packed_b, a, one_thread)  # (a as the next weight's A)
-            assert np.array_equal(fused, after), (qtype.name, one_thread)
-        assert np.abs(fused - without).min() > 0  # the delta is there in every row
+        for n_rows in (37, 149):
+            data = raw_blocks(rng, qtype, n_rows, 2) if qtype in MODULES else block_rows(rng, qtype, n_rows, 16)
+            prepared = kernels.type_module(qtype).prepare(data, 512)
+            arrays = dispatch.uniform_arrays(kernels.Weight(qtype, n_rows, 512, prepared))
+            x = rng.standard_normal(512).astype(np.float32)
+            a = rng.standard_normal((rank, 512)).astype(np.float32)
+            packed_b = kernels.pack_scaled_b(rng.standard_normal((n_rows, rank)))
+            after = np.empty(n_rows, np.float32)
+            dispatch.matvec(*arrays, x, after, *NO_DELTA, intmatvec.NO_FACTORS, False)
+            without = after.copy()
+            low_rank.add_low_rank_matvec(a, packed_b, x, after)
+            for one_thread in (False, True):
+                fused = np.empty(n_rows, np.float32)
+                dispatch.matvec(*arrays, x, fused, a, packed_b, a, one_thread)  # (a as the next weight's A)
+                assert np.array_equal(fused, after), (qtype.name, n_rows, one_thread)
+            assert np.abs(fused - without).min() > 0  # the delta is there in every row
