@@ -12,7 +12,22 @@ Both sides are timed the same way: pp = one batch of --pp prompt tokens into an 
 single-token evaluations after it (fixed token ids, no sampler), best of --repeat runs. llama.cpp runs through
 llama-cpp-python (built from source) in its own process, so that neither engine's thread pool or OpenMP settings
 touch the other's. tg / limit is our tg as a fraction of file bytes per token at this run's copy bandwidth.
-The table goes to stdout and benchmarks/results/generate.md.
+
+Each engine runs in a child process of its own. With --avx2 both run what an AVX2 CPU runs, on any x86-64 host
+that has AVX2: our kernels compiled for a Haswell-class target (tests/cpu_targets.py: NUMBA_CPU_NAME and the
+feature list, so kernel choice follows it), llama.cpp from a build with AVX-512 off, loaded by llama-cpp-python
+through LLAMA_CPP_LIB_PATH (--peer-lib; by default benchmarks/peers/avx2/bin, built from the source inside
+llama-cpp-python's sdist:
+    cmake -S vendor/llama.cpp -B build-avx2 -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+        -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
+        -DBUILD_SHARED_LIBS=ON -DCMAKE_RUNTIME_OUTPUT_DIRECTORY=$PWD/benchmarks/peers/avx2/bin \
+        -DCMAKE_LIBRARY_OUTPUT_DIRECTORY=$PWD/benchmarks/peers/avx2/bin
+    cmake --build build-avx2 -j 2 --target llama llama-bench llama-server
+).
+
+The table goes to stdout and into benchmarks/results/generate.md, which keeps one section per CPU and kernel
+kind (its heading: the CPU's name and the instruction sets both engines ran): a run replaces its own kind's
+section and leaves the others.
 """
 
 import argparse
@@ -27,6 +42,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the checkout's llamalora, not an installed one
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # cpu_targets: the environment of an AVX2 target
+AVX2_PEER_LIB = os.path.join(HERE, "peers", "avx2", "bin")
 MODEL_NAMES = ("smollm2:q4_1", "smollm2:q4_0", "smollm2:q8_0", "smollm2:f16", "smollm2:q4_k_m", "smollm2:q6_k",
                "1b:q4_0", "1b:q4_k_m", "1b:f16")
 
@@ -77,8 +94,21 @@ def adapter_paths(name: str, dora: bool = False) -> tuple[str, str]:
     return folder, gguf
 
 
-def bench_llamalora(path, threads, n_pp, n_tg, repeat, adapter=None):
+def bench_llamalora(path, threads, n_pp, n_tg, repeat, adapter=None, env=None):
+    """Our (pp, tg, the integer kernels' instruction set), measured in a child process with env (the compile
+    target's NUMBA_CPU_NAME / NUMBA_CPU_FEATURES for --avx2)."""
+    args = json.dumps([path, threads, n_pp, n_tg, repeat, adapter])
+    run = subprocess.run([sys.executable, __file__, "--ours", args], capture_output=True, text=True,
+                         env=env or dict(os.environ))
+    if run.returncode != 0:
+        raise SystemExit(f"llamalora on {os.path.basename(path)}: {run.stderr.strip()[-2000:]}")
+    return tuple(json.loads(run.stdout.strip().splitlines()[-1]))
+
+
+def ours_main(args_json: str) -> None:
+    path, threads, n_pp, n_tg, repeat, adapter = json.loads(args_json)
     from llamalora.generate import Context
+    from llamalora.kernels import intmatvec
     from llamalora.loader import load_model, set_threads
 
     set_threads(threads)
@@ -99,13 +129,16 @@ def bench_llamalora(path, threads, n_pp, n_tg, repeat, adapter=None):
         for token in gen_ids:
             ctx.eval([token], generating=True)
         tg = max(tg, n_tg / (time.perf_counter() - t))
-    return pp, tg
+    print(json.dumps([pp, tg, intmatvec.ISA]))
 
 
-def bench_llama_cpp(path, threads, n_pp, n_tg, repeat, adapter=None):
-    """The peer's (pp, tg), measured in a child process; None when llama-cpp-python is not installed."""
+def bench_llama_cpp(path, threads, n_pp, n_tg, repeat, adapter=None, lib=None):
+    """The peer's (pp, tg), measured in a child process (llama.cpp's libraries from lib when given); None when
+    llama-cpp-python is not installed."""
     args = json.dumps([path, threads, n_pp, n_tg, repeat, adapter])
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "LLAMALORA_", "NUMBA_"))}
+    if lib:
+        env["LLAMA_CPP_LIB_PATH"] = lib
     run = subprocess.run([sys.executable, __file__, "--peer", args], capture_output=True, text=True, env=env)
     if run.returncode != 0:
         message = (run.stderr.strip().splitlines() or [f"exit {run.returncode}"])[-1]
@@ -146,17 +179,35 @@ def main():
     parser.add_argument("--tg", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-adapter", action="store_true", help="skip the rows with the all-linear adapter")
+    parser.add_argument("--avx2", action="store_true", help="both engines as an AVX2 CPU runs them (see above)")
+    parser.add_argument("--peer-lib", help="folder of the llama.cpp libraries llama-cpp-python loads "
+                                           "(default: its own; with --avx2, benchmarks/peers/avx2/bin)")
     parser.add_argument("--peer", help=argparse.SUPPRESS)
+    parser.add_argument("--ours", help=argparse.SUPPRESS)
     parser.add_argument("--output", default=os.path.join(HERE, "results", "generate.md"))
     args = parser.parse_args()
     if args.peer:
         return peer_main(args.peer)
+    if args.ours:
+        return ours_main(args.ours)
+    from cpu_info import cpu_line, cpu_name
+
+    ours_env, peer_lib = dict(os.environ), args.peer_lib
+    if args.avx2:
+        import cpu_targets
+
+        if not cpu_targets.host_can_run("haswell"):
+            raise SystemExit("--avx2: this host cannot run code built for Haswell")
+        ours_env, peer_lib = cpu_targets.environment("haswell"), peer_lib or AVX2_PEER_LIB
+        if not os.path.exists(os.path.join(peer_lib, "libllama.so")):
+            raise SystemExit(f"--avx2: no libllama.so in {peer_lib} (build it as this file's docstring says)")
 
     names = args.model or list(MODEL_NAMES)
     threads = args.threads or [1, 2]
     bw = bandwidth_gbs()
     load = os.getloadavg()[0]
-    rows = [f"copy bandwidth {bw:.1f} GB/s; load average at the start {load:.2f}; pp{args.pp} / tg{args.tg}, "
+    isa = None
+    rows = [cpu_line(), "", f"copy bandwidth {bw:.1f} GB/s; load average at the start {load:.2f}; pp{args.pp} / tg{args.tg}, "
             f"best of {args.repeat}", "",
             "| model | adapter | t | pp llamalora | pp llama.cpp | pp ratio | tg llamalora | tg llama.cpp | tg ratio "
             "| tg / limit |",
@@ -168,8 +219,8 @@ def main():
         for with_adapter in ([False] if args.no_adapter else [False, True]):
             folder, gguf = adapter_paths(name) if with_adapter else (None, None)
             for t in threads:
-                ours = bench_llamalora(path, t, args.pp, args.tg, args.repeat, folder)
-                theirs = bench_llama_cpp(path, t, args.pp, args.tg, args.repeat, gguf)
+                *ours, isa = bench_llamalora(path, t, args.pp, args.tg, args.repeat, folder, ours_env)
+                theirs = bench_llama_cpp(path, t, args.pp, args.tg, args.repeat, gguf, peer_lib)
                 peer = (f"{theirs[0]:.1f} | {ours[0] / theirs[0]:.2f}" if theirs else "n/a | n/a",
                         f"{theirs[1]:.1f} | {ours[1] / theirs[1]:.2f}" if theirs else "n/a | n/a")
                 row = (f"| {name if not os.path.exists(name) else os.path.basename(name)} "
@@ -178,10 +229,31 @@ def main():
                 rows.append(row)
                 print(row, flush=True)
     rows.append(f"\nload average at the end {os.getloadavg()[0]:.2f}")
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:
-        f.write("# pp and tg tokens/s: llamalora vs llama.cpp (`python benchmarks/bench_generate.py`)\n\n"
-                + "\n".join(rows) + "\n")
+    peer = "llama.cpp built for AVX2 (AVX-512 off)" if args.avx2 else (
+        f"llama.cpp from {peer_lib}" if peer_lib else "llama.cpp as llama-cpp-python built it (native)")
+    heading = f"## {cpu_name()}: our kernels for {isa}, {peer}"
+    write_section(args.output, heading, rows)
+
+
+TITLE = "# pp and tg tokens/s: llamalora vs llama.cpp (`python benchmarks/bench_generate.py`)"
+
+
+def write_section(path: str, heading: str, rows: list[str]) -> None:
+    """Put the run's rows under heading in the results file, replacing that heading's old section only."""
+    sections, current = {}, None
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f.read().splitlines():
+                if line.startswith("## "):
+                    current = line
+                    sections[current] = []
+                elif current is not None:
+                    sections[current].append(line)
+    sections[heading] = [""] + rows + [""]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(TITLE + "\n\n" + "\n".join(f"{h}\n" + "\n".join(body).strip("\n") + "\n"
+                                           for h, body in sections.items()))
 
 
 if __name__ == "__main__":

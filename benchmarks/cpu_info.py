@@ -7,7 +7,11 @@ FLAGS = ("sse4_2", "avx", "f16c", "fma", "avx2", "avx_vnni", "avx512f", "avx512b
          "avx512_bf16", "avx512_fp16", "amx_tile", "asimd", "asimddp")
 
 
-def cpu_line() -> str:
+def cpu_name() -> str:
+    return _read()[0]
+
+
+def _read() -> tuple[str, set]:
     name, flags = "unknown CPU", set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -20,6 +24,11 @@ def cpu_line() -> str:
                     flags = set(value.split())
     except OSError:
         pass
+    return name, flags
+
+
+def cpu_line() -> str:
+    name, flags = _read()
     shown = " ".join(f for f in FLAGS if f in flags) or "no SIMD flags read"
     target = os.environ.get("NUMBA_CPU_NAME")
     return (f"CPU: {name}, {os.cpu_count()} cores; flags: {shown}"
