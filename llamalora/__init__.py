@@ -24,9 +24,11 @@ if "numba" in sys.modules:
     sys.modules["numba"].config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
 
 # The kernels run on OpenMP (libgomp) thread teams, a few hundred short parallel loops per token. Idle team threads
-# spin for a bounded time, then sleep: GOMP_SPINCOUNT 100000 decoded SmolLM2 Q4_1 at 119-125 tokens/s on a quiet
-# 2-core EPYC VM against 33-49 for sleeping at once (OMP_WAIT_POLICY=passive: a wake-up per loop), and a team left
-# idle still sleeps. Beside a busy program spinning threads collapse; threads.Governor then uses fewer of them.
+# spin for a bounded time, then sleep, and threads.Governor uses fewer threads where another program holds a core.
+# SmolLM2 Q4_1 decode at -t 2 on a 2-core EPYC VM (benchmarks/bench_threads.py, with the governor), quiet / beside a
+# busy core, tokens/s: GOMP_SPINCOUNT 1000: 150.7 / 105.0, 10000: 143.3 / 113.9, 100000: 155.9 / 98.6; sleeping at
+# once (OMP_WAIT_POLICY=passive) 113.3 / 114.4. 10000 is as fast as passive beside a busy core and within the
+# noise of the longer spins on a quiet machine.
 # Set before libgomp is loaded, which reads it once; the user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT win.
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["GOMP_SPINCOUNT"] = "100000"
+    os.environ["GOMP_SPINCOUNT"] = "10000"
