@@ -252,7 +252,7 @@ def write_section(path: str, heading: str, rows: list[str]) -> None:
     sections[heading] = [""] + rows + [""]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-        f.write(TITLE + "\n\n" + "\n".join(f"{h}\n" + "\n".join(body).strip("\n") + "\n"
+        f.write(TITLE + "\n\n" + "\n".join(f"{h}\n\n" + "\n".join(body).strip("\n") + "\n"
                                            for h, body in sections.items()))
 
 

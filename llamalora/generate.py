@@ -29,6 +29,16 @@ class Timings:
     gen_tokens: int = 0
     compile_ms: float = 0.0
 
+    def count(self, n_tokens: int, elapsed_ms: float, compiled_ms: float, generating: bool) -> None:
+        """An evaluation of n_tokens that took elapsed_ms, compiled_ms of it compiling kernels (their own line)."""
+        self.compile_ms += compiled_ms
+        if generating:
+            self.gen_ms += elapsed_ms - compiled_ms
+            self.gen_tokens += n_tokens
+        else:
+            self.prompt_ms += elapsed_ms - compiled_ms
+            self.prompt_tokens += n_tokens
+
     def lines(self) -> list[str]:
         def rate(ms, n):
             per_token = ms / n if n else 0.0
@@ -109,16 +119,10 @@ class Context:
         for begin in range(0, len(ids), self.n_batch):
             outputs.append(self.eval_chunk(ids[begin : begin + self.n_batch], all_logits))
         compiled = compile_ms() - compiled
-        self.timings.compile_ms += compiled
-        elapsed = 1000.0 * (time.perf_counter() - start) - compiled
+        elapsed = 1000.0 * (time.perf_counter() - start)
         if n_asked == 1:
-            threads.token_done(n_threads, elapsed / 1000.0)
-        if generating:
-            self.timings.gen_ms += elapsed
-            self.timings.gen_tokens += len(ids)
-        else:
-            self.timings.prompt_ms += elapsed
-            self.timings.prompt_tokens += len(ids)
+            threads.token_done(n_threads, (elapsed - compiled) / 1000.0)
+        self.timings.count(len(ids), elapsed, compiled, generating)
         return np.concatenate(outputs)[-n_asked:] if all_logits else outputs[-1][-1]
 
 

@@ -128,15 +128,8 @@ class Scheduler:
                     self.cond.notify_all()
         if isinstance(request.result, BaseException):
             raise request.result
-        compiled = compile_ms() - compiled  # (kernels compiled meanwhile: their own line in the timings)
-        ctx.timings.compile_ms += compiled
-        elapsed = 1000.0 * (time.perf_counter() - request.arrived) - compiled
-        if generating:
-            ctx.timings.gen_ms += elapsed
-            ctx.timings.gen_tokens += len(ids)
-        else:
-            ctx.timings.prompt_ms += elapsed
-            ctx.timings.prompt_tokens += len(ids)
+        ctx.timings.count(len(ids), 1000.0 * (time.perf_counter() - request.arrived), compile_ms() - compiled,
+                          generating)
         return request.result
 
     def state(self, ctx) -> dict:

@@ -24,7 +24,8 @@ import numpy as np
 from numba import njit, prange
 
 from . import cache, low_rank
-from .intmatvec import BLOCK_BYTES, BLOCK_VALUES, CHUNK_ROWS, KERNELS, LAYOUTS, ROWS_PER_STEP, SPREAD_ROWS
+from .intmatvec import (BLOCK_BYTES, BLOCK_VALUES, CHUNK_ROWS, KERNELS, LAYOUTS, ROWS_PER_STEP, SPREAD_ROWS,
+                        delta_walk)
 
 COLUMNS = 4  # activations per pass over a step's rows: 2-4 rows × 4 columns of accumulators fill the registers
 _step_1, _step_2, _step_4 = (KERNELS.rows_columns_dot(ROWS_PER_STEP, n) for n in (1, 2, 4))
@@ -184,12 +185,7 @@ def matvec_columns(kind, data, X, out, lora, a_next, one_thread):
                 _steps(kind, g, part, row_addr, row_stride, records_addr, nb, outs_addr, n_taken)
         _rows_alone(kind, row_addr, row_stride, records_addr, nb, outs_addr, n_taken, part * ROWS_PER_STEP, n_rows)
         return ok if len(buffers) > 0 else ok  # (buffers outlive the loops that read them by address)
-    n_chunks = (n_rows + CHUNK_ROWS - 1) // CHUNK_ROWS
-    next_lines = (a_next.size * 4 + 63) // 64
-    lines_per_chunk = (next_lines + n_chunks - 1) // n_chunks
-    next_addr = a_next.ctypes.data
-    n_groups = n_rows // CHUNK_ROWS // ROWS_PER_STEP if SPREAD_ROWS else n_chunks
-    lone = n_groups * ROWS_PER_STEP if SPREAD_ROWS else n_chunks
+    n_chunks, n_groups, lone, next_addr, next_lines, lines_per_chunk = delta_walk(n_rows, a_next)
     if one_thread:
         for group in range(n_groups):
             _chunks_with_deltas(kind, group, n_groups, row_addr, row_stride, records_addr, nb, outs, n_taken, n_rows,

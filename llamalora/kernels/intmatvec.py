@@ -104,6 +104,20 @@ def _lone_chunk_with_delta(kind, chunk, row_addr, row_stride, records, nb, out_a
     _chunk_delta(chunk, n_rows, t_addr, rank, b_addr, chunk_bytes, out_addr, next_addr, next_lines, lines_per_chunk)
 
 
+@njit(nogil=True, cache=True, inline="always")
+def delta_walk(n_rows, a_next):
+    """How a row loop with LoRA deltas walks n_rows rows (here and in int_columns.py, so that a batched column's
+    sums are this kernel's): (n_chunks of CHUNK_ROWS rows, n_groups the parallel loop runs over (with SPREAD_ROWS
+    ROWS_PER_STEP whole chunks each, else one chunk), lone: the first chunk left to run alone after the groups,
+    next A's address, its 64-byte lines and each chunk's share of them to prefetch)."""
+    n_chunks = (n_rows + CHUNK_ROWS - 1) // CHUNK_ROWS
+    next_lines = (a_next.size * 4 + 63) // 64
+    lines_per_chunk = (next_lines + n_chunks - 1) // n_chunks
+    n_groups = n_rows // CHUNK_ROWS // ROWS_PER_STEP if SPREAD_ROWS else n_chunks
+    lone = n_groups * ROWS_PER_STEP if SPREAD_ROWS else n_chunks
+    return n_chunks, n_groups, lone, a_next.ctypes.data, next_lines, lines_per_chunk
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def matvec(kind, data, x, out, a, packed_b, a_next, one_thread):
     """out = W·x (+ s·B·(a·x) when a has rows: a run-time LoRA delta, packed_b = low_rank.pack_scaled_b(s·B))
@@ -147,13 +161,7 @@ def matvec(kind, data, x, out, a, packed_b, a_next, one_thread):
     t = np.empty(rank, dtype=np.float32)
     low_rank.rank_dots(a.ctypes.data, rank, x.ctypes.data, x.shape[0], t.ctypes.data)
     t_addr, b_addr, chunk_bytes = t.ctypes.data, packed_b.ctypes.data, 4 * low_rank.LANES * rank
-    n_chunks = (n_rows + CHUNK_ROWS - 1) // CHUNK_ROWS
-    next_lines = (a_next.size * 4 + 63) // 64
-    lines_per_chunk = (next_lines + n_chunks - 1) // n_chunks
-    next_addr = a_next.ctypes.data
-    # chunk groups: with SPREAD_ROWS, ROWS_PER_STEP whole chunks each, the rest alone after them
-    n_groups = n_rows // CHUNK_ROWS // ROWS_PER_STEP if SPREAD_ROWS else n_chunks
-    lone = n_groups * ROWS_PER_STEP if SPREAD_ROWS else n_chunks
+    n_chunks, n_groups, lone, next_addr, next_lines, lines_per_chunk = delta_walk(n_rows, a_next)
     if one_thread:  # (an OpenMP loop of one thread here slowed tokens 4-7 times for seconds after loading)
         for group in range(n_groups):
             _chunks_with_delta(kind, group, n_groups, row_addr, row_stride, records, nb, out_addr, n_rows, t_addr,
