@@ -238,8 +238,9 @@ def main():
 TITLE = "# pp and tg tokens/s: llamalora vs llama.cpp (`python benchmarks/bench_generate.py`)"
 
 
-def write_section(path: str, heading: str, rows: list[str]) -> None:
-    """Put the run's rows under heading in the results file, replacing that heading's old section only."""
+def write_section(path: str, heading: str, rows: list[str], title: str = TITLE) -> None:
+    """Put the run's rows under heading in the results file (title its first line), replacing that heading's old
+    section only: a file keeps a section per CPU kind."""
     sections, current = {}, None
     if os.path.exists(path):
         with open(path) as f:
@@ -252,7 +253,7 @@ def write_section(path: str, heading: str, rows: list[str]) -> None:
     sections[heading] = [""] + rows + [""]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-        f.write(TITLE + "\n\n" + "\n".join(f"{h}\n\n" + "\n".join(body).strip("\n") + "\n"
+        f.write(title + "\n\n" + "\n".join(f"{h}\n\n" + "\n".join(body).strip("\n") + "\n"
                                            for h, body in sections.items()))
 
 

@@ -22,7 +22,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from bench_generate import adapter_paths, model_path  # noqa: E402
+from bench_generate import adapter_paths, model_path, write_section  # noqa: E402
+from cpu_info import cpu_line, cpu_name  # noqa: E402
 
 
 def interleaved(model, n_prompt: int, n_tokens: int) -> tuple[float, float]:
@@ -56,6 +57,7 @@ def main():
     args = parser.parse_args()
     output = args.output or os.path.join(HERE, "results", "dora_decode.md" if args.dora else "lora_decode.md")
     kind = "DoRA" if args.dora else "adapter"
+    from llamalora.kernels import intmatvec
     from llamalora.loader import load_model, set_threads
 
     rows = ["| model | t | context | tg without (median) | tg with adapter (median) | ratio per round | median ratio | load |",
@@ -75,9 +77,9 @@ def main():
                             f"{' '.join(f'{r:.3f}' for r in ratios)} | {statistics.median(ratios):.3f} | "
                             f"{os.getloadavg()[0]:.2f} |")
                 print(rows[-1], flush=True)
-    with open(output, "w") as f:
-        f.write(f"# Decode with a run-time all-linear r=16 {kind} / without "
-                f"(`python benchmarks/bench_lora_decode.py{' --dora' if args.dora else ''}`)\n\n" + "\n".join(rows) + "\n")
+    title = (f"# Decode with a run-time all-linear r=16 {kind} / without "
+             f"(`python benchmarks/bench_lora_decode.py{' --dora' if args.dora else ''}`)")
+    write_section(output, f"## {cpu_name()}: our kernels for {intmatvec.ISA}", [cpu_line(), ""] + rows, title)
 
 
 if __name__ == "__main__":
