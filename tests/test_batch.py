@@ -35,7 +35,7 @@ def test_columns_equal_each_column_alone(qtype):
     high = kernels.pack_scaled_b(2.0 * b1)
     a2, _, other = factors(rng, n_rows, n_cols, 5, 1.0)
     choices = [(a1, low), None, (a1, high), (a2, other), (a1, low)]
-    for b in (1, 2, 5, 9):
+    for b in (1, 2, 5, 9, 10, 11):  # (10, 11: two groups of four columns, then two)
         X = rng.standard_normal((b, n_cols)).astype(np.float32)
         if b == 9:
             X[4, 3] = 1e35  # beyond what the integer path takes

@@ -164,6 +164,15 @@ def _columns_in(kind, data, X, out, lora):
     return ok, buffers, records, outs, n_taken, ranks, max_rank, t, t_addrs, b_addrs
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _alive(buffers, records, outs, t):
+    """True, after reading each array the loops read by address: numba frees an array after its last use in the
+    function, so an array only whose address went into a loop could be freed, and its memory reused by the
+    parallel loop's own allocations, while the loop still reads it (10 or 11 columns at two threads did: garbage
+    activation records, a segfault)."""
+    return len(buffers) + records.size + outs.size + t.size >= 0
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def matvec_columns(kind, data, X, out, lora, a_next, one_thread):
     """out[j] = W·X[j] (+ s_j·B_j·(A_j·X[j]) where lora[j] has a rank: a run-time LoRA delta, lora[j] the
@@ -184,7 +193,7 @@ def matvec_columns(kind, data, X, out, lora, a_next, one_thread):
             for g in prange(part):
                 _steps(kind, g, part, row_addr, row_stride, records_addr, nb, outs_addr, n_taken)
         _rows_alone(kind, row_addr, row_stride, records_addr, nb, outs_addr, n_taken, part * ROWS_PER_STEP, n_rows)
-        return ok if len(buffers) > 0 else ok  # (buffers outlive the loops that read them by address)
+        return ok if _alive(buffers, records, outs, t) else ok
     n_chunks, n_groups, lone, next_addr, next_lines, lines_per_chunk = delta_walk(n_rows, a_next)
     if one_thread:
         for group in range(n_groups):
@@ -200,7 +209,7 @@ def matvec_columns(kind, data, X, out, lora, a_next, one_thread):
         for chunk in prange(lone, n_chunks):
             _lone_chunk_with_deltas(kind, chunk, row_addr, row_stride, records_addr, nb, outs, n_taken, n_rows,
                                     t_addrs, ranks, b_addrs, next_addr, next_lines, lines_per_chunk)
-    return ok if len(buffers) > 0 and t.size >= 0 else ok  # (buffers and t outlive the loops)
+    return ok if _alive(buffers, records, outs, t) else ok
 
 
 for _function in (matvec_columns, low_rank.rank_dots_columns):
