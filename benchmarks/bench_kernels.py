@@ -187,6 +187,7 @@ def stream(threads: int, model_path: str) -> None:
     weights = [getattr(layer, slot) for layer in load_model(model_path, progress=False).model.layers
                for slot in slots]
     table, keep = dispatch.weight_table(weights)
+    kinds = dispatch.kinds_mask(weights)
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal(w.n_cols).astype(np.float32) for w in weights]
     outs = [np.empty(w.n_rows, np.float32) for w in weights]
@@ -195,7 +196,7 @@ def stream(threads: int, model_path: str) -> None:
     for _ in range(8):  # the first pass compiles
         t = time.perf_counter()
         for i in range(len(weights)):
-            dispatch.matvec_entry(table, i, xs[i], outs[i], intmatvec.NO_FACTORS, intmatvec.NO_PACKED_B,
+            dispatch.matvec_entry(table, kinds, i, xs[i], outs[i], intmatvec.NO_FACTORS, intmatvec.NO_PACKED_B,
                                   intmatvec.NO_FACTORS, threads == 1)
         best = min(best, time.perf_counter() - t)
     types = sorted({w.type.name for w in weights})

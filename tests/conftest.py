@@ -2,6 +2,12 @@ import os
 
 import pytest
 
+# One compiled step for every weight type the suite's models have (llamalora.kernels.dispatch.kinds_mask), rather
+# than one per model's set of types: the suite loads a dozen kinds of model, and on an empty cache a step per kind
+# doubled its time. Child processes inherit it. test_decode.py and test_kernels.py run the per-model steps users
+# get and check them against these.
+os.environ.setdefault("LLAMALORA_KERNEL_TYPES", "all")
+
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
 

@@ -44,11 +44,11 @@ def test_columns_equal_each_column_alone(qtype):
             if choices[j % 5] is not None:
                 lora[j] = np.concatenate([dispatch.matrix_entry(m) for m in choices[j % 5]])
         got = np.full((b, n_rows), np.nan, dtype=np.float32)
-        columns.matvec_columns(kind, *arrays, X, got, lora, NO_FLOATS, False)
+        columns.matvec_columns(dispatch.ALL_KINDS, kind, *arrays, X, got, lora, NO_FLOATS, False)
         for j in range(b):
             a, packed = choices[j % 5] if choices[j % 5] is not None else (NO_FLOATS, columns.NO_FLOATS)
             want = np.empty(n_rows, dtype=np.float32)
-            dispatch.matvec(kind, *arrays, X[j], want, a.reshape(-1, n_cols),
+            dispatch.matvec(dispatch.ALL_KINDS, kind, *arrays, X[j], want, a.reshape(-1, n_cols),
                             packed.reshape(-1, 16), NO_FLOATS, False)
             np.testing.assert_array_equal(got[j], want, err_msg=f"{qtype.name}, {b} columns, column {j}")
 

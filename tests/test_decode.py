@@ -161,3 +161,37 @@ def test_one_thread_step_equals_the_parallel_one(tmp_path, rank):
     np.testing.assert_array_equal(one, many)
     np.testing.assert_array_equal(cache_one.k[:, :cache_one.n], cache_many.k[:, :cache_many.n])
     np.testing.assert_allclose(one, want_one, rtol=1e-4, atol=1e-4)
+
+
+GREEDY_DIGESTS = r"""
+import hashlib, sys
+import numpy as np
+from llamalora.generate import Context
+from llamalora.loader import load_model
+model = load_model(sys.argv[1], progress=False).model
+ctx = Context(model, 64)
+logits = ctx.eval([1, 504, 3575, 282, 4649, 314])  # a short prompt: the columns step (or its tokens one by one)
+digests = []
+for _ in range(6):
+    digests.append(hashlib.sha256(np.ascontiguousarray(logits, dtype=np.float32).tobytes()).hexdigest()[:16])
+    logits = ctx.eval([int(np.argmax(logits[-1]))], generating=True)
+print(" ".join(digests))
+"""
+
+
+def test_the_steps_compiled_for_a_models_types_equal_the_all_types_step(smollm2_path):
+    """SmolLM2's steps compiled for its own types (as a user runs them: no LLAMALORA_KERNEL_TYPES) give the same
+    logits, bit for bit, prompt and greedy tokens, as the one step for every type the suite runs (conftest.py)."""
+    import os
+    import subprocess
+    import sys
+
+    def digests(kernel_types):
+        env = dict(os.environ, LLAMALORA_KERNEL_TYPES=kernel_types)
+        run = subprocess.run([sys.executable, "-c", GREEDY_DIGESTS, smollm2_path], env=env, capture_output=True,
+                             text=True, timeout=900)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return run.stdout.split()
+
+    per_model, all_types = digests("model"), digests("all")
+    assert len(per_model) == 6 and per_model == all_types

@@ -196,7 +196,7 @@ def test_extreme_activations_fall_back_to_the_portable_kernel(qtype):
         MODULES[qtype].matvec(prepared, x, out)
         assert np.array_equal(out, expected, equal_nan=True)
         compiled = np.full(16, 7.0, np.float32)
-        dispatch.matvec(kind, *arrays[1:], x, compiled, *NO_DELTA, intmatvec.NO_FACTORS, False)
+        dispatch.matvec(dispatch.ALL_KINDS, kind, *arrays[1:], x, compiled, *NO_DELTA, intmatvec.NO_FACTORS, False)
         assert np.array_equal(compiled, expected, equal_nan=True)
 
 
@@ -210,7 +210,7 @@ def test_type_modules_and_dispatch_use_the_integer_kernel_when_enabled():
         prepared = MODULES[qtype].prepare(data, 768)
         MODULES[qtype].matvec(prepared, x, via_module)
         arrays = dispatch.uniform_arrays(kernels.Weight(qtype, 16, 512, prepared))
-        dispatch.matvec(*arrays, x, compiled, *NO_DELTA, intmatvec.NO_FACTORS, False)
+        dispatch.matvec(dispatch.ALL_KINDS, *arrays, x, compiled, *NO_DELTA, intmatvec.NO_FACTORS, False)
         expected = direct if intmatvec.ENABLED else portable(qtype, data, x)
         assert np.array_equal(via_module, expected)
         assert np.array_equal(compiled, expected)
@@ -259,11 +259,11 @@ def test_delta_inside_the_row_loop_equals_the_delta_after_it(rank):
             a = rng.standard_normal((rank, 512)).astype(np.float32)
             packed_b = kernels.pack_scaled_b(rng.standard_normal((n_rows, rank)))
             after = np.empty(n_rows, np.float32)
-            dispatch.matvec(*arrays, x, after, *NO_DELTA, intmatvec.NO_FACTORS, False)
+            dispatch.matvec(dispatch.ALL_KINDS, *arrays, x, after, *NO_DELTA, intmatvec.NO_FACTORS, False)
             without = after.copy()
             low_rank.add_low_rank_matvec(a, packed_b, x, after)
             for one_thread in (False, True):
                 fused = np.empty(n_rows, np.float32)
-                dispatch.matvec(*arrays, x, fused, a, packed_b, a, one_thread)  # (a as the next weight's A)
+                dispatch.matvec(dispatch.ALL_KINDS, *arrays, x, fused, a, packed_b, a, one_thread)  # (a as the next weight's A)
                 assert np.array_equal(fused, after), (qtype.name, n_rows, one_thread)
             assert np.abs(fused - without).min() > 0  # the delta is there in every row

@@ -148,3 +148,49 @@ def test_low_rank_delta_matches_float64(r, n_cols, n_rows):
         one_v = start[0].copy()
         kernels.add_low_rank_matvec(a_view, packed_b, x[0], one_v)
         assert np.array_equal(one_v, one)
+
+
+SPECIALISATION_CHECK = r"""
+import numpy as np
+from llamalora import kernels
+from llamalora.kernels import blockdot, dense, dispatch, halfdot, intmatvec, q4_k, simd
+from llamalora.tensor import Tensor
+from gguf import GGMLQuantizationType as T
+
+rng = np.random.default_rng(0)
+values = rng.standard_normal((32, 64)).astype(np.float32)
+weight = kernels.prepare(Tensor("w", T.F32, values.shape, values.view(np.uint8).reshape(32, -1)))
+table, keep = dispatch.weight_table([weight])
+x = rng.standard_normal(64).astype(np.float32)
+out = np.empty(32, np.float32)
+kinds = dispatch.kinds_mask([weight])
+
+from numba import njit
+@njit
+def step(table, x, out):  # a compiled caller passes its mask as a literal, as decode's steps do
+    dispatch.matvec_entry(table, KINDS, 0, x, out, intmatvec.NO_FACTORS, intmatvec.NO_PACKED_B,
+                          intmatvec.NO_FACTORS, False)
+
+KINDS = kinds
+step(table, x, out)
+assert np.allclose(out, values @ x, rtol=1e-5, atol=1e-5), "wrong product"
+assert dense.matvec.signatures, "the F32 kernel was not compiled"
+others = {"simd.q4_matvec": simd.q4_matvec, "simd.q8_matvec": simd.q8_matvec, "q4_k._matvec": q4_k._matvec,
+          "blockdot.matvec": blockdot.matvec, "halfdot.matvec": halfdot.matvec, "intmatvec.matvec": intmatvec.matvec}
+compiled = [name for name, f in others.items() if f.signatures]
+assert not compiled, f"compiled for types the mask leaves out: {compiled}"
+print("ok")
+"""
+
+
+def test_a_weight_tables_step_compiles_its_own_types_kernels_only(tmp_path):
+    """dispatch.matvec_entry called from compiled code with an F32-only kinds mask compiles the F32 kernel and none
+    of the other types' (on an empty cache, where every kernel a call reaches is compiled and so shows a
+    signature): what keeps a first run's compile to its model's types."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), LLAMALORA_KERNEL_TYPES="model")
+    run = subprocess.run([sys.executable, "-c", SPECIALISATION_CHECK], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]

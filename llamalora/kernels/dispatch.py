@@ -15,10 +15,12 @@ Every weight is described by the same five things (`uniform_arrays`):
 `matvec` branches on kind and calls the type's own kernel, so the kernels stay those of the type modules.
 """
 
+import os
+
 import numpy as np
 from gguf import GGMLQuantizationType as GGMLType
 from numba import carray, njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from . import (bf16, cache, dense, f16, intmatvec, iq4_nl, low_rank, q2_k, q3_k, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k,
                q6_k, q8_0, simd)
@@ -59,6 +61,10 @@ def uniform_arrays(weight) -> tuple:
     return kind, data, scale, minimum, widened
 
 
+# intmatvec.matvec's id of each type it runs, as globals (compiled code takes a global, not a module's attribute,
+# as the literal the driver is compiled for)
+INT_Q4_0, INT_Q4_1, INT_Q8_0 = intmatvec.Q4_0, intmatvec.Q4_1, intmatvec.Q8_0
+INT_Q5_0, INT_Q4_K, INT_Q6_K = intmatvec.Q5_0, intmatvec.Q4_K, intmatvec.Q6_K
 # intmatvec.matvec's id for each ggml type it runs, -1 for the others (a constant array in compiled code)
 INT_DRIVER = np.full(max(t.value for t in GGMLType) + 1, -1, dtype=np.int64)
 for _kind, _driver in ((Q4_0, intmatvec.Q4_0), (Q4_1, intmatvec.Q4_1), (Q8_0, intmatvec.Q8_0), (Q5_0, intmatvec.Q5_0),
@@ -66,65 +72,206 @@ for _kind, _driver in ((Q4_0, intmatvec.Q4_0), (Q4_1, intmatvec.Q4_1), (Q8_0, in
     INT_DRIVER[_kind] = _driver
 
 
-@njit(nogil=True, cache=True)
-def widened_scales(kind, data):
+def kind_bit(kind: int) -> int:
+    return 1 << kind
+
+
+ALL_KINDS = sum(kind_bit(t.value) for t in GGMLType)  # a kinds mask that compiles every type's branch
+
+
+def kinds_mask(weights) -> int:
+    """The kinds argument for weights (kernels.Weight objects): a bit per ggml type among them; ALL_KINDS under
+    LLAMALORA_KERNEL_TYPES=all, for a process that loads models of many types (the test suite): one compiled step
+    for every type, each type's integer kernel behind a switch, rather than a step per set of types."""
+    if os.environ.get("LLAMALORA_KERNEL_TYPES", "model") == "all":
+        return ALL_KINDS
+    mask = 0
+    for weight in weights:
+        mask |= kind_bit(int(weight.type))
+    return mask
+
+
+def _mask_of(kinds) -> int:
+    """The mask an overload is specialised to: a literal kinds' value, every type for a kinds known only at run
+    time."""
+    return kinds.literal_value if isinstance(kinds, types.IntegerLiteral) else ALL_KINDS
+
+
+def _any_type(kinds) -> bool:
+    """Whether the integer kernels are called for any type, the driver id known at run time (one compiled
+    driver with a switch over the types): for a kinds known only at run time, and for ALL_KINDS."""
+    return _mask_of(kinds) == ALL_KINDS
+
+
+def _flags(mask, *kinds) -> tuple:
+    return tuple(bool(mask & kind_bit(k)) for k in kinds)
+
+
+# The three functions below are overloads specialised to a kinds mask: each type's branch is guarded by a flag of
+# the specialisation (a closure constant, which numba's branch pruning removes before typing when it is False), so
+# that a model's step compiles the kernels of its own types only (a first run on SmolLM2's Q4_1 compiled every
+# type's kernels: 114 s on an AMD EPYC). Called from compiled code with a literal kinds (matvec_entry and the
+# decode steps make it one); a kinds known only at run time compiles every branch.
+def widened_scales(kinds, kind, data):
     """(scale, minimum) of raw rows as the portable kernels read them, from the type module's `scales` (Q8_0's
-    scales serve as its unused minima)."""
-    if kind == Q4_0:
-        return q4_0.scales(data)
-    if kind == Q4_1:
-        return q4_1.scales(data)
-    if kind == Q8_0:
-        d = q8_0.scales(data)[0]
-        return d, d
-    if kind == Q5_0:
-        return q5_0.scales(data)
-    if kind == Q4_K:
-        return q4_k.scales(data)
-    return q6_k.scales(data)
+    scales serve as its unused minima); kind one of the integer kernels' types in the kinds mask."""
+
+
+@overload(widened_scales, prefer_literal=True, jit_options={"nogil": True})
+def _widened_scales(kinds, kind, data):
+    on_q4_0, on_q4_1, on_q8_0, on_q5_0, on_q4_k, on_q6_k = _flags(_mask_of(kinds), Q4_0, Q4_1, Q8_0, Q5_0, Q4_K, Q6_K)
+
+    def impl(kinds, kind, data):
+        if kind == Q4_0:
+            if on_q4_0:
+                return q4_0.scales(data)
+        elif kind == Q4_1:
+            if on_q4_1:
+                return q4_1.scales(data)
+        elif kind == Q8_0:
+            if on_q8_0:
+                d = q8_0.scales(data)[0]
+                return d, d
+        elif kind == Q5_0:
+            if on_q5_0:
+                return q5_0.scales(data)
+        elif kind == Q4_K:
+            if on_q4_k:
+                return q4_k.scales(data)
+        elif kind == Q6_K:
+            if on_q6_k:
+                return q6_k.scales(data)
+        if kind >= 0:  # (always; the return below types the result where the kinds have no branch here)
+            raise ValueError("no block scales for this weight type")
+        return NO_FLOATS, NO_FLOATS
+
+    return impl
+
+
+def integer_matvec(kinds, kind, data, x, out, a, packed_b, a_next, one_thread):
+    """intmatvec.matvec for the weight's type, its driver id a constant (so each type's kernel is compiled for
+    that type alone); False where the integer path does not run the type or declines x."""
+
+
+@overload(integer_matvec, prefer_literal=True, jit_options={"nogil": True})
+def _integer_matvec(kinds, kind, data, x, out, a, packed_b, a_next, one_thread):
+    if _any_type(kinds):  # one driver for all types, its type known at run time
+        def any_type(kinds, kind, data, x, out, a, packed_b, a_next, one_thread):
+            return intmatvec.matvec(INT_DRIVER[kind], data, x, out, a, packed_b, a_next, one_thread)
+
+        return any_type
+    on_q4_0, on_q4_1, on_q8_0, on_q5_0, on_q4_k, on_q6_k = _flags(_mask_of(kinds), Q4_0, Q4_1, Q8_0, Q5_0, Q4_K, Q6_K)
+
+    def impl(kinds, kind, data, x, out, a, packed_b, a_next, one_thread):
+        if kind == Q4_0:
+            if on_q4_0:
+                return intmatvec.matvec(INT_Q4_0, data, x, out, a, packed_b, a_next, one_thread)
+        elif kind == Q4_1:
+            if on_q4_1:
+                return intmatvec.matvec(INT_Q4_1, data, x, out, a, packed_b, a_next, one_thread)
+        elif kind == Q8_0:
+            if on_q8_0:
+                return intmatvec.matvec(INT_Q8_0, data, x, out, a, packed_b, a_next, one_thread)
+        elif kind == Q5_0:
+            if on_q5_0:
+                return intmatvec.matvec(INT_Q5_0, data, x, out, a, packed_b, a_next, one_thread)
+        elif kind == Q4_K:
+            if on_q4_k:
+                return intmatvec.matvec(INT_Q4_K, data, x, out, a, packed_b, a_next, one_thread)
+        elif kind == Q6_K:
+            if on_q6_k:
+                return intmatvec.matvec(INT_Q6_K, data, x, out, a, packed_b, a_next, one_thread)
+        return False
+
+    return impl
+
+
+def portable_matvec(kinds, kind, data, scale, minimum, widened, x, out):
+    """out = W·x by the type module's own kernel; False for a type outside the kinds mask."""
+
+
+@overload(portable_matvec, prefer_literal=True, jit_options={"nogil": True})
+def _portable_matvec(kinds, kind, data, scale, minimum, widened, x, out):
+    (on_q4_1, on_q4_0, on_q8_0, on_f32, on_f16, on_q4_k, on_q6_k, on_q5_k, on_q3_k, on_q2_k, on_q5_0, on_q5_1,
+     on_iq4_nl, on_bf16) = _flags(_mask_of(kinds), Q4_1, Q4_0, Q8_0, F32, F16, Q4_K, Q6_K, Q5_K, Q3_K, Q2_K, Q5_0,
+                                  Q5_1, IQ4_NL, BF16)
+
+    def impl(kinds, kind, data, scale, minimum, widened, x, out):
+        if kind == Q4_1:
+            if on_q4_1:
+                simd.q4_matvec(data, scale, minimum, q4_1.QS_OFFSET, q4_1.TYPE_SIZE, x, out)
+                return True
+        elif kind == Q4_0:
+            if on_q4_0:
+                simd.q4_matvec(data, scale, minimum, q4_0.QS_OFFSET, q4_0.TYPE_SIZE, x, out)
+                return True
+        elif kind == Q8_0:
+            if on_q8_0:
+                simd.q8_matvec(data, scale, x, out)
+                return True
+        elif kind == F32:
+            if on_f32:
+                dense.matvec(widened, x, out)
+                return True
+        elif kind == F16:
+            if on_f16:
+                f16._matvec(data.view(np.uint16), x, out)
+                return True
+        elif kind == Q4_K:
+            if on_q4_k:
+                q4_k._matvec(data, scale, minimum, x, out)
+                return True
+        elif kind == Q6_K:
+            if on_q6_k:
+                q6_k._matvec(data, scale, minimum, x, out)
+                return True
+        elif kind == Q5_K:
+            if on_q5_k:
+                q5_k._matvec(data, scale, minimum, x, out)
+                return True
+        elif kind == Q3_K:
+            if on_q3_k:
+                q3_k._matvec(data, scale, minimum, x, out)
+                return True
+        elif kind == Q2_K:
+            if on_q2_k:
+                q2_k._matvec(data, scale, minimum, x, out)
+                return True
+        elif kind == Q5_0:
+            if on_q5_0:
+                q5_0._matvec(data, scale, minimum, x, out)
+                return True
+        elif kind == Q5_1:
+            if on_q5_1:
+                q5_1._matvec(data, scale, minimum, x, out)
+                return True
+        elif kind == IQ4_NL:
+            if on_iq4_nl:
+                iq4_nl._matvec(data, scale, minimum, x, out)
+                return True
+        elif kind == BF16:
+            if on_bf16:
+                bf16._matvec(data.view(np.uint16), x, out)
+                return True
+        return False
+
+    return impl
 
 
 @njit(nogil=True, cache=True)
-def matvec(kind, data, scale, minimum, widened, x, out, a, packed_b, a_next, one_thread):
+def matvec(kinds, kind, data, scale, minimum, widened, x, out, a, packed_b, a_next, one_thread):
     """out float32[n_rows] = W · x (+ s·B·(a·x) when a has rows: a run-time LoRA delta, packed_b =
     low_rank.pack_scaled_b(s·B)), W given as uniform_arrays gives it; a_next and one_thread as intmatvec.matvec
-    takes them."""
+    takes them. kinds: a mask of the types the caller may pass (kinds_mask; ALL_KINDS for any), compiled for its
+    value where it is a literal, so that only those types' kernels are compiled."""
     if INTEGER_KERNELS and INT_DRIVER[kind] >= 0:
-        if intmatvec.matvec(INT_DRIVER[kind], data, x, out, a, packed_b, a_next, one_thread):  # the delta inside the row loop
+        if integer_matvec(kinds, kind, data, x, out, a, packed_b, a_next, one_thread):  # the delta inside the row loop
             return
         # the integer kernel declined an extreme activation: the portable kernel needs the block scales, widened
         # here when the weight does not keep them (see the type modules' prepare)
         if scale.shape[0] == 0:
-            scale, minimum = widened_scales(kind, data)
-    if kind == Q4_1:
-        simd.q4_matvec(data, scale, minimum, q4_1.QS_OFFSET, q4_1.TYPE_SIZE, x, out)
-    elif kind == Q4_0:
-        simd.q4_matvec(data, scale, minimum, q4_0.QS_OFFSET, q4_0.TYPE_SIZE, x, out)
-    elif kind == Q8_0:
-        simd.q8_matvec(data, scale, x, out)
-    elif kind == F32:
-        dense.matvec(widened, x, out)
-    elif kind == F16:
-        f16._matvec(data.view(np.uint16), x, out)
-    elif kind == Q4_K:
-        q4_k._matvec(data, scale, minimum, x, out)
-    elif kind == Q6_K:
-        q6_k._matvec(data, scale, minimum, x, out)
-    elif kind == Q5_K:
-        q5_k._matvec(data, scale, minimum, x, out)
-    elif kind == Q3_K:
-        q3_k._matvec(data, scale, minimum, x, out)
-    elif kind == Q2_K:
-        q2_k._matvec(data, scale, minimum, x, out)
-    elif kind == Q5_0:
-        q5_0._matvec(data, scale, minimum, x, out)
-    elif kind == Q5_1:
-        q5_1._matvec(data, scale, minimum, x, out)
-    elif kind == IQ4_NL:
-        iq4_nl._matvec(data, scale, minimum, x, out)
-    elif kind == BF16:
-        bf16._matvec(data.view(np.uint16), x, out)
-    else:
+            scale, minimum = widened_scales(kinds, kind, data)
+    if not portable_matvec(kinds, kind, data, scale, minimum, widened, x, out):
         raise ValueError("no compiled matvec for this weight type")
     if a.shape[0]:
         low_rank.add_low_rank_matvec(a, packed_b, x, out)
@@ -181,12 +328,13 @@ def byte_matrix(address, rows, cols):
 
 
 @njit(nogil=True, cache=True)
-def matvec_entry(table, i, x, out, a, packed_b, a_next, one_thread):
-    """out = W · x (+ s·B·(a·x), see matvec) for the weight in row i of a weight_table."""
+def matvec_entry(table, kinds, i, x, out, a, packed_b, a_next, one_thread):
+    """out = W · x (+ s·B·(a·x), see matvec) for the weight in row i of a weight_table; kinds: the table's
+    kinds_mask (a literal from compiled callers: their types' kernels alone; from Python every type's)."""
     e = table[i]
-    matvec(e[0], byte_matrix(e[1], e[2], e[3]), float_matrix(e[4], e[5], e[6]), float_matrix(e[7], e[8], e[9]),
+    matvec(kinds, e[0], byte_matrix(e[1], e[2], e[3]), float_matrix(e[4], e[5], e[6]), float_matrix(e[7], e[8], e[9]),
            float_matrix(e[10], e[11], e[12]), x, out, a, packed_b, a_next, one_thread)
 
 
-for _function in (widened_scales, matvec, matvec_entry):
+for _function in (matvec, matvec_entry):
     cache.follows(_function, cache.KERNEL_SOURCES)

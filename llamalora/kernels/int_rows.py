@@ -177,14 +177,14 @@ def make_rows_dot(n_rows, steps, lanes, prefetch_bytes, prologue=None):
     prologue(builder, c, records, nb) -> dict: entries added to every step's env (constants the steps load
     once)."""
 
-    @intrinsic
+    @intrinsic(prefer_literal=True)
     def rows_dot(typingctx, kind, row_addr, row_stride, records_addr, nb, out_addr, out_stride):
-        sig = types.none(*([types.intp] * 7))
+        sig = types.none(_kind_type(kind), *([types.intp] * 6))
 
         def codegen(context, builder, signature, args):
             kind, row_addr, row_stride, records_addr, nb, out_addr, out_stride = args
-            _emit_rows_dot(builder, steps, lanes, prefetch_bytes, prologue, n_rows, kind, row_addr, row_stride,
-                           [records_addr], nb, [out_addr], out_stride)
+            _emit_rows_dot(builder, _steps_for(steps, signature.args[0]), lanes, prefetch_bytes, prologue, n_rows,
+                           kind, row_addr, row_stride, [records_addr], nb, [out_addr], out_stride)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -201,9 +201,9 @@ def make_rows_columns_dot(n_rows, n_columns, steps, lanes, prefetch_bytes, prolo
     operation; the rows' loads and unpacking, the same values for every column, are left to LLVM to share (its
     value numbering merges them: nothing is stored between them)."""
 
-    @intrinsic
+    @intrinsic(prefer_literal=True)
     def rows_columns_dot(typingctx, kind, row_addr, row_stride, records_table, nb, out_table, out_offset, out_stride):
-        sig = types.none(*([types.intp] * 8))
+        sig = types.none(_kind_type(kind), *([types.intp] * 7))
 
         def codegen(context, builder, signature, args):
             kind, row_addr, row_stride, records_table, nb, out_table, out_offset, out_stride = args
@@ -214,13 +214,28 @@ def make_rows_columns_dot(n_rows, n_columns, steps, lanes, prefetch_bytes, prolo
 
             records = [column(records_table, j) for j in range(n_columns)]
             outs = [builder.add(column(out_table, j), out_offset) for j in range(n_columns)]
-            _emit_rows_dot(builder, steps, lanes, prefetch_bytes, prologue, n_rows, kind, row_addr, row_stride,
-                           records, nb, outs, out_stride)
+            _emit_rows_dot(builder, _steps_for(steps, signature.args[0]), lanes, prefetch_bytes, prologue, n_rows,
+                           kind, row_addr, row_stride, records, nb, outs, out_stride)
             return context.get_dummy_value()
 
         return sig, codegen
 
     return rows_columns_dot
+
+
+def _kind_type(kind):
+    """The kernels' kind argument as typed: a literal kind (a constant in the caller, or an argument numba
+    compiles per value) keeps its literal type, so that the kernel is emitted for that kind alone."""
+    return kind if isinstance(kind, types.IntegerLiteral) else types.intp
+
+
+def _steps_for(steps, kind_type):
+    """The steps a kernel emits for its kind argument's type: the literal kind's alone (the others None), every
+    type's for a kind known only at run time. Emitting one type's loop rather than six is most of what a
+    first run compiles for a model of one weight type."""
+    if not isinstance(kind_type, types.IntegerLiteral):
+        return steps
+    return [step if k == kind_type.literal_value else None for k, step in enumerate(steps)]
 
 
 def _emit_rows_dot(builder, steps, lanes, prefetch_bytes, prologue, n_rows, kind, row_addr, row_stride,
@@ -237,6 +252,8 @@ def _emit_rows_dot(builder, steps, lanes, prefetch_bytes, prologue, n_rows, kind
     done = builder.append_basic_block("rows_dot.done")
     switch = builder.switch(kind, done)
     for k_index, step in enumerate(steps):
+        if step is None:
+            continue
         block = builder.append_basic_block(f"rows_dot.kind{k_index}")
         switch.add_case(c(k_index), block)
         builder.position_at_end(block)

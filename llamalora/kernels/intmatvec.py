@@ -13,6 +13,7 @@ dispatch.matvec call `matvec` when ENABLED and take the portable kernels for wha
 activation) and everywhere else.
 """
 
+import functools
 import os
 
 import numpy as np
@@ -122,7 +123,9 @@ def delta_walk(n_rows, a_next):
 def matvec(kind, data, x, out, a, packed_b, a_next, one_thread):
     """out = W·x (+ s·B·(a·x) when a has rows: a run-time LoRA delta, packed_b = low_rank.pack_scaled_b(s·B))
     for rows data uint8[n_rows, ≥ n_blocks·BLOCK_BYTES[kind]] of the driver kind (int_rows.Q4_0 ... Q6_K); False
-    (out untouched) for an x the integer path does not take.
+    (out untouched) for an x the integer path does not take. A kind the caller passes as a literal (a global or
+    closure constant) compiles that type's row loops alone (int_rows' kernels take the literal); a kind known only
+    at run time compiles every type's, behind a switch.
 
     Without a delta the parallel loop runs over steps of ROWS_PER_STEP rows (int_rows.py says which). With one, it
     runs over chunks of 16 rows (with SPREAD_ROWS, groups of ROWS_PER_STEP chunks spread over the matrix), and each
@@ -179,12 +182,22 @@ def matvec(kind, data, x, out, a, packed_b, a_next, one_thread):
     return buf.size + t.size > 0  # True; buf and t outlive the loop that reads them by address
 
 
-@njit(nogil=True, cache=True)
-def matvec_without_delta(kind, data, x, out):
+@functools.cache
+def _without_delta(kind: int):
+    @njit(nogil=True, cache=True)
+    def run(data, x, out):
+        return matvec(kind, data, x, out, NO_FACTORS, NO_PACKED_B, NO_FACTORS, False)
+
+    cache.follows(run, cache.KERNEL_SOURCES)
+    return run
+
+
+def matvec_without_delta(kind: int, data: np.ndarray, x: np.ndarray, out: np.ndarray) -> bool:
     """out = W·x for rows data uint8[n_rows, ≥ n_blocks·BLOCK_BYTES[kind]] of the driver kind (the K-quants' n_cols
-    a multiple of 256); False (out untouched) for an x the integer path does not take."""
-    return matvec(kind, data, x, out, NO_FACTORS, NO_PACKED_B, NO_FACTORS, False)
+    a multiple of 256); False (out untouched) for an x the integer path does not take. From Python: each kind's
+    compiled function has its kind as a closure constant (a literal to matvec), so a call is no literal dispatch
+    (numba types a `literally` argument from Python anew on every call: 4 ms)."""
+    return _without_delta(int(kind))(data, x, out)
 
 
-for _function in (matvec, matvec_without_delta):
-    cache.follows(_function, cache.KERNEL_SOURCES)
+cache.follows(matvec, cache.KERNEL_SOURCES)

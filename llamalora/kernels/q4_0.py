@@ -13,6 +13,8 @@ from numba.extending import intrinsic
 from .f16 import block_halves, float_to_half_bits, half_bits_to_float
 from . import intmatvec, simd
 
+INT_DRIVER = intmatvec.Q4_0  # intmatvec's id of this type (a global: compiled code takes it as a literal)
+
 BLOCK_SIZE = 32
 TYPE_SIZE = 18
 QS_OFFSET = 2
@@ -138,7 +140,7 @@ def prepare(data: np.ndarray, n_cols: int) -> tuple:
 def matvec(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
     data = prepared[0]
     # (the integer kernel declines extreme x)
-    if not (intmatvec.ENABLED and intmatvec.matvec_without_delta(intmatvec.Q4_0, data, x, out)):
+    if not (intmatvec.ENABLED and intmatvec.matvec_without_delta(INT_DRIVER, data, x, out)):
         d, m = prepared[1:] if len(prepared) > 1 else scales(data)
         simd.q4_matvec(data, d, m, QS_OFFSET, TYPE_SIZE, x, out)
 

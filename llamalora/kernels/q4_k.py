@@ -10,6 +10,8 @@ from gguf import GGMLQuantizationType as GGMLType
 from numba import njit, prange
 
 from . import blockdot, intmatvec, kquants_ref
+
+INT_DRIVER = intmatvec.Q4_K  # intmatvec's id of this type (a global: compiled code takes it as a literal)
 from .blockdot import bits, to_float
 from .f16 import half_to_float
 
@@ -100,7 +102,7 @@ def quantize(x: np.ndarray) -> np.ndarray:
 def matvec(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
     data = prepared[0]
     # (the integer kernel declines extreme x)
-    if not (intmatvec.ENABLED and intmatvec.matvec_without_delta(intmatvec.Q4_K, data, x, out)):
+    if not (intmatvec.ENABLED and intmatvec.matvec_without_delta(INT_DRIVER, data, x, out)):
         _matvec(data, *(prepared[1:] if len(prepared) > 1 else scales(data)), x, out)
 
 

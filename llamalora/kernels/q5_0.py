@@ -10,6 +10,8 @@ from gguf import GGMLQuantizationType as GGMLType
 from numba import njit, prange
 
 from . import blockdot, intmatvec
+
+INT_DRIVER = intmatvec.Q5_0  # intmatvec's id of this type (a global: compiled code takes it as a literal)
 from .blockdot import bits, ivec, to_float
 from .f16 import block_halves, float_to_half_bits
 
@@ -113,7 +115,7 @@ def quantize_rows(x, out):
 def matvec(prepared: tuple, x: np.ndarray, out: np.ndarray) -> None:
     data = prepared[0]
     # (the integer kernel declines extreme x)
-    if not (intmatvec.ENABLED and intmatvec.matvec_without_delta(intmatvec.Q5_0, data, x, out)):
+    if not (intmatvec.ENABLED and intmatvec.matvec_without_delta(INT_DRIVER, data, x, out)):
         _matvec(data, *(prepared[1:] if len(prepared) > 1 else scales(data)), x, out)
 
 
