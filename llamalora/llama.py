@@ -290,16 +290,16 @@ class LlamaModel:
             cos, sin = rope_tables(np.arange(n_past, n_past + b, dtype=np.int64), c.rope_dim, c.rope_base,
                                    c.rope_factors)
         x = np.ascontiguousarray(self.embed(tokens, deltas), dtype=np.float32)
-        columns = b > 1 and b <= decode.COLUMN_TOKENS
-        as_columns = (self.decode_plan(), x, [cache] * b, np.arange(n_past, n_past + b), cos, sin, c, [deltas] * b)
-        if columns and not decode.columns_ready(*as_columns):
-            logits = [self.forward(tokens[i:i + 1], cache, lora=deltas) for i in range(b)]
-            decode.columns_ready(*as_columns)  # (now that the one-token step is compiled, the columns' may start)
-            return np.concatenate(logits) if all_logits else logits[-1]
-        if b == 1:
-            decode.run_layers(self.decode_plan(), x[0], cache, cos, sin, c, deltas)
-        elif columns:  # a short chunk: its tokens as columns of the one-token step
+        if 1 < b <= decode.COLUMN_TOKENS:  # a short chunk: its tokens as columns of the one-token step
+            as_columns = (self.decode_plan(), x, [cache] * b, np.arange(n_past, n_past + b), cos, sin, c,
+                          [deltas] * b)
+            if not decode.columns_ready(*as_columns):
+                logits = [self.forward(tokens[i:i + 1], cache, lora=deltas) for i in range(b)]
+                decode.columns_ready(*as_columns)  # (the one-token step is compiled now: the columns' may start)
+                return np.concatenate(logits) if all_logits else logits[-1]
             decode.run_columns(*as_columns)
+        elif b == 1:
+            decode.run_layers(self.decode_plan(), x[0], cache, cos, sin, c, deltas)
         else:
             self.forward_batch(x, cache, cos, sin, deltas)
         cache.n = n_past + b
